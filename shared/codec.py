@@ -1,0 +1,148 @@
+"""Protobuf payload -> Redis stream entry fields -> typed message.
+
+The stream entry is the one representation every service reads: flat string fields,
+readable with `redis-cli XRANGE`, in this order:
+
+    seq, message_id, <the message's fields by proto name>, broker_time, ingest_time
+
+`seq` is added by the Lua script; the rest comes from `entry_fields`. Enums are
+written by name (`BASKETBALL`), floats in their shortest text that reads back as the
+same 32-bit float, times as UTC ISO 8601 with milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from shared.feeds import FEEDS, Feed
+
+# Field names every entry carries besides the message's own fields.
+META_FIELDS = ("seq", "message_id", "broker_time", "ingest_time")
+
+_F32 = struct.Struct("<f")
+
+
+class BadPayload(ValueError):
+    """A payload that is not a complete, valid message of its feed."""
+
+
+def decode(feed: Feed, payload: bytes) -> dict[str, str]:
+    """Decode a payload into the message's entry fields, by proto field name.
+
+    Raises BadPayload naming what is wrong: not protobuf, missing required fields,
+    a string that is not UTF-8 or holds NUL, a float that is not finite.
+    """
+    msg = feed.message()
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError as exc:
+        raise BadPayload(f"not a valid protobuf `{feed.message.DESCRIPTOR.name}` message: {exc}") from None
+    # The Python runtime parses a message that lacks required fields without raising.
+    missing = msg.FindInitializationErrors()
+    if missing:
+        raise BadPayload(f"missing required field(s): {', '.join(missing)}")
+    return {f.name: _text(msg, f) for f in feed.message.DESCRIPTOR.fields}
+
+
+def _text(msg: Message, field: FieldDescriptor) -> str:
+    value = getattr(msg, field.name)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return str(field.enum_type.values_by_number[value].name)
+    if field.type == FieldDescriptor.TYPE_STRING:
+        # upb hands back bytes for a proto2 string that is not valid UTF-8.
+        if not isinstance(value, str):
+            raise BadPayload(f"field {field.name} is not valid UTF-8")
+        if "\x00" in value:
+            raise BadPayload(f"field {field.name} contains a NUL character")
+        return value
+    if field.type == FieldDescriptor.TYPE_FLOAT:
+        if not math.isfinite(value):
+            raise BadPayload(f"field {field.name} is not a finite number: {value}")
+        return float32_text(value)
+    return str(value)
+
+
+def float32_text(value: float) -> str:
+    """The shortest decimal text that parses back to the same 32-bit float."""
+    for digits in (6, 7, 8, 9):
+        text = f"{value:.{digits}g}"
+        if _F32.unpack(_F32.pack(float(text)))[0] == value:
+            return text
+    return repr(value)  # unreachable: 9 significant digits always round-trip
+
+
+def iso_ms(when: datetime) -> str:
+    """UTC ISO 8601 with millisecond precision and a `Z`: 2026-11-28T09:13:32.123Z."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def iso_ms_from_ns(ns: int) -> str:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{rest // 1_000_000:03d}Z"
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def entry_fields(message_id: str, fields: Mapping[str, str], broker_time: str, ingest_time: str) -> list[str]:
+    """The flat field/value list the Lua script appends (it prepends `seq`)."""
+    out = ["message_id", message_id]
+    for name, value in fields.items():
+        out += (name, value)
+    out += ("broker_time", broker_time, "ingest_time", ingest_time)
+    return out
+
+
+def typed_message(feed: Feed, entry: Mapping[str, str]) -> dict[str, Any]:
+    """An entry's fields with their proto types restored, for JSON and Postgres:
+    the message's fields, then message_id, seq, broker_time and ingest_time."""
+    out: dict[str, Any] = {}
+    for field in feed.message.DESCRIPTOR.fields:
+        text = entry[field.name]
+        if field.type == FieldDescriptor.TYPE_FLOAT:
+            out[field.name] = float(text)
+        elif field.type in _INT_TYPES:
+            out[field.name] = int(text)
+        else:
+            out[field.name] = text
+    out["message_id"] = entry["message_id"]
+    out["seq"] = int(entry["seq"])
+    out["broker_time"] = entry["broker_time"]
+    out["ingest_time"] = entry["ingest_time"]
+    return out
+
+
+_INT_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_SINT32,
+    }
+)
+
+
+def str_entry(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """A stream entry as redis-py returns it (bytes unless decode_responses) as str."""
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def feed_of(name: str) -> Feed:
+    try:
+        return FEEDS[name]
+    except KeyError:
+        raise KeyError(f"unknown feed {name!r}; known feeds: {', '.join(FEEDS)}") from None

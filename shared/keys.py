@@ -1,0 +1,37 @@
+"""Every Redis key feed-fanout uses, built here and nowhere else.
+
+Per feed (and for the dead letters), with the default prefix `fanout`:
+
+    fanout:{execution}:stream        the stream of entries (XRANGE it)
+    fanout:{execution}:meta          hash: epoch, seq (last), last_id, broker_seq (highest ingested)
+    fanout:{execution}:msg:<msg id>  dedup key: the entry id a message id was appended as
+
+The `{feed}` hash tag puts all of a feed's keys in one Redis Cluster slot, so a Lua
+script touching the stream, the meta and the dedup keys runs unchanged on a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.feeds import DEAD_LETTER
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "fanout"
+
+    def _key(self, feed: str, kind: str) -> str:
+        return f"{self.prefix}:{{{feed}}}:{kind}"
+
+    def stream(self, feed: str) -> str:
+        return self._key(feed, "stream")
+
+    def meta(self, feed: str) -> str:
+        return self._key(feed, "meta")
+
+    def dedup(self, feed: str, message_id: str) -> str:
+        return self._key(feed, f"msg:{message_id}")
+
+    def dead_letter_stream(self) -> str:
+        return self.stream(DEAD_LETTER)

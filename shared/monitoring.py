@@ -1,0 +1,65 @@
+"""The operations endpoints of a worker (ingestor, archiver): `/healthz`, `/readyz`,
+`/metrics` on a small HTTP server beside the work loop.
+
+- `/healthz`: 200 while the process runs its loop.
+- `/readyz`: 200 when every check passes, else 503; JSON names each check's state.
+- `/metrics`: Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], Awaitable[bool]]
+
+
+class OpsServer:
+    def __init__(self, host: str, port: int, checks: Mapping[str, Check]) -> None:
+        self.host = host
+        self.port = port
+        self.checks = dict(checks)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
+        log.info("ops endpoints listening", extra={"url": f"http://{self.host}:{self.port}/metrics"})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        results: dict[str, str] = {}
+        for name, check in self.checks.items():
+            try:
+                results[name] = "ok" if await check() else "failing"
+            except Exception as exc:  # a check that raises is a failing check, reported
+                results[name] = f"failing: {exc}"
+        ok = all(v == "ok" for v in results.values())
+        return web.Response(
+            status=200 if ok else 503,
+            text=json.dumps({"status": "ok" if ok else "not ready", "checks": results}),
+            content_type="application/json",
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

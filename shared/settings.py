@@ -1,0 +1,136 @@
+"""Settings: read once at start from the environment and the command line, then passed down.
+
+Each service declares a frozen dataclass whose fields are `setting(...)`s. Every field
+has an environment variable and a command-line flag (`--redis-url` for `redis_url`),
+the flag winning over the variable, the variable over the default. A bad value is an
+error naming the variable or flag and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Self, get_type_hints
+
+
+class SettingsError(ValueError):
+    """A setting whose value cannot be used; the message names it."""
+
+
+def setting(env: str, default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A settings field read from `env` (and the matching flag)."""
+    return field(default=default, metadata={"env": env, "help": help, "parse": parse})
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `500ms`, `30s`, `15m`, `24h`, `7d` or a bare number of seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("expected a duration such as 500ms, 30s, 15m, 24h or 7d")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`127.0.0.1:9101` -> ("127.0.0.1", 9101); port 0 picks a free port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, such as 127.0.0.1:9101")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {str: str, int: int, float: float, bool: parse_bool}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every process needs: where the servers are, how keys are named, how to log."""
+
+    nats_url: str = setting("NATS_URL", "nats://127.0.0.1:4222", "NATS server URL")
+    redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis server URL")
+    database_url: str = setting(
+        "DATABASE_URL", "postgresql://127.0.0.1:5432/test", "PostgreSQL URL of the catalogue"
+    )
+    key_prefix: str = setting("FANOUT_KEY_PREFIX", "fanout", "prefix of every Redis key")
+    subject_prefix: str = setting(
+        "FANOUT_SUBJECT_PREFIX", "", "prefix of the NATS subjects (the feeds are <prefix>execution, <prefix>sport_event)"
+    )
+    js_stream: str = setting("FANOUT_JS_STREAM", "FEEDS", "JetStream stream that captures the feeds")
+    db_schema: str = setting("FANOUT_DB_SCHEMA", "fanout", "PostgreSQL schema of the catalogue tables")
+    log_format: str = setting("FANOUT_LOG_FORMAT", "auto", "log format: json, text, or auto (text on a terminal)")
+    log_level: str = setting("FANOUT_LOG_LEVEL", "INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+
+    def subject(self, feed: str) -> str:
+        return f"{self.subject_prefix}{feed}"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields; subclasses extend it and raise SettingsError."""
+        if self.log_format not in {"auto", "json", "text"}:
+            raise SettingsError(f"FANOUT_LOG_FORMAT={self.log_format!r}: expected json, text or auto")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """Settings from the environment (os.environ by default); keyword overrides win."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+            elif f.metadata["env"] in environ:
+                values[f.name] = _parse(f.metadata, hints[f.name], environ[f.metadata["env"]], f.metadata["env"])
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, its help naming the environment variable and the default."""
+        group = parser.add_argument_group("settings (each flag also reads the environment variable named)")
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
+                metavar=f.metadata["env"],
+                help=f"{f.metadata['help']} (default: {default!r})",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Self:
+        """Settings from parsed flags (those given) over the environment."""
+        hints = get_type_hints(cls)
+        overrides = {
+            f.name: _parse(f.metadata, hints[f.name], getattr(args, f.name), "--" + f.name.replace("_", "-"))
+            for f in fields(cls)
+            if getattr(args, f.name, None) is not None
+        }
+        return cls.from_env(environ, **overrides)
+
+
+def _parse(meta: Mapping[str, Any], kind: Any, raw: str, name: str) -> Any:
+    parse = meta["parse"] or _PARSERS.get(kind)
+    if parse is None:
+        raise SettingsError(f"{name}: no parser for {kind!r}")
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        reason = str(exc) if parse not in (int, float) else f"expected a{'n integer' if parse is int else ' number'}"
+        raise SettingsError(f"{name}={raw!r}: {reason}") from None
