@@ -5,6 +5,8 @@ Per feed (and for the dead letters), with the default prefix `fanout`:
     fanout:{execution}:stream        the stream of entries (XRANGE it)
     fanout:{execution}:meta          hash: epoch, seq (last), last_id, broker_seq (highest ingested)
     fanout:{execution}:msg:<msg id>  dedup key: the entry id a message id was appended as
+    fanout:ticket:<digest>           an SSE gateway's single-use ticket (JSON, with a TTL),
+                                     named by a digest of the ticket, never the ticket itself
 
 The `{feed}` hash tag puts all of a feed's keys in one Redis Cluster slot, so a Lua
 script touching the stream, the meta and the dedup keys runs unchanged on a cluster.
@@ -35,3 +37,7 @@ class Keys:
 
     def dead_letter_stream(self) -> str:
         return self.stream(DEAD_LETTER)
+
+    def ticket(self, digest: str) -> str:
+        """A gateway ticket, shared by every gateway behind a load balancer."""
+        return f"{self.prefix}:ticket:{digest}"
