@@ -1,0 +1,318 @@
+"""Who may read which feed: bearer tokens scoped to feeds, single-use tickets, CORS.
+
+Tokens come from `GatewaySettings.tokens` (FANOUT_TOKENS):
+
+    FANOUT_TOKENS="s3cret=execution+sport_event;t0k=execution;ops=*"
+
+Each `TOKEN=FEEDS` pair names the feeds the token may read, joined by `+`; `*` is
+every feed. With no tokens configured the gateway serves everyone (and says so at
+start-up, see `Access.log_mode`).
+
+A request presents its token in one of three ways, checked in this order:
+
+- `Authorization: Bearer <token>`;
+- `?access_token=<token>` (EventSource cannot set headers);
+- `?ticket=<ticket>`: a short-lived, single-use ticket got with
+  `POST /v1/tickets` carrying the token as a Bearer header, so the long-lived token
+  never appears in a URL or an access log. The ticket lives in Redis under
+  `Keys.ticket(<sha256 of the ticket>)` with a TTL and is redeemed with GETDEL, so
+  several gateways behind a load balancer share tickets and each is used once.
+  A browser that reconnects by itself reuses the URL, so a ticket suits one
+  connection: get a new ticket and reconnect with `?last_event_id=` to resume.
+
+No credential (or an unknown one) is a 401 with `WWW-Authenticate: Bearer`; a valid
+credential for a feed it may not read is a 403; both carry a JSON body
+`{"error": ..., "detail": ...}`. Tokens and tickets are never logged: a token is
+named in logs by its position in FANOUT_TOKENS (`token#2`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shared.feeds import FEED_NAMES
+from shared.keys import Keys
+from shared.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+REALM = "fanout"
+
+
+class AccessSettings(Protocol):
+    """What this module reads from GatewaySettings."""
+
+    @property
+    def tokens(self) -> str: ...
+    @property
+    def ticket_ttl(self) -> float: ...
+    @property
+    def cors_origins(self) -> str: ...
+    @property
+    def key_prefix(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a request may read, and how it proved it (for logs: never the secret)."""
+
+    feeds: frozenset[str]
+    via: str  # "open", "bearer", "access_token" or "ticket"
+    who: str  # "anyone", "token#N", or "ticket(token#N)"
+
+
+class AccessError(HTTPException):
+    """A 401 or 403 (or 503 when tickets cannot be checked), rendered as JSON."""
+
+    def __init__(self, status_code: int, error: str, detail: str, headers: Mapping[str, str] | None = None):
+        super().__init__(status_code, detail, dict(headers) if headers else None)
+        self.error = error
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "detail": self.detail}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+async def access_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler: `exception_handlers={AccessError: access_error_handler}`."""
+    assert isinstance(exc, AccessError)
+    return exc.response()
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    feeds: frozenset[str]
+    name: str  # token#N, by position in FANOUT_TOKENS
+
+
+@lru_cache(maxsize=8)
+def parse_tokens(text: str) -> dict[str, _Token]:
+    """`TOKEN=feed+feed;TOKEN2=*` -> {sha256(token): _Token}. Errors name the pair by
+    position, never quoting the token."""
+    tokens: dict[str, _Token] = {}
+    for position, pair in enumerate((p.strip() for p in text.split(";")), start=1):
+        if not pair:
+            continue
+        where = f"FANOUT_TOKENS pair #{position}"
+        token, sep, scope = pair.partition("=")
+        token, scope = token.strip(), scope.strip()
+        if not sep or not token:
+            raise SettingsError(f"{where}: expected TOKEN=FEED+FEED or TOKEN=*")
+        if not scope:
+            raise SettingsError(
+                f"{where}: names no feed; expected feeds joined by + ({'+'.join(FEED_NAMES)}) or *"
+            )
+        if scope == "*":
+            feeds = frozenset(FEED_NAMES)
+        else:
+            names = [n.strip() for n in scope.split("+")]
+            unknown = [n for n in names if n not in FEED_NAMES]
+            if unknown:
+                raise SettingsError(
+                    f"{where}: unknown feed(s) {', '.join(map(repr, unknown))}; "
+                    f"known feeds: {', '.join(FEED_NAMES)}"
+                )
+            feeds = frozenset(names)
+        digest = _digest(token)
+        if digest in tokens:
+            raise SettingsError(f"{where}: the same token is configured twice")
+        tokens[digest] = _Token(feeds, f"token#{position}")
+    return tokens
+
+
+def parse_origins(text: str) -> list[str]:
+    """FANOUT_CORS_ORIGINS: `*`, or origins separated by commas (or spaces)."""
+    origins = [o.strip().rstrip("/") for o in text.replace(",", " ").split()]
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"FANOUT_CORS_ORIGINS: {origin!r} is not an origin; expected * or URLs like https://app.example.com"
+            )
+    return origins
+
+
+def middleware(settings: AccessSettings) -> list[Middleware]:
+    """The middleware for `Starlette(middleware=...)`: CORS when origins are configured."""
+    origins = parse_origins(settings.cors_origins)
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Last-Event-ID", "Content-Type"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+    ]
+
+
+def _unauthorized(detail: str, invalid: bool) -> AccessError:
+    challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if invalid else "")
+    return AccessError(401, "unauthorized", detail, {"WWW-Authenticate": challenge})
+
+
+class Access:
+    """Access control for one gateway. Cheap to build per request (parsing is cached)."""
+
+    def __init__(self, settings: AccessSettings) -> None:
+        self.settings = settings
+        self.tokens = parse_tokens(settings.tokens.strip())
+        self.keys = Keys(settings.key_prefix)
+
+    @property
+    def open(self) -> bool:
+        return not self.tokens
+
+    def log_mode(self) -> None:
+        """The start-up line saying who may read what (never the tokens themselves)."""
+        if self.open:
+            log.warning(
+                "access control off: no tokens configured (FANOUT_TOKENS), every feed is served to everyone",
+                extra={"auth": "open"},
+            )
+            return
+        scopes = {t.name: "+".join(sorted(t.feeds)) for t in self.tokens.values()}
+        log.info(
+            "access control on: bearer tokens, access_token or single-use tickets required",
+            extra={"auth": "tokens", "tokens": len(self.tokens), "scopes": scopes},
+        )
+
+    async def authenticate(self, request: Request) -> Grant:
+        """The grant of the request's credential; 401 if it has none or an unknown one."""
+        if self.open:
+            return Grant(frozenset(FEED_NAMES), "open", "anyone")
+        header = request.headers.get("authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _unauthorized("the Authorization header must be `Bearer <token>`", invalid=True)
+            return self._token_grant(token.strip(), "bearer")
+        query_token = request.query_params.get("access_token")
+        if query_token:
+            return self._token_grant(query_token, "access_token")
+        ticket = request.query_params.get("ticket")
+        if ticket:
+            return await self._redeem(request, ticket)
+        raise _unauthorized(
+            "a token is required: send `Authorization: Bearer <token>`, `?access_token=<token>`, "
+            "or `?ticket=<ticket>` from POST /v1/tickets",
+            invalid=False,
+        )
+
+    async def check(self, request: Request, feeds: Iterable[str]) -> Grant:
+        """Authenticate, then require every feed in `feeds`: 401 or 403 otherwise."""
+        grant = await self.authenticate(request)
+        wanted = list(feeds)
+        denied = [f for f in wanted if f not in grant.feeds]
+        if denied:
+            log.info(
+                "access denied",
+                extra={"who": grant.who, "via": grant.via, "denied": denied, "path": request.url.path},
+            )
+            raise AccessError(
+                403,
+                "forbidden",
+                f"this {'ticket' if grant.via == 'ticket' else 'token'} may not read "
+                f"{', '.join(denied)}; it may read: {', '.join(sorted(grant.feeds)) or 'nothing'}",
+                {"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'},
+            )
+        return grant
+
+    def _token_grant(self, token: str, via: str) -> Grant:
+        found = self.tokens.get(_digest(token))
+        if found is None:
+            log.info("unknown token presented", extra={"via": via})
+            raise _unauthorized("unknown token", invalid=True)
+        return Grant(found.feeds, via, found.name)
+
+    async def issue_ticket(
+        self, redis: Redis, grant: Grant, feeds: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """A new single-use ticket for `feeds` (default: all of the grant's feeds)."""
+        scope = sorted(grant.feeds if feeds is None else set(feeds))
+        ticket = secrets.token_urlsafe(24)
+        ttl_ms = max(1, int(self.settings.ticket_ttl * 1000))
+        value = json.dumps({"feeds": scope, "who": grant.who})
+        await redis.set(self.keys.ticket(_digest(ticket)), value, px=ttl_ms)
+        log.info("ticket issued", extra={"who": grant.who, "feeds": scope, "ttl_s": ttl_ms / 1000})
+        return {"ticket": ticket, "expires_in": ttl_ms / 1000, "feeds": scope}
+
+    async def _redeem(self, request: Request, ticket: str) -> Grant:
+        redis: Redis = request.app.state.redis
+        try:
+            raw = await redis.getdel(self.keys.ticket(_digest(ticket)))
+        except RedisError as exc:
+            log.warning("cannot redeem a ticket: Redis unreachable", extra={"error": str(exc)})
+            raise AccessError(
+                503, "unavailable", "tickets cannot be checked right now (Redis unreachable); retry",
+                {"Retry-After": "2"},
+            ) from None
+        if raw is None:
+            raise _unauthorized(
+                "unknown, expired or already used ticket; get a new one with POST /v1/tickets", invalid=True
+            )
+        data = json.loads(raw)
+        return Grant(frozenset(data["feeds"]), "ticket", f"ticket({data.get('who', '?')})")
+
+
+def requested_feeds(request: Request) -> list[str] | None:
+    """`?feeds=a,b` (also repeatable) as a list, None if absent; 404 JSON on an unknown feed."""
+    values = request.query_params.getlist("feeds")
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FEED_NAMES]
+    if unknown:
+        raise AccessError(
+            404, "unknown_feed", f"unknown feed(s) {', '.join(unknown)}; known feeds: {', '.join(FEED_NAMES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+async def post_ticket(request: Request) -> Response:
+    """POST /v1/tickets (Bearer token; optional `?feeds=` to narrow) -> {ticket, expires_in, feeds}."""
+    access = Access(request.app.state.settings)
+    try:
+        if not access.open and "authorization" not in request.headers:
+            # Tickets exist to keep tokens out of URLs: only the header is accepted here.
+            raise _unauthorized("POST /v1/tickets needs `Authorization: Bearer <token>`", invalid=False)
+        wanted = requested_feeds(request)
+        grant = await access.check(request, wanted or ())
+        body = await access.issue_ticket(request.app.state.redis, grant, wanted)
+    except AccessError as exc:
+        return exc.response()
+    except RedisError as exc:
+        log.warning("cannot issue a ticket: Redis unreachable", extra={"error": str(exc)})
+        return JSONResponse(
+            {"error": "unavailable", "detail": "tickets cannot be issued now (Redis unreachable); retry"},
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
+    return JSONResponse(body, status_code=201, headers={"Cache-Control": "no-store"})
+
+
+routes = [Route("/v1/tickets", post_ticket, methods=["POST"])]
