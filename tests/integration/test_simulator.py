@@ -1,0 +1,103 @@
+"""`fanout feeds` against the real NATS: a --count run delivers exactly that count,
+and SIGTERM stops a running simulator cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+from services.simulator.__main__ import SimulatorSettings, main
+from shared import codec
+from shared.feeds import FEED_NAMES, FEEDS
+from shared.settings import Settings
+
+DEADLINE = 60.0  # seconds: generous on a shared 2-core machine; only a hang reaches it
+
+
+async def _subscribe(nats: Any, settings: Settings, want: int | None = None) -> tuple[Counter[str], list[Any],
+                                                                                     asyncio.Event]:
+    got: Counter[str] = Counter()
+    msgs: list[Any] = []
+    enough = asyncio.Event()
+
+    async def on_msg(msg: Any) -> None:
+        got[msg.subject.removeprefix(settings.subject_prefix)] += 1
+        msgs.append(msg)
+        if want is None or all(got[f] >= want for f in FEED_NAMES):
+            enough.set()
+
+    await nats.subscribe(
+        f"{settings.subject_prefix}>", cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+    )
+    await nats.flush()
+    return got, msgs, enough
+
+
+async def test_count_run_delivers_exactly_that_count(nats: Any, base_settings: Settings) -> None:
+    n = 3000
+    got, msgs, enough = await _subscribe(nats, base_settings, want=n)
+    settings = SimulatorSettings.from_env(
+        {}, **{**vars(base_settings), "rate": 0.0, "count": n, "malformed_share": 0.05, "seed": 1}
+    )
+    assert await main(settings, asyncio.Event()) == 0
+    await asyncio.wait_for(enough.wait(), DEADLINE)
+    await nats.flush()  # anything extra would have arrived before this PONG
+    assert got == {feed: n for feed in FEED_NAMES}
+    bad = 0
+    for msg in msgs:
+        feed = FEEDS[msg.subject.removeprefix(base_settings.subject_prefix)]
+        try:
+            codec.decode(feed, msg.data)
+        except codec.BadPayload:
+            bad += 1
+    assert 0 < bad < len(msgs) // 4
+
+
+async def test_rate_limited_run_of_one_feed(nats: Any, base_settings: Settings) -> None:
+    got, _, _ = await _subscribe(nats, base_settings)
+    settings = SimulatorSettings.from_env(
+        {}, **{**vars(base_settings), "feeds": "sport_event", "rate": 500.0, "count": 40}
+    )
+    assert await main(settings, asyncio.Event()) == 0
+    await nats.flush()
+    assert got == {"sport_event": 40}
+
+
+async def test_sigterm_stops_the_command_cleanly(nats: Any, base_settings: Settings) -> None:
+    _, _, first = await _subscribe(nats, base_settings)
+    env = {
+        **os.environ,
+        "NATS_URL": base_settings.nats_url,
+        "FANOUT_SUBJECT_PREFIX": base_settings.subject_prefix,
+        "FANOUT_LOG_FORMAT": "json",
+        "FANOUT_FEEDS_RATE": "50",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fanout", "feeds", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await asyncio.wait_for(first.wait(), DEADLINE)  # it is publishing
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    summary = [line for line in err.decode().splitlines() if '"msg": "published"' in line]
+    assert len(summary) == 2, err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_unreachable_nats_waits_and_stops_on_signal(base_settings: Settings) -> None:
+    settings = SimulatorSettings.from_env({}, **{**vars(base_settings), "nats_url": "nats://127.0.0.1:1"})
+    stop = asyncio.Event()
+    task = asyncio.create_task(main(settings, stop))
+    await asyncio.sleep(0)  # let it start connecting
+    assert not task.done()
+    stop.set()
+    assert await asyncio.wait_for(task, DEADLINE) == 0
