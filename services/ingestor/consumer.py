@@ -1,0 +1,452 @@
+"""The pull loop: JetStream -> Writer -> ack, in batches.
+
+nats-py's `fetch()` builds a future per request and a Msg with parsed metadata per
+message, which caps it near 15k msg/s. This loop is leaner: one subscription on
+`<inbox>.*` whose callback only appends deliveries to a buffer, pull requests
+(`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with {"batch", "expires"}) published
+by us with reply `<inbox>.<request number>`, and the stream sequence, timestamp and
+delivery count read straight from each message's `$JS.ACK...` reply subject. About two
+batches are kept requested ahead, so JetStream delivers while Redis writes.
+
+Status messages on the inbox: 408 (request expired) and 404 (no messages) end a
+request and mean "idle", never an error; 409 ends it too, and `Consumer Deleted` means
+the stream or consumer must be set up again. A request that ends with no status at all
+(NATS restarted, or the consumer vanished) is noticed by its deadline, and the consumer
+is checked.
+
+Acks (`+ACK` published to each message's reply subject, then one flush) go out only
+after Redis has answered for the whole batch. A crash before that means redelivery,
+and redelivery means no second entry (the Lua script's dedup keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.ingestor import jetstream, metrics
+from services.ingestor.jetstream import StreamHandle
+from services.ingestor.settings import IngestorSettings
+from services.ingestor.writer import Delivery, Writer
+from shared.lifecycle import Backoff
+
+log = logging.getLogger(__name__)
+
+# A pull request waits this long for messages before JetStream answers 408 (idle).
+# Short, so that a stopping ingestor has nothing requested for long.
+PULL_EXPIRES = 2.0
+# A request with no answer this long after it expired was lost (NATS restarted).
+PULL_GRACE = 2.0
+# How long, after SIGTERM, to keep retrying a batch that Redis does not take; after
+# that it is left unacked and JetStream redelivers it to the next ingestor.
+STOP_GRACE = 10.0
+
+
+@dataclass
+class _Request:
+    remaining: int
+    deadline: float
+
+
+@dataclass
+class Stats:
+    appended: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    dead_letters: int = 0
+    redelivered: int = 0
+    batches: int = 0
+    abandoned: int = 0  # messages left unacked at shutdown (redelivered later)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "appended": sum(self.appended.values()),
+            **{f"appended_{feed}": n for feed, n in sorted(self.appended.items())},
+            "duplicates": sum(self.duplicates.values()),
+            "dead_letters": self.dead_letters,
+            "redelivered": self.redelivered,
+            "batches": self.batches,
+            "abandoned": self.abandoned,
+        }
+
+
+def parse_ack_subject(reply: str) -> tuple[int, int, int]:
+    """(delivery count, stream sequence, timestamp ns) from a `$JS.ACK...` subject.
+
+    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    """
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[4]), int(t[5]), int(t[7])
+    if len(t) >= 11:
+        return int(t[6]), int(t[7]), int(t[9])
+    raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
+
+class PullLoop:
+    """Receives deliveries for one stream incarnation into a buffer; see the module doc."""
+
+    def __init__(self, nc: NATS, handle: StreamHandle, batch: int) -> None:
+        self.nc = nc
+        self.handle = handle
+        self.batch = batch
+        self.buffer: list[Delivery] = []
+        self.arrived = asyncio.Event()
+        self.consumer_gone = False
+        self.lost_requests = 0
+        self._inbox = nc.new_inbox()
+        self._requests: dict[str, _Request] = {}
+        self._next_request = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_msg)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    @property
+    def requested(self) -> int:
+        return sum(r.remaining for r in self._requests.values())
+
+    def forget_requests(self) -> None:
+        """After a reconnect: the server may have forgotten them; ask afresh."""
+        self._requests.clear()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        reply = msg.reply
+        if reply.startswith("$JS.ACK."):
+            try:
+                delivered, seq, ts = parse_ack_subject(reply)
+            except ValueError:
+                log.error("unexpected JetStream reply subject; message left unacked", extra={"reply": reply})
+                return
+            self.buffer.append(Delivery(msg.subject, msg.data, seq, delivered, ts, reply))
+            # A delivery carries its own subject, not the request's: JetStream serves the
+            # waiting requests in order, so it counts against the oldest one.
+            for name, r in self._requests.items():
+                r.remaining -= 1
+                if r.remaining <= 0:
+                    del self._requests[name]
+                break
+            self.arrived.set()
+            return
+        request = msg.subject.rpartition(".")[2]
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status in ("404", "408"):
+            self._requests.pop(request, None)
+        elif status == "409":
+            self._requests.pop(request, None)
+            description = str(headers.get("Description", ""))
+            if "deleted" in description.lower():
+                self.consumer_gone = True
+            else:
+                log.debug("pull request ended", extra={"status": status, "description": description})
+        elif status == "100":
+            return  # heartbeat (not requested, harmless)
+        else:
+            self._requests.pop(request, None)
+            log.warning(
+                "unexpected message on the pull inbox",
+                extra={"status": status, "subject": msg.subject, "headers": dict(headers)},
+            )
+        self.arrived.set()
+
+    def purge(self) -> None:
+        """Drop requests that ended with no answer at all (NATS restarted, or no consumer)."""
+        now = time.monotonic()
+        for name, r in list(self._requests.items()):
+            if now > r.deadline:
+                del self._requests[name]
+                self.lost_requests += 1
+
+    async def top_up(self) -> None:
+        """Keep about two batches requested ahead of what is buffered."""
+        now = time.monotonic()
+        while len(self.buffer) + self.requested < 2 * self.batch and len(self._requests) < 8:
+            self._next_request += 1
+            name = str(self._next_request)
+            payload = json.dumps({"batch": self.batch, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+            self._requests[name] = _Request(self.batch, now + PULL_EXPIRES + PULL_GRACE)
+            await self.nc.publish(self.handle.next_subject, payload, reply=f"{self._inbox}.{name}")
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._requests)
+
+    def take(self) -> list[Delivery]:
+        batch = self.buffer[: self.batch]
+        del self.buffer[: self.batch]
+        if not self.buffer:
+            self.arrived.clear()
+        return batch
+
+
+class Ingestor:
+    """Connects, sets up JetStream, and runs the pull loop until the stop event."""
+
+    def __init__(self, settings: IngestorSettings, redis: Redis, stop: asyncio.Event) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.stop = stop
+        self.writer = Writer(redis, settings)
+        self.stats = Stats()
+        self.nc: NATS | None = None
+        self.handle: StreamHandle | None = None
+        self._loop: PullLoop | None = None
+        self._abandon = asyncio.Event()
+        self._nats_down = False
+
+    # -- NATS connection -------------------------------------------------------------
+
+    async def connect(self) -> bool:
+        """Connect to NATS, retrying with backoff; False if stopped first."""
+        backoff = Backoff(cap=5.0)
+        logged = False
+        while not self.stop.is_set():
+            try:
+                self.nc = await nats.connect(
+                    self.settings.nats_url,
+                    name="fanout-ingestor",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2.0,
+                    allow_reconnect=True,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                )
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                if not logged:
+                    log.warning(
+                        "NATS unreachable; retrying with backoff",
+                        extra={"url": self.settings.nats_url, "error": str(exc) or type(exc).__name__},
+                    )
+                    metrics.OUTAGES.labels(server="nats").inc()
+                    logged = True
+                await backoff.wait(self.stop)
+                continue
+            if logged:
+                log.info("NATS reachable again", extra={"url": self.settings.nats_url})
+            return True
+        return False
+
+    async def _on_disconnected(self) -> None:
+        if not self._nats_down and not self.stop.is_set():
+            self._nats_down = True
+            metrics.OUTAGES.labels(server="nats").inc()
+            log.warning(
+                "NATS disconnected; reconnecting (messages wait in JetStream)",
+                extra={"url": self.settings.nats_url},
+            )
+
+    async def _on_reconnected(self) -> None:
+        if self._nats_down:
+            log.info("NATS reconnected", extra={"url": self.settings.nats_url})
+        self._nats_down = False
+        if self._loop is not None:
+            self._loop.forget_requests()
+            self._loop.arrived.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        if not self._nats_down:
+            log.debug("NATS client error", extra={"error": str(exc) or type(exc).__name__})
+
+    async def nats_ready(self) -> bool:
+        """/readyz: NATS connected and JetStream set up."""
+        return self.nc is not None and self.nc.is_connected and self.handle is not None
+
+    async def redis_ready(self) -> bool:
+        """/readyz: Redis answers PING."""
+        return bool(await self.redis.ping())
+
+    # -- JetStream setup -------------------------------------------------------------
+
+    async def setup(self) -> bool:
+        """(Re)create the stream and consumer and a fresh pull loop; False if stopped first.
+
+        Raises JetStreamUnavailable when the server has no JetStream (not worth retrying).
+        """
+        assert self.nc is not None
+        backoff = Backoff(cap=5.0)
+        logged = False
+        while not self.stop.is_set():
+            try:
+                handle = await jetstream.setup(self.nc, self.settings)
+                break
+            except jetstream.JetStreamUnavailable:
+                raise
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                if not logged:
+                    log.warning(
+                        "JetStream setup failed; retrying with backoff",
+                        extra={"error": str(exc) or type(exc).__name__},
+                    )
+                    logged = True
+                await backoff.wait(self.stop)
+        else:
+            return False
+        if self._loop is not None:
+            await self._loop.close()
+        self.handle = handle
+        self._loop = PullLoop(self.nc, handle, self.settings.batch)
+        await self._loop.start()
+        return True
+
+    async def _check_consumer(self) -> bool:
+        """After pull requests went unanswered: True if the consumer must be set up again."""
+        assert self.nc is not None and self.handle is not None
+        if not self.nc.is_connected:
+            return False
+        try:
+            return not await jetstream.consumer_exists(self.nc, self.handle)
+        except (OSError, TimeoutError, nats.errors.Error):
+            return False
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until stop: pull, write, ack. After stop: finish what was requested, then return."""
+        watcher = asyncio.create_task(self._abandon_after_stop())
+        try:
+            if not await self.connect() or not await self.setup():
+                return
+            await self._loop_until_stopped()
+        finally:
+            watcher.cancel()
+            if self._loop is not None:
+                await self._loop.close()
+            if self.nc is not None:
+                try:
+                    await self.nc.flush(timeout=2)
+                except (OSError, TimeoutError, nats.errors.Error):
+                    pass
+                await self.nc.close()
+            log.info("ingestor stopped", extra=self.stats.summary())
+
+    async def _abandon_after_stop(self) -> None:
+        await self.stop.wait()
+        await asyncio.sleep(STOP_GRACE)
+        self._abandon.set()
+
+    async def _loop_until_stopped(self) -> None:
+        assert self._loop is not None
+        while True:
+            loop = self._loop
+            loop.purge()
+            stopping = self.stop.is_set()
+            if loop.consumer_gone or (
+                loop.lost_requests and not loop.waiting and await self._check_consumer()
+            ):
+                await self._drain_buffer()
+                log.warning(
+                    "JetStream consumer is gone (stream or consumer deleted); setting up again",
+                    extra={"stream": self.settings.js_stream, "consumer": self.settings.js_consumer},
+                )
+                if not await self.setup():
+                    return
+                continue
+            loop.lost_requests = 0
+            if stopping:
+                if not loop.buffer and not loop.waiting:
+                    return
+                if self._abandon.is_set():
+                    self.stats.abandoned += len(loop.buffer)
+                    return
+            elif self.nc is not None and self.nc.is_connected:
+                await loop.top_up()
+            if not loop.buffer:
+                await self._wait_for_work(loop)
+                continue
+            batch = loop.take()
+            if not await self._settle(batch):
+                self.stats.abandoned += len(batch) + len(loop.buffer)
+                return
+
+    async def _wait_for_work(self, loop: PullLoop) -> None:
+        waiters = [asyncio.ensure_future(loop.arrived.wait())]
+        if not self.stop.is_set():
+            waiters.append(asyncio.ensure_future(self.stop.wait()))
+        else:
+            waiters.append(asyncio.ensure_future(self._abandon.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=PULL_EXPIRES / 2, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _drain_buffer(self) -> None:
+        assert self._loop is not None
+        while self._loop.buffer:
+            if not await self._settle(self._loop.take()):
+                return
+
+    async def _settle(self, batch: list[Delivery]) -> bool:
+        """Write a batch to Redis (retrying while Redis is away), then ack it.
+
+        False if the ingestor was stopped and the grace period ran out first: the batch
+        stays unacked and JetStream redelivers it.
+        """
+        assert self.handle is not None and self.nc is not None
+        backoff = Backoff(cap=5.0)
+        outage = False
+        started = time.perf_counter()
+        while True:
+            try:
+                result = await asyncio.shield(self.writer.write(batch, self.handle.created_ms))
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if not outage:
+                    outage = True
+                    metrics.OUTAGES.labels(server="redis").inc()
+                    log.warning(
+                        "Redis unreachable; retrying the batch with backoff (nothing acked)",
+                        extra={"error": str(exc) or type(exc).__name__, "batch": len(batch)},
+                    )
+            except RedisError as exc:
+                if not outage:
+                    outage = True
+                    log.error(
+                        "Redis refused the batch; retrying with backoff (nothing acked)",
+                        extra={"error": str(exc), "batch": len(batch)},
+                    )
+            if await backoff.wait(self._abandon):
+                return False
+        if outage:
+            log.info("Redis answered again; batch written")
+        for d in batch:
+            await self.nc.publish(d.reply, b"+ACK")
+        try:
+            await self.nc.flush(timeout=5)
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            # Written but maybe not acked: JetStream redelivers and the dedup keys drop them.
+            log.warning(
+                "acks not confirmed by NATS; the batch will be redelivered and deduplicated",
+                extra={"error": str(exc) or type(exc).__name__, "batch": len(batch)},
+            )
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        redelivered = sum(1 for d in batch if d.delivered > 1)
+        if redelivered:
+            metrics.REDELIVERED.inc(redelivered)
+        self.stats.redelivered += redelivered
+        self.stats.appended.update(result.appended)
+        self.stats.duplicates.update(result.duplicates)
+        self.stats.dead_letters += result.dead_letters
+        self.stats.batches += 1
+        return True

@@ -1,0 +1,62 @@
+"""The ingestor's settings: the shared ones plus its JetStream consumer, batching and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.settings import Settings, SettingsError, parse_duration, parse_host_port, setting
+
+MIB = 1024 * 1024
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().lstrip("-").isdigit():
+        raise ValueError("expected a whole number")
+    value = int(text)
+    if value < 1:
+        raise ValueError("expected a number of at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class IngestorSettings(Settings):
+    js_consumer: str = setting("FANOUT_JS_CONSUMER", "ingestor", "durable JetStream pull consumer name")
+    js_max_age: float = setting(
+        "FANOUT_JS_MAX_AGE", 24 * 3600.0, "how long JetStream keeps a message (e.g. 24h)", parse_duration
+    )
+    js_ack_wait: float = setting(
+        "FANOUT_JS_ACK_WAIT", 30.0, "how long JetStream waits for an ack before redelivering", parse_duration
+    )
+    dedup_ttl: float = setting(
+        "FANOUT_DEDUP_TTL",
+        25 * 3600.0,
+        "how long a message id is remembered in Redis to drop redeliveries; at least FANOUT_JS_MAX_AGE",
+        parse_duration,
+    )
+    batch: int = setting("FANOUT_INGEST_BATCH", 1000, "messages fetched and written per batch", _positive_int)
+    max_payload: int = setting(
+        "FANOUT_MAX_PAYLOAD", MIB, "largest payload in bytes; larger ones are dead-lettered", _positive_int
+    )
+    http: tuple[str, int] = setting(
+        "FANOUT_INGEST_HTTP",
+        ("127.0.0.1", 9101),
+        "HOST:PORT of /healthz /readyz /metrics (port 0 picks a free port)",
+        parse_host_port,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.js_max_age <= 0:
+            raise SettingsError(f"FANOUT_JS_MAX_AGE={self.js_max_age}s: expected a positive duration")
+        if self.js_ack_wait <= 0:
+            raise SettingsError(f"FANOUT_JS_ACK_WAIT={self.js_ack_wait}s: expected a positive duration")
+        if self.dedup_ttl < self.js_max_age:
+            raise SettingsError(
+                f"FANOUT_DEDUP_TTL ({self.dedup_ttl:g}s) is shorter than FANOUT_JS_MAX_AGE "
+                f"({self.js_max_age:g}s): a message redelivered after its dedup key expired would be "
+                "appended twice; set FANOUT_DEDUP_TTL >= FANOUT_JS_MAX_AGE"
+            )
+        if self.batch < 1:
+            raise SettingsError(f"FANOUT_INGEST_BATCH={self.batch}: expected a number of at least 1")
+        if self.max_payload < 1:
+            raise SettingsError(f"FANOUT_MAX_PAYLOAD={self.max_payload}: expected a number of at least 1")
