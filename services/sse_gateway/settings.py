@@ -50,7 +50,9 @@ class GatewaySettings(Settings):
         "FANOUT_READER_BATCH", 1000, "entries per XREAD of the shared per-feed reader"
     )
     reader_block: float = setting(
-        "FANOUT_READER_BLOCK", 2.0, "XREAD BLOCK time of the shared reader (below the Redis socket timeout)",
+        "FANOUT_READER_BLOCK",
+        2.0,
+        "XREAD BLOCK time of the shared reader (below the Redis socket timeout)",
         parse_duration,
     )
     db_pool_size: int = setting(

@@ -1,0 +1,292 @@
+"""The gateway's Starlette app.
+
+    create_app(settings) -> Starlette
+
+Routes: `GET /v1/stream` (the event stream), `GET /healthz`, `GET /readyz` (Redis reachable
+and the feed readers reading), `GET /metrics`, plus `lookup.routes` and `auth.routes` when
+those modules provide them, and the page `static/index.html` at `/` (other files of
+`static/` under `/static/`).
+
+`app.state`, for every route of the package (set by the lifespan):
+    settings     GatewaySettings
+    redis        redis.asyncio.Redis, decode_responses=True (str replies)
+    archive      history.Archive: `await archive.pool()` is the asyncpg pool of the catalogue,
+                 opened on first use; raises history.ArchiveUnavailable while Postgres is down
+                 (live streaming never needs it)
+    hub          hub.Hub: `hub.positions[feed]` is the live cursor.Position of each feed
+    access       auth.Access(settings): `await access.check(request, feeds)` raises
+                 HTTPException 401/403 (JSON detail) for a request not allowed those feeds
+    stop         asyncio.Event, the one shutdown event of the process: set it and every
+                 stream ends cleanly
+    subscribers  subscriber.Registry of the connected subscribers
+
+Stream requests: `GET /v1/stream?feeds=execution,sport_event` (default: every feed; an
+unknown feed is a 404 naming the known ones), filters `symbol=`, `market=` (execution) and
+`sport=` (sport_event), repeatable; start: the `Last-Event-ID` header, else
+`?last_event_id=`, else `?lastEventID=`, else `?from=latest|earliest|<ISO time>` (the
+time of an entry is its Redis stream id's, i.e. ingest time). Errors are JSON
+`{"error": ..., "detail": ...}`: 400 bad cursor / filter / from, 404 unknown feed, 503 past
+the subscriber limit (with Retry-After) or while Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from services.sse_gateway import cursor, filters, metrics
+from services.sse_gateway.cursor import CursorError
+from services.sse_gateway.filters import FilterError
+from services.sse_gateway.history import Archive, ArchiveUnavailable
+from services.sse_gateway.hub import Hub
+from services.sse_gateway.response import EventStream
+from services.sse_gateway.settings import GatewaySettings
+from services.sse_gateway.subscriber import Registry, Subscriber, start_positions
+from shared.connections import redis_client
+from shared.feeds import FEED_NAMES
+from shared.keys import Keys
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _optional(name: str) -> ModuleType | None:
+    """A sibling module built separately (auth, lookup), if it is there."""
+    try:
+        return importlib.import_module(f"services.sse_gateway.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"services.sse_gateway.{name}":
+            return None
+        raise
+
+
+class _OpenAccess:
+    """Used only while auth.py does not exist: everyone may read every feed."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+
+    async def check(self, request: Request, feeds: Any) -> None:
+        return None
+
+    def log_mode(self) -> None:
+        log.warning("no access control module: serving every feed to everyone")
+
+
+def error(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None, **more: Any
+) -> JSONResponse:
+    metrics.REJECTED.labels(str(status)).inc()
+    return JSONResponse({"error": error, "detail": detail, **more}, status_code=status, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    body = exc.detail if isinstance(exc.detail, dict) else {"error": exc.detail}
+    metrics.REJECTED.labels(str(exc.status_code)).inc()
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def parse_feeds(request: Request) -> tuple[str, ...] | JSONResponse:
+    raw = [f.strip() for value in request.query_params.getlist("feeds") for f in value.split(",")]
+    asked = [f for f in raw if f]
+    if not asked:
+        return FEED_NAMES
+    unknown = [f for f in asked if f not in FEED_NAMES]
+    if unknown:
+        return error(
+            404,
+            "unknown feed",
+            f"no feed named {', '.join(repr(u[:64]) for u in unknown)}; known feeds: {', '.join(FEED_NAMES)}",
+            known_feeds=list(FEED_NAMES),
+        )
+    return tuple(f for f in FEED_NAMES if f in asked)
+
+
+async def stream(request: Request) -> Any:
+    state = request.app.state
+    settings: GatewaySettings = state.settings
+    if state.stop.is_set():
+        return error(503, "shutting down", "the gateway is stopping; reconnect", {"Retry-After": "1"})
+    feeds = parse_feeds(request)
+    if isinstance(feeds, JSONResponse):
+        return feeds
+    try:
+        chosen = filters.parse(request.query_params.multi_items(), feeds)
+    except FilterError as exc:
+        return error(400, "bad filter", str(exc))
+    await state.access.check(request, feeds)
+    resume_text = (
+        request.headers.get("last-event-id")
+        or request.query_params.get("last_event_id")
+        or request.query_params.get("lastEventID")
+    )
+    try:
+        resume = cursor.parse(resume_text) if resume_text else {}
+    except CursorError as exc:
+        return error(400, "bad cursor", str(exc))
+    start = request.query_params.get("from", "latest").strip() or "latest"
+    try:
+        positions = await start_positions(state.redis, state.hub.keys, state.archive, feeds, resume, start)
+    except CursorError as exc:
+        return error(400, "cursor from the future", str(exc))
+    except ValueError as exc:
+        return error(400, "bad from", str(exc))
+    except ArchiveUnavailable as exc:
+        return error(503, "history unavailable", str(exc), {"Retry-After": "5"})
+    except (RedisError, OSError) as exc:
+        return error(503, "redis unavailable", f"cannot read the feeds: {exc}", {"Retry-After": "2"})
+    subscribers: Registry = state.subscribers
+    if len(subscribers) >= settings.max_subscribers:
+        return error(
+            503,
+            "too many subscribers",
+            f"this gateway serves at most {settings.max_subscribers} streams at once; retry later",
+            {"Retry-After": str(max(1, settings.retry_ms // 1000))},
+        )
+    sub = Subscriber(
+        feeds=feeds,
+        filters=chosen,
+        positions=positions,
+        hub=state.hub,
+        archive=state.archive,
+        settings=settings,
+    )
+    subscribers.add(sub)
+    if state.stop.is_set():
+        sub.close("shutting down")
+    return EventStream(sub, subscribers, settings.slow_client_timeout)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2.0):
+            checks["redis"] = "ok" if await state.redis.ping() else "failing"
+    except (RedisError, OSError, TimeoutError) as exc:
+        checks["redis"] = f"failing: {exc or type(exc).__name__}"
+    for feed in FEED_NAMES:
+        checks[f"reader:{feed}"] = "ok" if state.hub.ready(feed) else "failing"
+    ok = all(v == "ok" for v in checks.values()) and not state.stop.is_set()
+    return JSONResponse(
+        {"status": "ok" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
+    )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    auth = _optional("auth")
+    lookup = _optional("lookup")
+    access: Any = auth.Access(settings) if auth is not None else _OpenAccess(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = app.state
+        state.stop.clear()
+        state.redis = redis_client(settings.redis_url, decode_responses=True)
+        state.archive = Archive(settings.database_url, settings.db_schema, settings.db_pool_size)
+        state.hub = Hub(
+            state.redis,
+            Keys(settings.key_prefix),
+            state.stop,
+            batch=settings.reader_batch,
+            block=settings.reader_block,
+        )
+        if hasattr(access, "log_mode"):
+            access.log_mode()
+        await state.hub.start()
+        closer = asyncio.create_task(_close_streams_on_stop(state))
+        log.info(
+            "gateway ready",
+            extra={"url": f"http://{settings.gateway_host}:{settings.gateway_port}/v1/stream"},
+        )
+        try:
+            yield
+        finally:
+            state.stop.set()
+            await closer
+            await state.hub.close()
+            await state.archive.close()
+            await state.redis.aclose()
+            log.info("gateway stopped", extra={"subscribers_left": len(state.subscribers)})
+
+    routes: list[BaseRoute] = [
+        Route("/v1/stream", stream, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    for module in (auth, lookup):
+        routes += list(getattr(module, "routes", []) or [])
+    if (STATIC / "index.html").is_file():
+        routes.append(Route("/", index, methods=["GET"]))
+    if STATIC.is_dir():
+        routes.append(Mount("/static", StaticFiles(directory=STATIC), name="static"))
+
+    make_middleware: Callable[[GatewaySettings], list[Middleware]] | None = getattr(auth, "middleware", None)
+    if make_middleware is not None:
+        middleware = make_middleware(settings)
+    elif settings.cors_origin_list:
+        middleware = [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origin_list,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Last-Event-ID", "Content-Type"],
+            )
+        ]
+    else:
+        middleware = []
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_exception},
+    )
+    app.state.settings = settings
+    app.state.access = access
+    app.state.stop = asyncio.Event()
+    app.state.subscribers = Registry()
+    return app
+
+
+async def _close_streams_on_stop(state: Any) -> None:
+    """On stop: end every stream, and give them `shutdown_grace` to finish."""
+    await state.stop.wait()
+    subscribers: Registry = state.subscribers
+    for sub in subscribers:
+        sub.close("shutting down")
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(state.settings.shutdown_grace):
+            await subscribers.empty.wait()

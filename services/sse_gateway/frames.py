@@ -1,0 +1,40 @@
+"""The bytes of the event stream: events, `id:`-only frames, notices, heartbeats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from shared.codec import typed_message
+from shared.feeds import FEEDS
+
+
+def entry_data(feed: str, fields: Mapping[str, str]) -> bytes:
+    """The `data:` of a stream entry: one line of JSON, `codec.typed_message`."""
+    return dumps(typed_message(FEEDS[feed], fields))
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def event(feed: bytes, data: bytes, cursor: bytes) -> bytes:
+    return b"event: " + feed + b"\ndata: " + data + b"\nid: " + cursor + b"\n\n"
+
+
+def id_only(cursor: bytes) -> bytes:
+    """Moves the client's last event id without an event (a filtered-out entry)."""
+    return b"id: " + cursor + b"\n\n"
+
+
+def notice(name: str, data: Mapping[str, Any]) -> bytes:
+    """An in-band `event: gap` / `event: reset`; it carries no id (the next event's id moves on)."""
+    return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
+
+
+def retry(ms: int) -> bytes:
+    return b"retry: %d\n\n" % ms
+
+
+HEARTBEAT = b": heartbeat\n\n"

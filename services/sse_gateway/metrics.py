@@ -1,0 +1,27 @@
+"""The gateway's Prometheus metrics (process-wide, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+SUBSCRIBERS = Gauge("fanout_gateway_subscribers", "stream subscribers connected")
+EVENTS_SENT = Counter("fanout_gateway_events_sent_total", "feed events written to subscribers", ["feed"])
+CATCHUPS = Counter(
+    "fanout_gateway_catchups_total", "times a subscriber read history on its own (resume, earliest, slow)"
+)
+GAPS = Counter(
+    "fanout_gateway_gaps_total", "`event: gap` sent (history that neither Redis nor Postgres holds)"
+)
+RESETS = Counter("fanout_gateway_resets_total", "`event: reset` sent (a cursor from another epoch)")
+SLOW_DISCONNECTS = Counter(
+    "fanout_gateway_slow_disconnects_total", "subscribers disconnected for staying too far behind"
+)
+OVERFLOWS = Counter(
+    "fanout_gateway_buffer_overflows_total", "live subscribers whose buffer filled up (dropped to catch-up)"
+)
+READER_LAG = Gauge(
+    "fanout_gateway_reader_lag_seconds",
+    "age of the last entry the shared reader dispatched, when it was dispatched",
+    ["feed"],
+)
+REJECTED = Counter("fanout_gateway_rejected_total", "stream requests refused", ["status"])
