@@ -37,20 +37,20 @@ def ingestor_settings(base: Settings, **overrides: Any) -> IngestorSettings:
     return IngestorSettings.from_env({}, **values)
 
 
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "") -> None:
+async def until(condition: Callable[[], Awaitable[bool]], within: float = 30.0, what: str = "") -> None:
     """Poll a condition that nothing can be awaited for, up to a deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await asyncio.sleep(0.05)
 
 
-async def read_stream(redis: Redis, key: str, count: int, timeout: float = 30.0) -> list[dict[str, str]]:
+async def read_stream(redis: Redis, key: str, count: int, within: float = 30.0) -> list[dict[str, str]]:
     """Block on XREAD until `count` entries are in the stream; return them all (as str)."""
     entries: list[dict[str, str]] = []
     last = "0-0"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while len(entries) < count:
         if time.monotonic() > deadline:
             raise AssertionError(f"{key}: {len(entries)} entries, expected {count}")
@@ -288,7 +288,8 @@ async def test_bytes_from_an_independent_encoder_are_ingested_as_the_spec_says(
         + _varint(1764321212345)
         + _field(6, b"CA")
     )
-    event_bytes = _varint(1 << 3 | 0) + _varint(7) + _field(2, "Nadal – Federer".encode()) + _field(3, b"ace")
+    title = "Nadal \u2013 Federer"
+    event_bytes = _varint(1 << 3 | 0) + _varint(7) + _field(2, title.encode()) + _field(3, b"ace")
     async with running(settings, redis):
         await publish(nats, settings.subject("execution"), [exec_bytes])
         await publish(nats, settings.subject("sport_event"), [event_bytes])
@@ -302,7 +303,7 @@ async def test_bytes_from_an_independent_encoder_are_ingested_as_the_spec_says(
         "executionEpoch": "1764321212345",
         "stateSymbol": "CA",
     }
-    assert (ev["sport"], ev["match_title"], ev["data_event"]) == ("TENNIS", "Nadal – Federer", "ace")
+    assert (ev["sport"], ev["match_title"], ev["data_event"]) == ("TENNIS", title, "ace")
 
 
 async def test_a_deleted_and_recreated_stream_gives_ids_that_do_not_collide(
