@@ -16,6 +16,8 @@ those modules provide them, and the page `static/index.html` at `/` (other files
     hub          hub.Hub: `hub.positions[feed]` is the live cursor.Position of each feed
     access       auth.Access(settings): `await access.check(request, feeds)` raises
                  HTTPException 401/403 (JSON detail) for a request not allowed those feeds
+    pool         the same asyncpg pool once it opened (a background task keeps trying at
+                 start-up), else None
     stop         asyncio.Event, the one shutdown event of the process: set it and every
                  stream ends cleanly
     subscribers  subscriber.Registry of the connected subscribers
@@ -62,6 +64,7 @@ from services.sse_gateway.subscriber import Registry, Subscriber, start_position
 from shared.connections import redis_client
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
+from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +228,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
         if hasattr(access, "log_mode"):
             access.log_mode()
         await state.hub.start()
+        state.pool = None
         closer = asyncio.create_task(_close_streams_on_stop(state))
+        opener = asyncio.create_task(_open_archive(state))
         log.info(
             "gateway ready",
             extra={"url": f"http://{settings.gateway_host}:{settings.gateway_port}/v1/stream"},
@@ -234,6 +239,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             yield
         finally:
             state.stop.set()
+            opener.cancel()
             await closer
             await state.hub.close()
             await state.archive.close()
@@ -268,12 +274,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
     else:
         middleware = []
 
-    app = Starlette(
-        routes=routes,
-        middleware=middleware,
-        lifespan=lifespan,
-        exception_handlers={HTTPException: _http_exception},
-    )
+    handlers: dict[Any, Any] = {HTTPException: _http_exception}
+    if auth is not None and hasattr(auth, "AccessError") and hasattr(auth, "access_error_handler"):
+        handlers[auth.AccessError] = auth.access_error_handler
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.settings = settings
     app.state.access = access
     app.state.stop = asyncio.Event()
@@ -290,3 +294,15 @@ async def _close_streams_on_stop(state: Any) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(state.settings.shutdown_grace):
             await subscribers.empty.wait()
+
+
+async def _open_archive(state: Any) -> None:
+    """Open the catalogue pool in the background so `app.state.pool` is there for lookups."""
+    backoff = Backoff(base=1.0, cap=30.0)
+    while not state.stop.is_set():
+        try:
+            state.pool = await state.archive.pool()
+            return
+        except ArchiveUnavailable:
+            if await backoff.wait(state.stop):
+                return

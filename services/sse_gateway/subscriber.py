@@ -306,6 +306,8 @@ async def _first_from(
     if found is None:
         return top
     entry_id, seq = found
+    if seq <= 1:
+        return cursor.origin(top.epoch)
     return Position(top.epoch, cursor.id_before(entry_id), seq - 1)
 
 

@@ -1,0 +1,80 @@
+"""`fanout gateway`: serve the feeds over Server-Sent Events (uvicorn + the Starlette app)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+from types import FrameType
+
+import uvicorn
+
+from services.sse_gateway.app import create_app
+from services.sse_gateway.settings import GatewaySettings
+from shared import logs
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve the feeds to subscribers over Server-Sent Events.
+
+  curl -N 'http://127.0.0.1:8000/v1/stream?feeds=execution'
+  curl -N -H 'Last-Event-ID: v1:execution.ab12cd34.1732770000123-0.42' \\
+       'http://127.0.0.1:8000/v1/stream?feeds=execution'
+
+Every event's `id:` is a cursor; reconnecting with it resumes exactly after that event.
+SIGTERM ends every stream cleanly and exits 0."""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    GatewaySettings.add_arguments(parser)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with its exit signal also setting the app's one stop event, so open
+    streams end (uvicorn waits for connections to close before the lifespan ends)."""
+
+    def __init__(self, config: uvicorn.Config, stop: asyncio.Event) -> None:
+        super().__init__(config)
+        self.stop = stop
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.stop.set)
+        super().handle_exit(sig, frame)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = GatewaySettings.from_args(args)
+    logs.configure("gateway", settings.log_format, settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+    )
+    server = _Server(config, app.state.stop)
+    server.run()
+    if not server.started:
+        log.error(
+            "gateway did not start", extra={"host": settings.gateway_host, "port": settings.gateway_port}
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(argparse.Namespace()))

@@ -1,0 +1,312 @@
+"""Helpers for the gateway tests (no tests here): write entries the way the ingestor
+does, run the gateway on a free port, and read its event stream with raw asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared import codec, scripts
+from shared.keys import Keys
+
+ROOT = Path(__file__).resolve().parents[2]
+SYMBOLS = ("AAPL", "MSFT", "TSLA")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def execution_fields(i: int) -> dict[str, str]:
+    return {
+        "symbol": SYMBOLS[i % len(SYMBOLS)],
+        "market": "NASDAQ" if i % 2 else "NYSE",
+        "price": codec.float32_text(100.0 + i % 50),
+        "quantity": "10",
+        "executionEpoch": str(1_700_000_000_000 + i),
+        "stateSymbol": "CA",
+    }
+
+
+def sport_fields(i: int) -> dict[str, str]:
+    return {"sport": ("FOOTBALL", "TENNIS")[i % 2], "match_title": f"match {i}", "data_event": f"goal {i}"}
+
+
+class Writer:
+    """Appends entries with shared/lua/ingest_append.lua, as the ingestor does."""
+
+    def __init__(self, redis: Redis, prefix: str, epoch: str = "e0e0e0e0") -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.epoch = epoch
+        self.script = scripts.register(redis, "ingest_append")
+        self.counter = 0
+
+    async def append(self, feed: str, n: int) -> list[str]:
+        keys = [self.keys.stream(feed), self.keys.meta(feed)]
+        argv: list[Any] = [3600, self.epoch]
+        now = codec.iso_ms(__import__("datetime").datetime.now(__import__("datetime").UTC))
+        for _ in range(n):
+            self.counter += 1
+            i = self.counter
+            fields = execution_fields(i) if feed == "execution" else sport_fields(i)
+            message_id = f"1700000000000.{i}"
+            keys.append(self.keys.dedup(feed, message_id))
+            flat = codec.entry_fields(message_id, fields, now, now)
+            argv += [i, len(flat), *flat]
+        result = await self.script(keys=keys, args=argv)
+        return [r[0].decode() if isinstance(r[0], bytes) else r[0] for r in result]
+
+
+async def xrange_all(redis: Redis, prefix: str, feed: str) -> list[tuple[str, dict[str, str]]]:
+    raw = await redis.xrange(Keys(prefix).stream(feed))
+    return [(i.decode() if isinstance(i, bytes) else i, codec.str_entry(f)) for i, f in raw]
+
+
+@dataclass
+class Event:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+    has_id: bool = False
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass
+class Stream:
+    """One SSE connection read with raw asyncio streams."""
+
+    status: int
+    headers: dict[str, str]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    body: bytes = b""
+    last_id: str | None = None
+    events: list[Event] = field(default_factory=list)
+    _buf: bytes = b""
+    _chunked: bool = False
+    _pending: list[Event] = field(default_factory=list)
+
+    async def next(self, within: float = 20.0) -> Event:
+        """The next dispatched frame: a feed event, a notice, or an id-only frame (event '')."""
+        async with asyncio.timeout(within):
+            while not self._pending:
+                data = await self._read_body()
+                if not data:
+                    raise EOFError("stream ended")
+                self._buf += data
+                self._parse()
+        ev = self._pending.pop(0)
+        self.events.append(ev)
+        return ev
+
+    async def collect(
+        self, count: int, within: float = 30.0, feeds: Sequence[str] | None = None
+    ) -> list[Event]:
+        """The next `count` feed events (notices and id-only frames are kept in `events`)."""
+        out: list[Event] = []
+        async with asyncio.timeout(within):
+            while len(out) < count:
+                ev = await self.next(within)
+                if ev.event not in ("", "gap", "reset") and (feeds is None or ev.event in feeds):
+                    out.append(ev)
+        return out
+
+    async def _read_body(self) -> bytes:
+        if not self._chunked:
+            return await self.reader.read(65536)
+        line = await self.reader.readline()
+        if not line:
+            return b""
+        size = int(line.strip() or b"0", 16)
+        if size == 0:
+            return b""
+        data = await self.reader.readexactly(size + 2)
+        return data[:-2]
+
+    def _parse(self) -> None:
+        while True:
+            idx = self._buf.find(b"\n\n")
+            if idx < 0:
+                return
+            block, self._buf = self._buf[:idx], self._buf[idx + 2 :]
+            ev = Event(event="")
+            data: list[str] = []
+            for line in block.decode().split("\n"):
+                if not line or line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    ev.event = value
+                elif name == "data":
+                    data.append(value)
+                elif name == "id":
+                    ev.id, ev.has_id = value, True
+                    self.last_id = value
+            ev.data = "\n".join(data)
+            if data and not ev.event:
+                ev.event = "message"
+            if ev.has_id or data or ev.event:
+                self._pending.append(ev)
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+async def open_stream(port: int, query: str = "", headers: Mapping[str, str] | None = None) -> Stream:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"GET /v1/stream{'?' + query if query else ''} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+    for k, v in (headers or {}).items():
+        head += f"{k}: {v}\r\n"
+    writer.write((head + "\r\n").encode())
+    await writer.drain()
+    status_line = await reader.readline()
+    status = int(status_line.split()[1])
+    hdrs: dict[str, str] = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        k, _, v = line.decode().partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    stream = Stream(status, hdrs, reader, writer, _chunked=hdrs.get("transfer-encoding") == "chunked")
+    if status != 200:
+        length = int(hdrs.get("content-length", "0"))
+        stream.body = await reader.readexactly(length) if length else b""
+        writer.close()
+    return stream
+
+
+def gateway_env(settings: Any, port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "REDIS_URL": settings.redis_url,
+            "DATABASE_URL": settings.database_url,
+            "FANOUT_KEY_PREFIX": settings.key_prefix,
+            "FANOUT_DB_SCHEMA": settings.db_schema,
+            "FANOUT_GATEWAY_PORT": str(port),
+            "FANOUT_LOG_FORMAT": "json",
+            "FANOUT_TOKENS": "",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class GatewayProcess:
+    """`python -m fanout.cli gateway` on a free port."""
+
+    def __init__(self, settings: Any, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        self.env = gateway_env(settings, self.port, **env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fanout.cli", "gateway"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # nothing to await but the port: poll with a deadline
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"gateway exited: {self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ''}"
+                )
+            with contextlib.suppress(OSError):
+                r, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = await r.read()
+                w.close()
+                if b" 200 " in reply.split(b"\r\n", 1)[0]:
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("gateway did not become ready")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        assert self.proc is not None and self.proc.stderr is not None
+        return self.proc.stderr.read().decode()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Any, **env: str) -> AsyncIterator[GatewayProcess]:
+    gw = GatewayProcess(settings, **env)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def inprocess_gateway(settings: Any) -> AsyncIterator[Any]:
+    """The app under uvicorn in this event loop, on a free port; yields the app (port on
+    `app.state.port`)."""
+    import uvicorn
+
+    from services.sse_gateway.app import create_app
+
+    port = free_port()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="none",
+        http="h11",
+        ws="none",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(20):
+        while not server.started:  # uvicorn offers no event to await
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+    app.state.port = port
+    app.state.server = server
+    try:
+        yield app
+    finally:
+        app.state.stop.set()
+        server.should_exit = True
+        async with asyncio.timeout(30):
+            await task
