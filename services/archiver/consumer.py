@@ -1,0 +1,386 @@
+"""Redis stream -> catalogue: one consumer-group reader per stream.
+
+Per stream (each feed, and the ingestor's dead-letter stream) the loop is:
+
+1. at start, drain this consumer's own pending entries (XREADGROUP from id 0);
+2. every `claim_idle / 2`, XAUTOCLAIM entries pending longer than `claim_idle` (left
+   by a dead archiver, or entries of ours whose storing failed) and store them;
+3. otherwise XREADGROUP `>` with BLOCK and COUNT;
+
+and for each batch: convert the entries to rows, store them in ONE transaction,
+commit, and only THEN XACK. A crash anywhere before the XACK leaves the entries pending,
+so they are delivered again; the insert skips rows already there (ON CONFLICT on the
+message id), so a redelivery never makes a second row.
+
+An entry that cannot be converted or stored (a poison entry, isolated by retrying the
+batch row by row) stays pending and is retried via XAUTOCLAIM; once it has been
+delivered `max_deliveries` times it goes to the `dead_letter` table with its error and
+raw fields, and is acked. Postgres or Redis unreachable: back off and retry the same
+batch; nothing is acked that is not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from services.archiver import metrics
+from services.archiver.rows import BadEntry, Row, feed_row, ingestor_dead_letter_row, poison_row
+from services.archiver.settings import ArchiverSettings
+from services.archiver.store import TRANSIENT_ERRORS, Store, is_data_error
+from shared.feeds import DEAD_LETTER, FEEDS
+from shared.keys import Keys
+from shared.lifecycle import Backoff
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+_MISSING_EPOCH = "unknown"
+
+
+@dataclass(slots=True)
+class Entry:
+    id: str
+    fields: dict[str, str]
+
+
+@dataclass(slots=True)
+class Counts:
+    rows: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Sequence[tuple[Any, Any]]) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        decoded: dict[str, str] = {}
+        for k, v in (fields or {}).items():
+            # A field that is not UTF-8 is kept (escaped) so the entry can be dead-lettered.
+            decoded[_text_lossless(k)] = _text_lossless(v)
+        out.append(Entry(_text(entry_id), decoded))
+    return out
+
+
+def _text_lossless(value: bytes | str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return "\x00" + value.decode("utf-8", "backslashreplace")  # NUL marks it as not convertible
+
+
+class StreamArchiver:
+    """Archives one stream through the consumer group. Subclasses say how an entry
+    becomes a row and where rows go."""
+
+    name: str  # the feed, or DEAD_LETTER
+
+    def __init__(self, name: str, settings: ArchiverSettings, redis: Redis, store: Store) -> None:
+        self.name = name
+        self.settings = settings
+        self.redis = redis
+        self.store = store
+        self.keys = Keys(settings.key_prefix)
+        self.stream = self.keys.stream(name)
+        self.group = settings.group
+        self.consumer = settings.consumer_name
+        self.counts = Counts()
+        self._backoff = Backoff()
+        self._own_cursor: str | None = "0"  # draining our own pending entries from here
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self._group_ready = False
+        self._rows = metrics.ROWS.labels(name)
+        self._duplicates = metrics.DUPLICATES.labels(name)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info(
+            "archiving stream", extra={"feed": self.name, "stream": self.stream, "consumer": self.consumer}
+        )
+        while not stop.is_set():
+            try:
+                if not self._group_ready:
+                    await self.ensure_group()
+                entries = await self.next_batch()
+                if entries:
+                    await self.process(entries, stop)
+                self._backoff.reset()
+            except REDIS_ERRORS as exc:
+                metrics.ERRORS.labels("redis").inc()
+                log.warning("redis unavailable, retrying", extra={"feed": self.name, "error": str(exc)})
+                self._own_cursor = "0"  # entries read but not acked are ours: read them again first
+                await self._backoff.wait(stop)
+            except redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or the group vanished (e.g. a Redis restarted without persistence).
+                log.warning("consumer group missing, creating it again", extra={"feed": self.name})
+                self._group_ready = False
+                self._own_cursor = "0"
+        log.info(
+            "stopped archiving stream",
+            extra={
+                "feed": self.name,
+                "rows": self.counts.rows,
+                "duplicates": self.counts.duplicates,
+                "dead_letters": self.counts.dead_letters,
+                "batches": self.counts.batches,
+            },
+        )
+
+    async def ensure_group(self) -> None:
+        """Create the group from the stream's first entry (idempotent, MKSTREAM)."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            log.info("created consumer group", extra={"feed": self.name, "group": self.group})
+        except redis_errors.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def next_batch(self) -> list[Entry]:
+        """Own pending entries first, then idle entries to claim when due, then new ones."""
+        count = self.settings.batch
+        if self._own_cursor is not None:
+            reply: Any = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: self._own_cursor}, count=count
+            )
+            entries = _entries(reply[0][1]) if reply else []
+            if not entries:
+                self._own_cursor = None
+                return []
+            self._own_cursor = entries[-1].id
+            return entries
+        now = time.monotonic()
+        if now >= self._next_claim:
+            cursor, raw, deleted = await self._autoclaim(count)
+            if deleted:
+                log.error(
+                    "pending entries were deleted from the stream before being archived",
+                    extra={"feed": self.name, "ids": [_text(d) for d in deleted]},
+                )
+            self._claim_cursor = cursor
+            if cursor == "0-0":  # a full pass over the pending entries is done
+                self._next_claim = now + self.settings.claim_idle / 2
+            if raw:
+                return _entries(raw)
+            if cursor != "0-0":
+                return []
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=self.settings.block_ms
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    async def _autoclaim(self, count: int) -> tuple[str, list[tuple[Any, Any]], list[Any]]:
+        reply: Any = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            int(self.settings.claim_idle * 1000),
+            start_id=self._claim_cursor,
+            count=count,
+        )
+        return _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
+
+    # -- one batch --------------------------------------------------------------------
+
+    async def process(self, entries: list[Entry], stop: asyncio.Event) -> None:
+        """Store a batch, then acknowledge it; poison entries are set aside."""
+        started = time.perf_counter()
+        rows, stored, failed = await self.convert(entries)
+        while True:
+            try:
+                inserted, row_failures = await self._store_isolating(rows, stored)
+                break
+            except TRANSIENT_ERRORS as exc:
+                if is_data_error(exc):
+                    raise
+                metrics.ERRORS.labels("postgres").inc()
+                log.warning(
+                    "postgres unavailable, retrying the batch",
+                    extra={"feed": self.name, "entries": len(entries), "error": str(exc)},
+                )
+                if await self._backoff.wait(stop):
+                    log.info("stopping with a batch not stored; it stays pending", extra={"feed": self.name})
+                    return
+                await self._reopen_if_schema_missing(exc)
+        failed += row_failures
+        failed_ids = {e.id for e, _ in row_failures}
+        done = [e.id for e in stored if e.id not in failed_ids]
+        await self.after_commit(done)
+        if done:
+            await self.redis.xack(self.stream, self.group, *done)
+        self._counted(len(done), inserted)
+        if failed:
+            await self.settle_poison(failed, stop)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        self.counts.batches += 1
+
+    async def after_commit(self, ids: list[str]) -> None:
+        """Called between the commit and the XACK (a seam for crash tests)."""
+
+    def _counted(self, stored: int, inserted: int) -> None:
+        self.counts.rows += inserted
+        self.counts.duplicates += stored - inserted
+        self._rows.inc(inserted)
+        self._duplicates.inc(stored - inserted)
+
+    async def _store_isolating(
+        self, rows: list[Row], entries: list[Entry]
+    ) -> tuple[int, list[tuple[Entry, str]]]:
+        """Store all rows at once; if a row's data is refused, store them one by one to
+        find which. Returns (rows inserted, [(entry, error)] refused)."""
+        try:
+            return await self.store_rows(rows), []
+        except TRANSIENT_ERRORS as exc:
+            if not is_data_error(exc):
+                raise
+            log.warning("batch refused, storing it row by row", extra={"feed": self.name, "error": str(exc)})
+        inserted = 0
+        failures: list[tuple[Entry, str]] = []
+        for row, entry in zip(rows, entries, strict=True):
+            try:
+                inserted += await self.store_rows([row])
+            except TRANSIENT_ERRORS as exc:
+                if not is_data_error(exc):
+                    raise
+                failures.append((entry, f"{type(exc).__name__}: {exc}"))
+        return inserted, failures
+
+    async def _reopen_if_schema_missing(self, exc: BaseException) -> None:
+        import asyncpg
+
+        if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError):
+            try:
+                await self.store.open()
+            except TRANSIENT_ERRORS as again:
+                log.warning("could not migrate the catalogue", extra={"error": str(again)})
+
+    # -- poison entries ---------------------------------------------------------------
+
+    async def settle_poison(self, failed: list[tuple[Entry, str]], stop: asyncio.Event) -> None:
+        """Dead-letter the failed entries delivered `max_deliveries` times; leave the
+        others pending, to be claimed and retried once idle."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry, _ in failed:
+                pipe.xpending_range(self.stream, self.group, entry.id, entry.id, 1)
+            replies = await pipe.execute()
+        give_up: list[tuple[Entry, str]] = []
+        for (entry, error), reply in zip(failed, replies, strict=True):
+            deliveries = int(reply[0]["times_delivered"]) if reply else self.settings.max_deliveries
+            if deliveries >= self.settings.max_deliveries:
+                give_up.append((entry, error))
+            else:
+                log.warning(
+                    "entry cannot be stored, will retry",
+                    extra={
+                        "feed": self.name,
+                        "stream_id": entry.id,
+                        "deliveries": deliveries,
+                        "error": error,
+                    },
+                )
+        if not give_up:
+            return
+        rows = [poison_row(self.name, e.id, e.fields, error) for e, error in give_up]
+        while True:
+            try:
+                await self.store.insert_dead_letters(rows)
+                break
+            except TRANSIENT_ERRORS as exc:
+                metrics.ERRORS.labels("postgres").inc()
+                log.warning(
+                    "could not store dead letters, retrying", extra={"feed": self.name, "error": str(exc)}
+                )
+                if await self._backoff.wait(stop):
+                    return
+        await self.redis.xack(self.stream, self.group, *(e.id for e, _ in give_up))
+        for entry, error in give_up:
+            log.error(
+                "entry dead-lettered after repeated failures",
+                extra={
+                    "feed": self.name,
+                    "stream_id": entry.id,
+                    "message_id": entry.fields.get("message_id"),
+                    "error": error,
+                },
+            )
+        self.counts.dead_letters += len(give_up)
+        metrics.DEAD_LETTERS.inc(len(give_up))
+
+    # -- what subclasses vary ---------------------------------------------------------
+
+    async def convert(self, entries: list[Entry]) -> tuple[list[Row], list[Entry], list[tuple[Entry, str]]]:
+        """(rows, the entries they came from, [(entry, error)] that cannot convert)."""
+        raise NotImplementedError
+
+    async def store_rows(self, rows: list[Row]) -> int:
+        raise NotImplementedError
+
+
+class FeedArchiver(StreamArchiver):
+    """A feed's stream -> its table."""
+
+    def __init__(self, name: str, settings: ArchiverSettings, redis: Redis, store: Store) -> None:
+        super().__init__(name, settings, redis, store)
+        self.feed = FEEDS[name]
+        self.meta = self.keys.meta(name)
+
+    async def convert(self, entries: list[Entry]) -> tuple[list[Row], list[Entry], list[tuple[Entry, str]]]:
+        epoch = _text(await self.redis.hget(self.meta, "epoch") or _MISSING_EPOCH)
+        rows: list[Row] = []
+        ok: list[Entry] = []
+        failed: list[tuple[Entry, str]] = []
+        for entry in entries:
+            try:
+                if not entry.fields:
+                    raise BadEntry("entry was deleted from the stream before it was archived")
+                rows.append(feed_row(self.feed, entry.id, entry.fields, epoch))
+                ok.append(entry)
+            except BadEntry as exc:
+                failed.append((entry, str(exc)))
+        return rows, ok, failed
+
+    async def store_rows(self, rows: list[Row]) -> int:
+        return await self.store.insert_feed(self.name, rows)
+
+
+class DeadLetterArchiver(StreamArchiver):
+    """The ingestor's dead-letter stream -> the dead_letter table (source 'ingestor')."""
+
+    async def convert(self, entries: list[Entry]) -> tuple[list[Row], list[Entry], list[tuple[Entry, str]]]:
+        rows: list[Row] = []
+        ok: list[Entry] = []
+        failed: list[tuple[Entry, str]] = []
+        for entry in entries:
+            try:
+                if not entry.fields:
+                    raise BadEntry("entry was deleted from the stream before it was archived")
+                rows.append(ingestor_dead_letter_row(entry.id, entry.fields, self.settings.subject_prefix))
+                ok.append(entry)
+            except BadEntry as exc:
+                failed.append((entry, str(exc)))
+        return rows, ok, failed
+
+    async def store_rows(self, rows: list[Row]) -> int:
+        return await self.store.insert_dead_letters(rows)
+
+
+def stream_names() -> list[str]:
+    return [*FEEDS, DEAD_LETTER]

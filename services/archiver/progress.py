@@ -1,0 +1,125 @@
+"""How far the archiver group has got through a stream: what is archived, what is not,
+and how far the stream can be trimmed without losing an unarchived entry.
+
+An entry is archived when the group has delivered it (id <= last-delivered-id) and it
+is no longer pending (acked after the commit). So every entry strictly below
+`min(oldest pending id, last-delivered-id + 1)` is archived: that is the trim floor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_id(stream_id: str) -> tuple[int, int]:
+    ms, _, n = stream_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+def format_id(parts: tuple[int, int]) -> str:
+    return f"{parts[0]}-{parts[1]}"
+
+
+def next_id(stream_id: str) -> str:
+    ms, n = parse_id(stream_id)
+    return format_id((ms, n + 1))
+
+
+def min_id(*ids: str) -> str:
+    return format_id(min(parse_id(i) for i in ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One stream as seen by one consumer group, read in one MULTI."""
+
+    length: int
+    first_id: str | None
+    last_id: str | None
+    group_exists: bool
+    last_delivered: str = "0-0"
+    pending: int = 0
+    oldest_pending: str | None = None
+    undelivered: int | None = None  # XINFO GROUPS `lag`; None when Redis cannot tell
+    oldest_undelivered: str | None = None
+
+    @property
+    def archived_below(self) -> str:
+        """Every entry with a smaller id is archived (acked by the group)."""
+        if not self.group_exists:
+            return "0-0"
+        floor = next_id(self.last_delivered)
+        return min_id(floor, self.oldest_pending) if self.oldest_pending else floor
+
+    @property
+    def lag_entries(self) -> int:
+        """Entries not yet archived: pending plus not yet delivered."""
+        if not self.group_exists:
+            return self.length
+        return self.pending + (self.undelivered if self.undelivered is not None else 0)
+
+    @property
+    def oldest_unarchived(self) -> str | None:
+        if not self.group_exists:
+            return self.first_id
+        candidates = [i for i in (self.oldest_pending, self.oldest_undelivered) if i]
+        return min_id(*candidates) if candidates else None
+
+    def lag_seconds(self, now: float | None = None) -> float:
+        oldest = self.oldest_unarchived
+        if oldest is None:
+            return 0.0
+        now = time.time() if now is None else now
+        return max(0.0, now - parse_id(oldest)[0] / 1000)
+
+
+async def read_progress(redis: Redis, stream: str, group: str) -> Progress:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xlen(stream)
+        pipe.xrange(stream, "-", "+", count=1)
+        pipe.xrevrange(stream, "+", "-", count=1)
+        pipe.xinfo_groups(stream)
+        pipe.xpending(stream, group)
+        length, first, last, groups, pending = await pipe.execute(raise_on_error=False)
+    for reply in (length, first, last):
+        if isinstance(reply, Exception):
+            raise reply
+    base: dict[str, Any] = {
+        "length": int(length),
+        "first_id": _text(first[0][0]) if first else None,
+        "last_id": _text(last[0][0]) if last else None,
+    }
+    info = None
+    if not isinstance(groups, Exception):
+        info = next((g for g in groups if _text(g["name"]) == group), None)
+    if info is None or isinstance(pending, redis_errors.ResponseError):
+        return Progress(group_exists=False, **base)
+    if isinstance(pending, Exception):
+        raise pending
+    last_delivered = _text(info["last-delivered-id"])
+    lag = info.get("lag")
+    undelivered = int(lag) if lag is not None else None
+    oldest_undelivered = None
+    if undelivered is None or undelivered > 0:
+        after = await redis.xrange(stream, f"({last_delivered}", "+", count=1)
+        oldest_undelivered = _text(after[0][0]) if after else None
+        if undelivered is None and not after:
+            undelivered = 0
+    return Progress(
+        group_exists=True,
+        last_delivered=last_delivered,
+        pending=int(pending["pending"]),
+        oldest_pending=_text(pending["min"]) if pending["pending"] else None,
+        undelivered=undelivered,
+        oldest_undelivered=oldest_undelivered,
+        **base,
+    )

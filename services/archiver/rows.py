@@ -1,0 +1,188 @@
+"""Stream entries -> catalogue rows (pure functions, no I/O).
+
+A feed entry becomes one row of its feed's table: the common columns, the message's
+fields as typed columns, and the whole typed message as jsonb (`codec.typed_message`,
+the same dict the SSE gateway sends). An entry that cannot be converted raises
+`BadEntry` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from shared.codec import parse_iso, typed_message
+from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed
+
+Row = tuple[Any, ...]
+
+COMMON_COLUMNS: Final = (
+    "message_id",
+    "epoch",
+    "seq",
+    "stream_id",
+    "entry_ms",
+    "entry_n",
+    "broker_time",
+    "ingest_time",
+)
+# Per feed: table column -> proto field name.
+FEED_COLUMNS: Final[dict[str, dict[str, str]]] = {
+    EXECUTION.name: {
+        "symbol": "symbol",
+        "market": "market",
+        "price": "price",
+        "quantity": "quantity",
+        "execution_epoch": "executionEpoch",
+        "state_symbol": "stateSymbol",
+    },
+    SPORT_EVENT.name: {"sport": "sport", "match_title": "match_title", "data_event": "data_event"},
+}
+
+
+def columns(feed: str) -> tuple[str, ...]:
+    """The columns a feed row fills, in row order (archived_at is the table's default)."""
+    return (*COMMON_COLUMNS, *FEED_COLUMNS[feed], "message")
+
+
+DEAD_LETTER_COLUMNS: Final = (
+    "source",
+    "feed",
+    "message_id",
+    "subject",
+    "broker_seq",
+    "stream_id",
+    "error",
+    "payload",
+    "fields",
+    "broker_time",
+    "ingest_time",
+)
+
+
+class BadEntry(ValueError):
+    """A stream entry that cannot become a row."""
+
+
+def split_id(stream_id: str) -> tuple[int, int]:
+    ms, _, n = stream_id.partition("-")
+    return int(ms), int(n)
+
+
+def _time(entry: Mapping[str, str], name: str) -> datetime:
+    try:
+        when = parse_iso(entry[name])
+    except KeyError:
+        raise BadEntry(f"missing field {name}") from None
+    except ValueError:
+        raise BadEntry(f"field {name} is not an ISO 8601 time: {entry[name]!r}") from None
+    if when.tzinfo is None:
+        raise BadEntry(f"field {name} has no time zone: {entry[name]!r}")
+    return when
+
+
+def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str], epoch: str) -> Row:
+    """One row of `feed`'s table, in `columns(feed.name)` order."""
+    try:
+        message = typed_message(feed, entry)
+    except KeyError as exc:
+        raise BadEntry(f"missing field {exc.args[0]}") from None
+    except ValueError as exc:
+        raise BadEntry(f"bad field value: {exc}") from None
+    for name, value in message.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise BadEntry(f"field {name} contains a NUL character")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadEntry(f"field {name} is not a finite number")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise BadEntry(f"field {name} does not fit in 64 bits: {value}")
+    if not message["message_id"]:
+        raise BadEntry("empty message_id")
+    ms, n = split_id(stream_id)
+    typed = [message[field] for field in FEED_COLUMNS[feed.name].values()]
+    return (
+        message["message_id"],
+        epoch,
+        message["seq"],
+        stream_id,
+        ms,
+        n,
+        _time(entry, "broker_time"),
+        _time(entry, "ingest_time"),
+        *typed,
+        json.dumps(message, separators=(",", ":"), ensure_ascii=False),
+    )
+
+
+def _feed_of_subject(subject: str, subject_prefix: str) -> str | None:
+    if subject.startswith(subject_prefix) and subject[len(subject_prefix) :] in FEEDS:
+        return subject[len(subject_prefix) :]
+    return None
+
+
+def ingestor_dead_letter_row(stream_id: str, entry: Mapping[str, str], subject_prefix: str) -> Row:
+    """A row of `dead_letter` from an entry of the ingestor's dead-letter stream."""
+    try:
+        message_id, subject, error = entry["message_id"], entry["subject"], entry["error"]
+        broker_seq = int(entry["broker_seq"])
+        payload = base64.b64decode(entry["payload_b64"], validate=True)
+    except KeyError as exc:
+        raise BadEntry(f"missing field {exc.args[0]}") from None
+    except (ValueError, binascii.Error) as exc:
+        raise BadEntry(f"bad field value: {exc}") from None
+    if "\x00" in message_id + subject + error:
+        raise BadEntry("a text field contains a NUL character")
+    return (
+        "ingestor",
+        _feed_of_subject(subject, subject_prefix),
+        message_id,
+        subject,
+        broker_seq,
+        stream_id,
+        error,
+        payload,
+        None,
+        _time(entry, "broker_time"),
+        _time(entry, "ingest_time"),
+    )
+
+
+def poison_row(feed: str, stream_id: str, entry: Mapping[str, str], error: str) -> Row:
+    """A row of `dead_letter` for an entry the archiver could not store: the error and
+    the raw fields, as they were, so nothing is lost."""
+
+    def clean(text: str) -> str:  # Postgres text and jsonb refuse NUL
+        return text.replace("\x00", "\\u0000")
+
+    def maybe_time(name: str) -> datetime | None:
+        try:
+            return _time(entry, name)
+        except BadEntry:
+            return None
+
+    def maybe_int(name: str) -> int | None:
+        try:
+            value = int(entry.get(name, ""))
+        except ValueError:
+            return None
+        return value if -(2**63) <= value < 2**63 else None
+
+    message_id = entry.get("message_id") or None
+    return (
+        "archiver",
+        feed,
+        clean(message_id) if message_id else None,
+        clean(entry["subject"]) if "subject" in entry else None,
+        maybe_int("broker_seq"),
+        stream_id,
+        clean(error),
+        None,
+        json.dumps({clean(k): clean(v) for k, v in entry.items()}, ensure_ascii=False),
+        maybe_time("broker_time"),
+        maybe_time("ingest_time"),
+    )

@@ -1,0 +1,72 @@
+"""The archiver process: connect, migrate, then one reader per stream and the trimmer,
+until the stop event is set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+
+from services.archiver.consumer import REDIS_ERRORS, DeadLetterArchiver, FeedArchiver, StreamArchiver
+from services.archiver.settings import ArchiverSettings
+from services.archiver.store import TRANSIENT_ERRORS, Store
+from services.archiver.trim import Trimmer
+from shared.connections import redis_client
+from shared.feeds import DEAD_LETTER, FEED_NAMES
+from shared.lifecycle import Backoff
+
+log = logging.getLogger(__name__)
+
+
+class Archiver:
+    """Everything one archiver runs. Subclass and replace `feed_class` to vary how a
+    feed stream is archived (the crash tests do)."""
+
+    feed_class: type[StreamArchiver] = FeedArchiver
+    dead_letter_class: type[StreamArchiver] = DeadLetterArchiver
+
+    def __init__(self, settings: ArchiverSettings, *, store: Store | None = None) -> None:
+        self.settings = settings
+        self.redis: Redis = redis_client(settings.redis_url)
+        self.store = store or Store(settings.database_url, settings.db_schema)
+        self.readers: list[StreamArchiver] = [
+            *(self.feed_class(name, settings, self.redis, self.store) for name in FEED_NAMES),
+            self.dead_letter_class(DEAD_LETTER, settings, self.redis, self.store),
+        ]
+        self.trimmer = Trimmer(settings, self.redis, [*FEED_NAMES, DEAD_LETTER])
+        self.ready = asyncio.Event()  # set once connected and migrated
+
+    async def redis_ok(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def postgres_ok(self) -> bool:
+        return self.ready.is_set() and await self.store.ping()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            if not await self._open(stop):
+                return
+            self.ready.set()
+            async with asyncio.TaskGroup() as tasks:
+                for reader in self.readers:
+                    tasks.create_task(reader.run(stop), name=f"archive-{reader.name}")
+                tasks.create_task(self.trimmer.run(stop), name="trim")
+        finally:
+            await self.store.close()
+            await self.redis.aclose()
+
+    async def _open(self, stop: asyncio.Event) -> bool:
+        """Connect to Postgres and migrate, retrying while it is unreachable; False if
+        stopped first."""
+        backoff = Backoff(cap=5.0)
+        while not stop.is_set():
+            try:
+                await self.store.open()
+                await self.redis.ping()
+                return True
+            except (*TRANSIENT_ERRORS, *REDIS_ERRORS) as exc:
+                log.warning("waiting for postgres and redis", extra={"error": f"{type(exc).__name__}: {exc}"})
+                await self.store.close()
+                await backoff.wait(stop)
+        return False

@@ -1,0 +1,80 @@
+"""The archiver's settings: the shared ones plus its consumer group, batching, recovery
+and trimming."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from shared.connections import MAX_BLOCK_MS
+from shared.settings import Settings, SettingsError, parse_duration, parse_host_port, setting
+
+
+@dataclass(frozen=True)
+class ArchiverSettings(Settings):
+    group: str = setting("FANOUT_ARCHIVE_GROUP", "archiver", "Redis consumer group of the archivers")
+    consumer: str = setting(
+        "FANOUT_ARCHIVE_CONSUMER", "", "this archiver's consumer name in the group (default: hostname-pid)"
+    )
+    batch: int = setting("FANOUT_ARCHIVE_BATCH", 2000, "entries read and stored per batch")
+    block_ms: int = setting(
+        "FANOUT_ARCHIVE_BLOCK_MS", 2000, f"XREADGROUP block time in milliseconds (at most {MAX_BLOCK_MS})"
+    )
+    claim_idle: float = setting(
+        "FANOUT_ARCHIVE_CLAIM_IDLE",
+        60.0,
+        "claim entries pending longer than this from other (dead) consumers, and retry failed ones",
+        parse_duration,
+    )
+    max_deliveries: int = setting(
+        "FANOUT_ARCHIVE_MAX_DELIVERIES",
+        5,
+        "deliveries of an entry that cannot be stored before it is dead-lettered",
+    )
+    retention: float = setting(
+        "FANOUT_RETENTION",
+        86400.0,
+        "keep archived stream entries this long before trimming them",
+        parse_duration,
+    )
+    maxlen: int = setting(
+        "FANOUT_STREAM_MAXLEN", 0, "also trim archived entries beyond this stream length (0: no length limit)"
+    )
+    trim_interval: float = setting(
+        "FANOUT_ARCHIVE_TRIM_INTERVAL",
+        10.0,
+        "how often to trim the streams and measure the lag",
+        parse_duration,
+    )
+    http: tuple[str, int] = setting(
+        "FANOUT_ARCHIVE_HTTP",
+        ("127.0.0.1", 9102),
+        "ops endpoints HOST:PORT (port 0: a free port)",
+        parse_host_port,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.group:
+            raise SettingsError("FANOUT_ARCHIVE_GROUP: must not be empty")
+        if self.batch < 1:
+            raise SettingsError(f"FANOUT_ARCHIVE_BATCH={self.batch}: expected at least 1")
+        if not 1 <= self.block_ms <= MAX_BLOCK_MS:
+            raise SettingsError(f"FANOUT_ARCHIVE_BLOCK_MS={self.block_ms}: expected 1 to {MAX_BLOCK_MS}")
+        if self.claim_idle <= 0:
+            raise SettingsError(f"FANOUT_ARCHIVE_CLAIM_IDLE={self.claim_idle}: expected a positive duration")
+        if self.max_deliveries < 1:
+            raise SettingsError(f"FANOUT_ARCHIVE_MAX_DELIVERIES={self.max_deliveries}: expected at least 1")
+        if self.retention < 0:
+            raise SettingsError(f"FANOUT_RETENTION={self.retention}: expected a duration")
+        if self.maxlen < 0:
+            raise SettingsError(f"FANOUT_STREAM_MAXLEN={self.maxlen}: expected 0 (no limit) or a length")
+        if self.trim_interval <= 0:
+            raise SettingsError(
+                f"FANOUT_ARCHIVE_TRIM_INTERVAL={self.trim_interval}: expected a positive duration"
+            )
+
+    @property
+    def consumer_name(self) -> str:
+        return self.consumer or f"{socket.gethostname()}-{os.getpid()}"

@@ -1,0 +1,262 @@
+"""The catalogue in PostgreSQL: versioned migrations and idempotent batch inserts.
+
+Tables (in the schema `Settings.db_schema`): `execution` and `sport_event` (one row
+per message, keyed by message id), `dead_letter` (what could not be decoded or stored)
+and `schema_migrations`. See `MIGRATIONS` for the columns and indexes.
+
+Every insert is idempotent: a redelivered entry conflicts on its message id and is
+skipped, so storing a batch twice leaves one row per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+
+from services.archiver.rows import DEAD_LETTER_COLUMNS, Row, columns
+from shared.feeds import FEED_NAMES
+
+log = logging.getLogger(__name__)
+
+_COMMON_DDL = """
+    message_id text PRIMARY KEY,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    stream_id text NOT NULL,
+    entry_ms bigint NOT NULL,
+    entry_n bigint NOT NULL,
+    broker_time timestamptz NOT NULL,
+    ingest_time timestamptz NOT NULL,
+    archived_at timestamptz NOT NULL DEFAULT now(),
+"""
+
+
+def _feed_table(name: str, typed: str) -> str:
+    return f"""
+CREATE TABLE {{s}}.{name} ({_COMMON_DDL}{typed},
+    message jsonb NOT NULL
+);
+CREATE UNIQUE INDEX {name}_entry_idx ON {{s}}.{name} (entry_ms, entry_n);
+CREATE INDEX {name}_broker_time_idx ON {{s}}.{name} (broker_time);
+CREATE INDEX {name}_epoch_seq_idx ON {{s}}.{name} (epoch, seq);
+"""
+
+
+# (version, SQL with {s} for the quoted schema). Append only: never edit a released one.
+MIGRATIONS: Final[list[tuple[int, str]]] = [
+    (
+        1,
+        _feed_table(
+            "execution",
+            """    symbol text NOT NULL,
+    market text NOT NULL,
+    price real NOT NULL,
+    quantity real NOT NULL,
+    execution_epoch bigint NOT NULL,
+    state_symbol text NOT NULL""",
+        )
+        + _feed_table(
+            "sport_event",
+            """    sport text NOT NULL,
+    match_title text NOT NULL,
+    data_event text NOT NULL""",
+        )
+        + """
+CREATE TABLE {s}.dead_letter (
+    id bigserial PRIMARY KEY,
+    source text NOT NULL CHECK (source IN ('ingestor', 'archiver')),
+    feed text NULL,
+    message_id text NULL,
+    subject text NULL,
+    broker_seq bigint NULL,
+    stream_id text NULL,
+    error text NOT NULL,
+    payload bytea NULL,
+    fields jsonb NULL,
+    broker_time timestamptz NULL,
+    ingest_time timestamptz NULL,
+    archived_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (source, message_id)
+);
+CREATE INDEX dead_letter_stream_idx ON {s}.dead_letter (feed, stream_id);
+CREATE INDEX dead_letter_archived_at_idx ON {s}.dead_letter (archived_at);
+""",
+    ),
+]
+
+# Errors caused by the data of a row, not by the server: the row is poison.
+DATA_ERRORS: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+# Errors that mean "the server is unreachable or restarting": retry later.
+TRANSIENT_ERRORS: Final = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    return isinstance(exc, DATA_ERRORS)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lock_key(schema: str) -> int:
+    digest = hashlib.sha256(f"fanout.migrate:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
+    """Bring `schema` up to the latest version; returns the versions applied now.
+
+    One transaction holding an advisory lock per schema: two archivers starting at
+    once apply each migration once, the second finding nothing to do.
+    """
+    s = quote_ident(schema)
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(schema))
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {s}.schema_migrations "
+            "(version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {s}.schema_migrations")}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(sql.replace("{s}", s))
+            await conn.execute(f"INSERT INTO {s}.schema_migrations (version) VALUES ($1)", version)
+            applied.append(version)
+    if applied:
+        log.info("catalogue migrated", extra={"schema": schema, "versions": applied})
+    return applied
+
+
+def _count(status: str) -> int:
+    """Rows from a command status such as `INSERT 0 42`."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class Store:
+    """A connection pool to the catalogue and the statements the archiver runs."""
+
+    def __init__(self, database_url: str, schema: str, *, method: str = "copy") -> None:
+        if method not in {"copy", "unnest", "executemany"}:
+            raise ValueError(f"unknown insert method {method!r}")
+        self.database_url = database_url
+        self.schema = schema
+        self.method = method
+        self._s = quote_ident(schema)
+        self._pool: asyncpg.Pool | None = None
+        self._insert_sql = {feed: self._feed_insert_sql(feed) for feed in FEED_NAMES}
+
+    async def open(self) -> None:
+        """Connect (raises if the server is unreachable) and migrate the schema."""
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self.database_url, min_size=1, max_size=4, command_timeout=60, timeout=10
+            )
+        async with self.pool.acquire() as conn:
+            await migrate(conn, self.schema)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("Store.open() was not called")
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self) -> bool:
+        return bool(await self.pool.fetchval("SELECT 1", timeout=2))
+
+    def _feed_insert_sql(self, feed: str) -> str:
+        cols = columns(feed)
+        names = ", ".join(cols)
+        if self.method == "copy":
+            source = f"SELECT {names} FROM pg_temp._archive_{feed}"
+        elif self.method == "unnest":
+            types = _column_types(feed)
+            arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+            source = f"SELECT * FROM unnest({arrays})"
+        else:
+            source = "VALUES (" + ", ".join(f"${i}" for i in range(1, len(cols) + 1)) + ")"
+        return f"INSERT INTO {self._s}.{feed} ({names}) {source} ON CONFLICT (message_id) DO NOTHING"
+
+    async def insert_feed(self, feed: str, rows: Sequence[Row]) -> int:
+        """Insert rows of `feed` in one transaction; returns how many were new (the
+        others were already there). Raises a DATA_ERRORS error if a row is bad."""
+        if not rows:
+            return 0
+        sql = self._insert_sql[feed]
+        async with self.pool.acquire() as conn, conn.transaction():
+            if self.method == "copy":
+                await conn.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS _archive_{feed} "
+                    f"(LIKE {self._s}.{feed} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+                await conn.copy_records_to_table(
+                    f"_archive_{feed}", records=rows, columns=columns(feed), schema_name="pg_temp"
+                )
+                return _count(await conn.execute(sql))
+            if self.method == "unnest":
+                return _count(await conn.execute(sql, *zip(*rows, strict=True)))
+            before = await conn.fetchval(f"SELECT count(*) FROM {self._s}.{feed}")
+            await conn.executemany(sql, rows)
+            after = await conn.fetchval(f"SELECT count(*) FROM {self._s}.{feed}")
+            return int(after - before)
+
+    async def insert_dead_letters(self, rows: Sequence[Row]) -> int:
+        """Insert dead-letter rows in one transaction; a row already there (same source
+        and message id, or same source, feed and stream entry) is skipped."""
+        if not rows:
+            return 0
+        names = ", ".join(DEAD_LETTER_COLUMNS)
+        params = ", ".join(f"${i}::{t}" for i, t in enumerate(_DEAD_LETTER_TYPES, 1))
+        sql = (
+            f"INSERT INTO {self._s}.dead_letter ({names}) SELECT {params} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {self._s}.dead_letter "
+            "WHERE source = $1 AND feed IS NOT DISTINCT FROM $2 AND stream_id = $6) "
+            "ON CONFLICT (source, message_id) DO NOTHING"
+        )
+        inserted = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for row in rows:
+                inserted += _count(await conn.execute(sql, *row))
+        return inserted
+
+    async def count(self, table: str) -> int:
+        return int(await self.pool.fetchval(f"SELECT count(*) FROM {self._s}.{quote_ident(table)}"))
+
+
+_DEAD_LETTER_TYPES: Final = (
+    "text",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "text",
+    "text",
+    "bytea",
+    "jsonb",
+    "timestamptz",
+    "timestamptz",
+)
+_COMMON_TYPES: Final = ("text", "text", "bigint", "text", "bigint", "bigint", "timestamptz", "timestamptz")
+_TYPED: Final[dict[str, tuple[str, ...]]] = {
+    "execution": ("text", "text", "real", "real", "bigint", "text"),
+    "sport_event": ("text", "text", "text"),
+}
+
+
+def _column_types(feed: str) -> tuple[str, ...]:
+    return (*_COMMON_TYPES, *_TYPED[feed], "jsonb")
