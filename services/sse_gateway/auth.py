@@ -78,14 +78,22 @@ class Grant:
 
 
 class AccessError(HTTPException):
-    """A 401 or 403 (or 503 when tickets cannot be checked), rendered as JSON."""
+    """A 401 or 403 (or 503 when tickets cannot be checked), rendered as JSON.
 
-    def __init__(self, status_code: int, error: str, detail: str, headers: Mapping[str, str] | None = None):
-        super().__init__(status_code, detail, dict(headers) if headers else None)
+    Its `detail` is the JSON body, `{"error": ..., "detail": ...}`, so the app's
+    HTTPException handler renders it as is; `message` is the human-readable part."""
+
+    def __init__(self, status_code: int, error: str, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(status_code, message, dict(headers) if headers else None)
         self.error = error
+        self.message = message
+        self.detail = self.body()  # type: ignore[assignment]
+
+    def __str__(self) -> str:
+        return f"{self.status_code} {self.error}: {self.message}"
 
     def body(self) -> dict[str, str]:
-        return {"error": self.error, "detail": self.detail}
+        return {"error": self.error, "detail": self.message}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
@@ -295,7 +303,7 @@ def requested_feeds(request: Request) -> list[str] | None:
 
 async def post_ticket(request: Request) -> Response:
     """POST /v1/tickets (Bearer token; optional `?feeds=` to narrow) -> {ticket, expires_in, feeds}."""
-    access = Access(request.app.state.settings)
+    access = getattr(request.app.state, "access", None) or Access(request.app.state.settings)
     try:
         if not access.open and "authorization" not in request.headers:
             # Tickets exist to keep tokens out of URLs: only the header is accepted here.

@@ -7,7 +7,6 @@
   (from the dedup key's entry id, `XRANGE id id`) while Redis still holds it, and
   whether it is archived, with its catalogue row. 400 for a malformed id, 404 when
   neither Redis nor the catalogue knows it (in the feeds the token may read).
-- `POST /v1/tickets` (from `auth`): single-use tickets for EventSource.
 
 Both GETs follow the stream's access rules (see `auth`). Postgres is optional: when
 the catalogue cannot be reached the answer says so instead of failing, unless the
@@ -31,7 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.sse_gateway import auth
+from services.sse_gateway import auth, cursor
+from services.sse_gateway.history import Archive, ArchiveUnavailable
 from shared.codec import str_entry
 from shared.feeds import DEAD_LETTER, FEED_NAMES
 from shared.keys import Keys
@@ -73,9 +73,15 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _pool(request: Request) -> Any:
-    """The app's asyncpg pool, or None when the catalogue is not configured/connected."""
-    return getattr(request.app.state, "pool", None)
+async def _pool(request: Request) -> tuple[asyncpg.Pool | None, str]:
+    """The catalogue's pool (opened on first use by `app.state.archive`), or None and why not."""
+    archive: Archive | None = getattr(request.app.state, "archive", None)
+    if archive is None:
+        return None, "the catalogue is not configured"
+    try:
+        return await archive.pool(), ""
+    except ArchiveUnavailable as exc:
+        return None, str(exc)
 
 
 def _schema(request: Request) -> str:
@@ -90,17 +96,10 @@ async def _grant(request: Request) -> auth.Grant | JSONResponse:
 
 
 def _resume_cursor(feed: str, epoch: str | None, last_id: str | None, seq: int) -> str | None:
-    """The cursor that resumes `feed` after its latest entry, if the cursor module says how."""
+    """The cursor (`Last-Event-ID`) that resumes `feed` right after its latest entry."""
     if epoch is None or last_id is None:
         return None
-    try:
-        from services.sse_gateway import cursor
-    except ImportError:
-        return None
-    latest = getattr(cursor, "latest", None)
-    if latest is None:
-        return None
-    return str(latest(feed, epoch, last_id, seq))
+    return cursor.format({feed: cursor.Position(epoch, last_id, seq)}, [feed])
 
 
 async def list_feeds(request: Request) -> Response:
@@ -147,9 +146,9 @@ async def list_feeds(request: Request) -> Response:
 
 async def _archive_state(request: Request, feed: str, epoch: str | None) -> dict[str, Any]:
     """How far the catalogue holds `feed` in this epoch (cheap: the (epoch, seq) index)."""
-    pool = _pool(request)
+    pool, why = await _pool(request)
     if pool is None:
-        return {"available": False, "detail": "the catalogue is not connected"}
+        return {"available": False, "detail": why}
     if epoch is None:
         return {"available": True, "last_seq": None, "last_id": None}
     try:
@@ -239,9 +238,9 @@ async def get_message(request: Request) -> Response:
 
 async def _find_archived(request: Request, feeds: list[str], message_id: str) -> dict[str, Any]:
     """{available, feed, row} for the first of `feeds` whose catalogue table holds the message."""
-    pool = _pool(request)
+    pool, why = await _pool(request)
     if pool is None:
-        return {"available": False, "detail": "the catalogue is not connected"}
+        return {"available": False, "detail": why}
     schema = _schema(request)
     for feed in feeds:
         if feed == DEAD_LETTER:
@@ -267,5 +266,4 @@ async def _find_archived(request: Request, feeds: list[str], message_id: str) ->
 routes = [
     Route("/v1/feeds", list_feeds, methods=["GET"]),
     Route("/v1/messages/{message_id}", get_message, methods=["GET"]),
-    *auth.routes,
 ]

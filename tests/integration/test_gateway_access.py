@@ -92,8 +92,9 @@ def gateway_settings(base: Settings, **overrides: Any) -> Any:
     return GatewaySettings(**{**values, **overrides})
 
 
-def small_app(settings: Any, redis: Any, pool: Any = None) -> Starlette:
-    """The lookup/ticket routes plus a probe that checks access like /v1/stream does."""
+def small_app(settings: Any, redis: Any, archive: Any = None) -> Starlette:
+    """The lookup/ticket routes plus a probe that checks access like /v1/stream does, on the
+    app.state that create_app's lifespan provides (settings, redis, archive)."""
 
     async def probe(request: Request) -> JSONResponse:
         feeds = auth.requested_feeds(request) or ["execution", "sport_event"]
@@ -104,12 +105,12 @@ def small_app(settings: Any, redis: Any, pool: Any = None) -> Starlette:
         return JSONResponse({"feeds": sorted(grant.feeds), "via": grant.via, "who": grant.who})
 
     app = Starlette(
-        routes=[*lookup.routes, Route("/probe", probe)],
+        routes=[*lookup.routes, *auth.routes, Route("/probe", probe)],
         middleware=auth.middleware(settings),
     )
     app.state.settings = settings
     app.state.redis = redis
-    app.state.pool = pool
+    app.state.archive = archive
     return app
 
 
@@ -369,3 +370,43 @@ async def wait_until(condition: Any, within: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(0.02)
+
+
+# --- the real app ------------------------------------------------------------------------------
+
+
+async def test_the_gateway_app_enforces_access_on_stream_lookup_and_tickets(base_settings: Settings) -> None:
+    from services.sse_gateway.app import create_app
+
+    settings = gateway_settings(base_settings, tokens=TOKENS, cors_origins="https://app.example")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        reply = await call(app, "GET", "/v1/stream")
+        assert reply.status == 401 and reply.headers["www-authenticate"] == 'Bearer realm="fanout"'
+        assert reply.json()["error"] == "unauthorized"
+        reply = await call(app, "GET", "/v1/stream", {"feeds": "sport_event"}, bearer("tok-exec"))
+        assert reply.status == 403
+        assert reply.json() == {
+            "error": "forbidden",
+            "detail": "this token may not read sport_event; it may read: execution",
+        }
+        reply = await call(app, "GET", "/v1/stream", {"feeds": "execution,sport_event", "access_token": "x"})
+        assert reply.status == 401 and 'error="invalid_token"' in reply.headers["www-authenticate"]
+
+        reply = await call(app, "GET", "/v1/feeds", {"access_token": "tok-exec"})
+        assert reply.status == 200 and [f["name"] for f in reply.json()["feeds"]] == ["execution"]
+        assert (await call(app, "GET", "/v1/messages/1.2")).status == 401
+
+        reply = await call(app, "POST", "/v1/tickets", {"feeds": "execution"}, bearer("tok-both"))
+        assert reply.status == 201
+        ticket = reply.json()["ticket"]
+        # a ticket for execution does not open sport_event (and is spent by trying)
+        reply = await call(app, "GET", "/v1/stream", {"feeds": "sport_event", "ticket": ticket})
+        assert reply.status == 403 and "this ticket may not read sport_event" in reply.json()["detail"]
+
+        reply = await call(
+            app, "OPTIONS", "/v1/stream",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+                     "Access-Control-Request-Headers": "last-event-id"},
+        )
+        assert reply.status == 200 and reply.headers["access-control-allow-origin"] == "https://app.example"

@@ -8,11 +8,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 from starlette.applications import Starlette
 
+from services.sse_gateway import cursor
+from services.sse_gateway.history import Archive
 from shared import codec, scripts
+from shared.connections import redis_client
 from shared.feeds import FEEDS
 from shared.keys import Keys
 from shared.settings import Settings
@@ -74,7 +76,7 @@ async def create_catalogue(pg: Any, schema: str) -> None:
     )
 
 
-async def archive(pg: Any, schema: str, redis: Any, prefix: str, feed: str, stream_id: str) -> None:
+async def archive_entry(pg: Any, schema: str, redis: Any, prefix: str, feed: str, stream_id: str) -> None:
     """Copy one stream entry into the catalogue as the archiver would."""
     [(_, raw)] = await redis.xrange(Keys(prefix).stream(feed), min=stream_id, max=stream_id)
     entry = codec.str_entry(raw)
@@ -102,15 +104,31 @@ async def archive(pg: Any, schema: str, redis: Any, prefix: str, feed: str, stre
 
 
 @pytest.fixture
-async def pool(base_settings: Settings, pg: Any) -> AsyncIterator[Any]:
-    pool = await asyncpg.create_pool(base_settings.database_url, min_size=1, max_size=2)
-    yield pool
-    await pool.close()
+async def archive(base_settings: Settings, pg: Any) -> AsyncIterator[Archive]:
+    archive = Archive(base_settings.database_url, base_settings.db_schema, 2)
+    yield archive
+    await archive.close()
 
 
 @pytest.fixture
-async def app(base_settings: Settings, redis: Any, pool: Any) -> Starlette:
-    return small_app(gateway_settings(base_settings, tokens=TOKENS), redis, pool)
+async def str_redis(base_settings: Settings) -> AsyncIterator[Any]:
+    """A client like the gateway's own (decode_responses=True)."""
+    client = redis_client(base_settings.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def app(base_settings: Settings, str_redis: Any, archive: Archive) -> Starlette:
+    return small_app(gateway_settings(base_settings, tokens=TOKENS), str_redis, archive)
+
+
+@pytest.fixture
+async def no_catalogue(base_settings: Settings) -> AsyncIterator[Archive]:
+    """A catalogue nobody listens for (port 1): every read raises ArchiveUnavailable."""
+    archive = Archive("postgresql://127.0.0.1:1/none", base_settings.db_schema, 1)
+    yield archive
+    await archive.close()
 
 
 def mid(n: int) -> str:
@@ -141,7 +159,7 @@ async def test_feeds_show_epoch_ids_seqs_length_and_archive(
     await redis.xdel(Keys(prefix).stream("execution"), ids[0], ids[1])
     await create_catalogue(pg, schema)
     for stream_id in ids[2:4]:
-        await archive(pg, schema, redis, prefix, "execution", stream_id)
+        await archive_entry(pg, schema, redis, prefix, "execution", stream_id)
 
     reply = await call(app, "GET", "/v1/feeds", headers=bearer("tok-all"))
     assert reply.status == 200
@@ -153,6 +171,10 @@ async def test_feeds_show_epoch_ids_seqs_length_and_archive(
     assert execution_feed["length"] == 3
     assert execution_feed["first_id"] == ids[2] and execution_feed["first_seq"] == 3
     assert execution_feed["archive"] == {"available": True, "last_seq": 4, "last_id": ids[3]}
+    # the cursor that resumes after the latest entry, as /v1/stream reads it
+    assert cursor.parse(execution_feed["resume_latest"]) == {
+        "execution": cursor.Position(EPOCH, ids[-1], 5)
+    }
     assert (sport_feed["last_seq"], sport_feed["length"]) == (1, 1)
     assert sport_feed["archive"]["last_seq"] is None  # nothing of it archived yet
 
@@ -165,15 +187,16 @@ async def test_feeds_show_only_the_tokens_feeds(app: Starlette) -> None:
 
 
 async def test_feeds_without_the_catalogue_still_answer(
-    base_settings: Settings, redis: Any
+    base_settings: Settings, redis: Any, no_catalogue: Archive
 ) -> None:
-    app = small_app(gateway_settings(base_settings, tokens=""), redis, pool=None)
+    app = small_app(gateway_settings(base_settings, tokens=""), redis, no_catalogue)
     await append(redis, base_settings.key_prefix, "execution", [(mid(1), execution(1))])
     reply = await call(app, "GET", "/v1/feeds")
     assert reply.status == 200
     feed = reply.json()["feeds"][0]
     assert feed["last_seq"] == 1
-    assert feed["archive"] == {"available": False, "detail": "the catalogue is not connected"}
+    assert feed["archive"]["available"] is False
+    assert "unreachable" in feed["archive"]["detail"]
 
 
 # --- /v1/messages/{id} ---------------------------------------------------------------------
@@ -206,7 +229,7 @@ async def test_message_archived_and_trimmed_from_redis(
     prefix, schema = base_settings.key_prefix, base_settings.db_schema
     ids = await append(redis, prefix, "execution", [(mid(i), execution(i)) for i in (1, 2)])
     await create_catalogue(pg, schema)
-    await archive(pg, schema, redis, prefix, "execution", ids[0])
+    await archive_entry(pg, schema, redis, prefix, "execution", ids[0])
     await redis.xdel(Keys(prefix).stream("execution"), ids[0])
 
     body = (await call(app, "GET", f"/v1/messages/{mid(1)}", headers=bearer("tok-exec"))).json()
@@ -266,8 +289,10 @@ async def test_message_of_a_feed_outside_the_token_is_not_revealed(
     assert (await call(app, "GET", f"/v1/messages/{mid(5)}")).status == 401
 
 
-async def test_message_not_in_redis_with_catalogue_down_is_503(base_settings: Settings, redis: Any) -> None:
-    app = small_app(gateway_settings(base_settings, tokens=""), redis, pool=None)
+async def test_message_not_in_redis_with_catalogue_down_is_503(
+    base_settings: Settings, redis: Any, no_catalogue: Archive
+) -> None:
+    app = small_app(gateway_settings(base_settings, tokens=""), redis, no_catalogue)
     reply = await call(app, "GET", f"/v1/messages/{mid(1)}")
     assert reply.status == 503 and reply.headers["retry-after"] == "5"
     assert "catalogue cannot be searched" in reply.json()["detail"]
@@ -275,4 +300,4 @@ async def test_message_not_in_redis_with_catalogue_down_is_503(base_settings: Se
     await append(redis, base_settings.key_prefix, "execution", [(mid(1), execution(1))])
     body = (await call(app, "GET", f"/v1/messages/{mid(1)}")).json()
     assert body["in_redis"] is True and body["archived"] is False
-    assert body["archive_detail"] == "the catalogue is not connected"
+    assert "unreachable" in body["archive_detail"]
