@@ -19,6 +19,7 @@ root, so as root it runs as the `postgres` user if there is one, else `nobody`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import getpass
 import glob
 import json
@@ -179,6 +180,18 @@ def postgres_ready(host: str, port: int, user: str) -> bool:
         return False  # E: starting up, shutting down, or in recovery
 
 
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets `sig` when the thread that started it dies (even
+    by SIGKILL), so no orphan is left. Start the child from a thread that lives as long as
+    you want it to (the main thread)."""
+
+    def preexec() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
 # --- servers ------------------------------------------------------------------------------
 
 
@@ -228,6 +241,7 @@ class Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     run_as: pwd.struct_passwd | None = None  # another OS user to run the server as (we are root)
+    die_with_parent = False  # True: the server gets its stop signal if our process dies
 
     # lifecycle
     @property
@@ -250,6 +264,7 @@ class Server:
             self.process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a terminal reaches our process, which stops this one
+                preexec_fn=die_with_parent(self.stop_signal) if self.die_with_parent else None,
                 **_identity(self.run_as, self.data_dir),
             )
         log.info("server starting", extra={"server": self.kind, "pid": self.process.pid, "url": self.url,
