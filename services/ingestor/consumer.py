@@ -69,6 +69,7 @@ class Stats:
     redelivered: int = 0
     batches: int = 0
     abandoned: int = 0  # messages left unacked at shutdown (redelivered later)
+    redis_outages: int = 0
 
     def summary(self) -> dict[str, object]:
         return {
@@ -79,6 +80,7 @@ class Stats:
             "redelivered": self.redelivered,
             "batches": self.batches,
             "abandoned": self.abandoned,
+            "redis_outages": self.redis_outages,
         }
 
 
@@ -212,6 +214,7 @@ class Ingestor:
         self._loop: PullLoop | None = None
         self._abandon = asyncio.Event()
         self._nats_down = False
+        self._closing = False
 
     # -- NATS connection -------------------------------------------------------------
 
@@ -248,7 +251,7 @@ class Ingestor:
         return False
 
     async def _on_disconnected(self) -> None:
-        if not self._nats_down and not self.stop.is_set():
+        if not self._nats_down and not self._closing:
             self._nats_down = True
             metrics.OUTAGES.labels(server="nats").inc()
             log.warning(
@@ -337,6 +340,7 @@ class Ingestor:
                     await self.nc.flush(timeout=2)
                 except (OSError, TimeoutError, nats.errors.Error):
                     pass
+                self._closing = True
                 await self.nc.close()
             log.info("ingestor stopped", extra=self.stats.summary())
 
@@ -414,6 +418,7 @@ class Ingestor:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if not outage:
                     outage = True
+                    self.stats.redis_outages += 1
                     metrics.OUTAGES.labels(server="redis").inc()
                     log.warning(
                         "Redis unreachable; retrying the batch with backoff (nothing acked)",

@@ -1,0 +1,266 @@
+"""The ingestor as a process (`python -m fanout.cli ingest`): SIGKILL under load, SIGTERM,
+a server without JetStream, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from services.ingestor.consumer import Ingestor
+from shared.keys import Keys
+from shared.settings import Settings
+from tests.integration.test_ingestor import event, execution, ingestor_settings, read_stream, until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(settings: Settings, http_port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        NATS_URL=settings.nats_url,
+        REDIS_URL=settings.redis_url,
+        FANOUT_KEY_PREFIX=settings.key_prefix,
+        FANOUT_SUBJECT_PREFIX=settings.subject_prefix,
+        FANOUT_JS_STREAM=settings.js_stream,
+        FANOUT_JS_ACK_WAIT="1s",
+        FANOUT_INGEST_HTTP=f"127.0.0.1:{http_port}",
+        FANOUT_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+async def start_ingestor(settings: Settings, **extra: str) -> tuple[asyncio.subprocess.Process, int]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fanout.cli",
+        "ingest",
+        env=_env(settings, port, **extra),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return proc, port
+
+
+async def wait_ready(proc: asyncio.subprocess.Process, port: int) -> None:
+    async with aiohttp.ClientSession() as http:
+
+        async def ready() -> bool:
+            assert proc.returncode is None, "the ingestor exited"
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await until(ready, what="/readyz")
+
+
+async def test_sigkill_under_load_then_restart_leaves_every_message_exactly_once(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    keys = Keys(base_settings.key_prefix)
+    n = 12_000
+    proc, port = await start_ingestor(base_settings, FANOUT_INGEST_BATCH="500")
+    await wait_ready(proc, port)
+
+    killed = asyncio.Event()
+
+    async def publish_steadily() -> None:
+        for start in range(0, n, 100):
+            if start == n // 2:
+                await killed.wait()  # the rest goes out while the ingestor is dead
+            for i in range(start, start + 100):
+                if i % 3:
+                    await nats.publish(base_settings.subject("execution"), execution(i).SerializeToString())
+                else:
+                    await nats.publish(base_settings.subject("sport_event"), event(i).SerializeToString())
+            await nats.flush()
+            await asyncio.sleep(0.005)  # a steady rate (not synchronisation): the stream keeps growing
+
+    publisher = asyncio.create_task(publish_steadily())
+    try:
+        # Kill it while the stream is growing and the ingestor is busy writing batches.
+        await until(lambda: _at_least(redis, keys.stream("execution"), 1_500), what="ingestion to start")
+        proc.kill()
+        assert await proc.wait() == -signal.SIGKILL
+        killed.set()
+        await publisher
+    finally:
+        publisher.cancel()
+
+    proc, port = await start_ingestor(base_settings, FANOUT_INGEST_BATCH="500")
+    try:
+        n_exec = sum(1 for i in range(n) if i % 3)
+        executions = await read_stream(redis, keys.stream("execution"), n_exec, within=90)
+        events = await read_stream(redis, keys.stream("sport_event"), n - n_exec, within=90)
+        js = nats.jetstream()
+
+        async def all_acked() -> bool:
+            info = await js.consumer_info(base_settings.js_stream, "ingestor")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await until(all_acked, within=60, what="every message acked")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert b'"msg": "ingestor stopped"' in stderr
+
+    # Exactly once: every stream sequence 1..n once, per feed seq contiguous from 1.
+    assert await redis.xlen(keys.stream("execution")) == n_exec
+    assert await redis.xlen(keys.stream("sport_event")) == n - n_exec
+    broker_seqs = sorted(int(e["message_id"].split(".")[1]) for e in executions + events)
+    assert broker_seqs == list(range(1, n + 1))
+    assert [int(e["seq"]) for e in executions] == list(range(1, n_exec + 1))
+    assert [int(e["seq"]) for e in events] == list(range(1, n - n_exec + 1))
+    assert len({e["message_id"].split(".")[0] for e in executions + events}) == 1
+
+
+async def _at_least(redis: Redis, key: str, count: int) -> bool:
+    return int(await redis.xlen(key)) >= count
+
+
+async def test_sigterm_when_idle_exits_zero_with_a_summary(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    proc, port = await start_ingestor(base_settings)
+    await wait_ready(proc, port)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+    assert "fanout_ingestor_batch_seconds" in text
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    assert b"Traceback" not in stderr
+    assert b'"msg": "ingestor stopped"' in stderr
+
+
+@contextmanager
+def private_server(args: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the private server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server")
+async def test_a_server_without_jetstream_is_a_clear_one_line_error(base_settings: Settings) -> None:
+    port = free_port()
+    with private_server(["nats-server", "-a", "127.0.0.1", "-p", str(port)], port):
+        settings = ingestor_settings(base_settings, nats_url=f"nats://127.0.0.1:{port}")
+        proc, _ = await start_ingestor(settings, FANOUT_LOG_FORMAT="text")
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    text = stderr.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    [line] = [ln for ln in text.splitlines() if "ERROR" in ln]
+    assert "nats-server -js" in line
+
+
+@asynccontextmanager
+async def private_redis(port: int, data: str) -> AsyncIterator[subprocess.Popen[bytes]]:
+    args = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        data,
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]
+    with private_server(args, port) as proc:
+        yield proc
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_redis_going_away_and_back_loses_nothing_and_repeats_nothing(
+    base_settings: Settings, nats: Any
+) -> None:
+    port = free_port()
+    settings = ingestor_settings(base_settings, redis_url=f"redis://127.0.0.1:{port}/0")
+    keys = Keys(settings.key_prefix)
+    subject = settings.subject("execution")
+    with tempfile.TemporaryDirectory() as data:
+        async with private_redis(port, data) as server:
+            redis = Redis.from_url(settings.redis_url)
+            stop = asyncio.Event()
+            ingestor = Ingestor(settings, redis, stop)
+            task = asyncio.create_task(ingestor.run())
+            await until(ingestor.nats_ready)
+            for i in range(100):
+                await nats.publish(subject, execution(i).SerializeToString())
+            await nats.flush()
+            await read_stream(redis, keys.stream("execution"), 100)
+            server.terminate()
+            server.wait(10)
+            # Published while Redis is down: they wait in JetStream, nothing is acked.
+            for i in range(100, 300):
+                await nats.publish(subject, execution(i).SerializeToString())
+            await nats.flush()
+            await until(lambda: _retrying(ingestor), what="the ingestor to hit the outage")
+        async with private_redis(port, data):
+            entries = await read_stream(redis, keys.stream("execution"), 300, within=60)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            assert await redis.xlen(keys.stream("execution")) == 300
+            await redis.aclose()
+    assert [int(e["seq"]) for e in entries] == list(range(1, 301))
+    assert [e["symbol"] for e in entries] == [execution(i).symbol for i in range(300)]
+    assert sum(ingestor.stats.appended.values()) == 300
+
+
+async def _retrying(ingestor: Ingestor) -> bool:
+    return ingestor.stats.redis_outages > 0
