@@ -1,0 +1,193 @@
+"""`fanout up` with private servers in a temporary folder: the pipeline runs (entries
+reach Redis and PostgreSQL), SIGINT stops everything with exit 0 and no process left,
+and a second run on the same folder finds the data of the first."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from fanout.servers import free_port
+from shared.connections import redis_client
+from shared.keys import Keys
+
+pytestmark = pytest.mark.slow
+
+DEADLINE = 120.0  # seconds; generous for a shared 2-core machine, only a hang reaches it
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    # Not tmp_path: PostgreSQL runs as another user, who cannot enter /tmp/pytest-of-root.
+    path = Path(tempfile.mkdtemp(prefix="fanout-up-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Run:
+    """One `fanout up` process: its URLs (read from the banner) and its output."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.urls: dict[str, str] = {}
+        self.stderr: list[bytes] = []
+        self._drain = asyncio.create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr.append(line)
+
+    async def read_banner(self) -> None:
+        assert self.proc.stdout is not None
+        while "postgres" not in self.urls:
+            line = (await self.proc.stdout.readline()).decode()
+            assert line, f"fanout up ended before its banner:\n{self.log()}"
+            m = re.match(r"\s+(NATS|Redis|PostgreSQL)\s+(\w+://\S+)\s+\(", line)
+            if m:
+                self.urls[{"NATS": "nats", "Redis": "redis", "PostgreSQL": "postgres"}[m[1]]] = m[2]
+
+    def log(self) -> str:
+        return b"".join(self.stderr).decode(errors="replace")[-6000:]
+
+    async def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(self.proc.wait(), DEADLINE)
+        await self._drain
+        return code
+
+
+async def _start(root: Path) -> Run:
+    env = {
+        **os.environ,
+        "FANOUT_INGEST_HTTP": "127.0.0.1:0",
+        "FANOUT_ARCHIVE_HTTP": "127.0.0.1:0",
+        "FANOUT_GATEWAY_PORT": str(free_port()),
+        "FANOUT_LOG_FORMAT": "json",
+        "FANOUT_FEEDS_RATE": "20",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fanout", "up", "--private", "--data-dir", str(root / "data"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    run = Run(proc)
+    try:
+        await asyncio.wait_for(run.read_banner(), DEADLINE)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return run
+
+
+async def _first_entries(url: str, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    client = redis_client(url)
+    try:
+        # XREAD BLOCK returns as soon as the pipeline has appended something.
+        reply = await client.xread({stream: "0"}, count=5, block=int(DEADLINE * 1000))
+        assert reply, "no entry reached Redis"
+        return list(reply[0][1])
+    finally:
+        await client.aclose()
+
+
+async def _archived(url: str, message_id: str) -> bool:
+    """Whether the catalogue holds `message_id`, waiting for the archiver up to DEADLINE."""
+    conn = await asyncpg.connect(url)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while loop.time() < deadline:
+            # Another process's progress, with nothing to await on: poll with a deadline.
+            if await conn.fetchval("SELECT to_regclass('fanout.execution') IS NOT NULL") and (
+                await conn.fetchval("SELECT count(*) FROM fanout.execution WHERE message_id = $1", message_id)
+            ):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+    finally:
+        await conn.close()
+
+
+async def test_up_runs_stops_cleanly_and_keeps_its_data(root: Path) -> None:
+    stream = Keys().stream("execution")
+
+    first = await _start(root)
+    try:
+        entries = await _first_entries(first.urls["redis"], stream)
+        first_id, first_fields = entries[0]
+        first_message_id = first_fields[b"message_id"].decode()
+        assert await _archived(first.urls["postgres"], first_message_id), first.log()
+        children = _descendants(first.proc.pid)
+    finally:
+        code = await first.interrupt()
+    assert code == 0, first.log()
+    assert children, "fanout up started no process"
+    left = [pid for pid in children if _alive(pid)]
+    assert not left, f"processes left behind: {left}"
+    assert b"Traceback" not in b"".join(first.stderr), first.log()
+
+    second = await _start(root)
+    try:
+        assert second.urls.keys() == first.urls.keys()
+        client = redis_client(second.urls["redis"])
+        try:
+            kept = await client.xrange(stream, count=1)
+            assert kept[0][0] == first_id  # the first run's stream (Redis AOF)
+            new = await client.xread({stream: "$"}, count=1, block=int(DEADLINE * 1000))
+        finally:
+            await client.aclose()
+        assert new, second.log()
+        new_fields = new[0][1][0][1]
+        assert int(new_fields[b"seq"]) > int(first_fields[b"seq"])  # seq goes on
+        # Same JetStream stream (its creation time starts every message id): NATS kept its store.
+        assert new_fields[b"message_id"].split(b".")[0] == first_message_id.split(".")[0].encode()
+        conn = await asyncpg.connect(second.urls["postgres"])
+        try:
+            sql = "SELECT count(*) FROM fanout.execution WHERE message_id = $1"
+            assert await conn.fetchval(sql, first_message_id) == 1  # the first run's catalogue
+        finally:
+            await conn.close()
+    finally:
+        code = await second.interrupt()
+    assert code == 0, second.log()
