@@ -1,0 +1,574 @@
+"""The page at `/` and EventSource in a real browser: headless Debian chromium driven over
+the Chrome DevTools Protocol (a websocket, with aiohttp), against the real gateway
+(`python -m fanout.cli gateway`) on the real Redis.
+
+The browser reaches the gateway through a small TCP relay in this test, which records
+the bytes each way: that is how the tests see the `Last-Event-ID` the browser sends on
+reconnecting, and know the browser has been sent a frame before the gateway is killed.
+
+Skipped only when /usr/bin/chromium is absent (`.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from services.sse_gateway import cursor
+from shared.keys import Keys
+from shared.settings import Settings
+from tests.integration.test_gateway_lookup import EPOCH, append, execution, sport_event
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="/usr/bin/chromium is not installed (apt-get install chromium; .ci/run does it)",
+    ),
+]
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, within: float = 30.0) -> Any:
+    """Poll `check()` until it returns something truthy: for states inside the browser
+    or another process, which offer nothing to await. Fails naming `what`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last: Any = None
+    while loop.time() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {within}s waiting for {what}; last seen: {last!r}")
+
+
+# --- the browser ------------------------------------------------------------------------------
+
+
+class Browser:
+    """Headless chromium and one page, driven over the DevTools Protocol."""
+
+    def __init__(self) -> None:
+        self.profile = tempfile.mkdtemp(prefix="fanout-chromium-")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.session: str | None = None
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.errors: list[str] = []  # uncaught page exceptions and console errors
+        self.reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
+            "about:blank",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = Path(self.profile) / "DevToolsActivePort"
+
+        async def ready() -> list[str] | None:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"chromium exited with {self.proc.returncode}")
+            lines = port_file.read_text().splitlines() if port_file.exists() else []
+            return lines if len(lines) >= 2 else None
+
+        port, path = (await eventually(ready, "chromium's DevToolsActivePort file"))[:2]
+        self.http = aiohttp.ClientSession()
+        self.ws = await self.http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0)
+        self.reader = asyncio.create_task(self._read())
+        target = await self.send("Target.createTarget", {"url": "about:blank"}, browser=True)
+        attached = await self.send(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, browser=True
+        )
+        self.session = attached["sessionId"]
+        await self.send("Runtime.enable")
+        await self.send("Page.enable")
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            future = self.waiting.pop(data.get("id", -1), None)
+            if future is not None and not future.done():
+                if "error" in data:
+                    future.set_exception(RuntimeError(f"CDP error: {data['error']}"))
+                else:
+                    future.set_result(data.get("result", {}))
+            elif data.get("method") == "Runtime.exceptionThrown":
+                self.errors.append(json.dumps(data["params"]["exceptionDetails"])[:2000])
+            elif data.get("method") == "Runtime.consoleAPICalled" and data["params"]["type"] == "error":
+                self.errors.append(json.dumps(data["params"]["args"])[:2000])
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the DevTools connection closed"))
+
+    async def send(self, method: str, params: dict[str, Any] | None = None, browser: bool = False) -> Any:
+        assert self.ws is not None
+        msg_id = next(self.ids)
+        message: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
+        if not browser:
+            message["sessionId"] = self.session
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting[msg_id] = future
+        await self.ws.send_json(message)
+        async with asyncio.timeout(30):
+            return await future
+
+    async def navigate(self, url: str) -> None:
+        await self.send("Page.navigate", {"url": url})
+        await eventually(lambda: self.js("document.readyState === 'complete'"), f"{url} to load")
+
+    async def js(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = await self.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}
+        )
+        if "exceptionDetails" in result:
+            raise AssertionError(f"JavaScript failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # best effort: the browser may already be gone
+            await self.send("Browser.close", browser=True)
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None:
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+# --- the gateway, and a relay in front of it ------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Gateway:
+    """`python -m fanout.cli gateway` with the test's isolated settings, restartable on its port."""
+
+    def __init__(self, settings: Settings, **env: str) -> None:
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()
+        self.env = {
+            **os.environ,
+            "REDIS_URL": settings.redis_url,
+            "DATABASE_URL": settings.database_url,
+            "FANOUT_KEY_PREFIX": settings.key_prefix,
+            "FANOUT_DB_SCHEMA": settings.db_schema,
+            "FANOUT_GATEWAY_HOST": "127.0.0.1",
+            "FANOUT_GATEWAY_PORT": str(self.port),
+            "FANOUT_LOG_FORMAT": "json",
+            "FANOUT_RETRY_MS": "300",  # the browser's reconnection delay
+            **env,
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fanout.cli", "gateway",
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=self.log,
+        )
+
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"the gateway exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{self.port}/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                ) as reply:
+                    return reply.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        await eventually(ready, "the gateway's /readyz")
+
+    async def stop(self, sig: signal.Signals) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        async with asyncio.timeout(30):
+            return await self.proc.wait()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+
+class Relay:
+    """A TCP relay between the browser and the gateway that records both directions per
+    connection. When the gateway goes away it closes the browser's side after passing on
+    every byte it got, as a direct connection would."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.requests: list[bytearray] = []   # browser -> gateway, one per connection
+        self.responses: list[bytearray] = []  # gateway -> browser, same index
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._relay(reader, writer))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.transport.abort()  # the gateway is down: the browser sees a failed connection
+            return
+        request, response = bytearray(), bytearray()
+        self.requests.append(request)
+        self.responses.append(response)
+        await asyncio.gather(
+            self._pipe(reader, up_writer, request), self._pipe(up_reader, writer, response)
+        )
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bytearray) -> None:
+        try:
+            while data := await reader.read(65536):
+                record.extend(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _streams(self) -> list[tuple[str, bytes]]:
+        """(request head, response body) of each /v1/stream request. A connection may carry
+        other requests first (keep-alive); a stream is always its connection's last."""
+        out = []
+        for request, response in zip(self.requests, self.responses, strict=True):
+            heads = re.findall(rb"(?s)[A-Z]+ /\S* HTTP/1\.1\r\n.*?\r\n\r\n", bytes(request))
+            if not heads or not heads[-1].startswith(b"GET /v1/stream"):
+                continue
+            head, _, body = bytes(response).rpartition(b"HTTP/1.1 ")[2].partition(b"\r\n\r\n")
+            if b"text/event-stream" not in head.lower():
+                continue
+            if b"transfer-encoding: chunked" in head.lower():
+                body = _unchunk(body)
+            out.append((heads[-1].decode(errors="replace"), body))
+        return out
+
+    def stream_requests(self) -> list[str]:
+        """The head of every /v1/stream request the browser made, in order."""
+        return [head for head, _ in self._streams()]
+
+    def frames(self) -> list[dict[str, list[str]]]:
+        """Every SSE frame sent to the browser on stream connections, as {field: [values]}."""
+        out: list[dict[str, list[str]]] = []
+        for _, body in self._streams():
+            for block in body.decode(errors="replace").split("\n\n"):
+                frame: dict[str, list[str]] = {}
+                for line in block.split("\n"):
+                    if line and not line.startswith(":"):
+                        name, _, value = line.partition(":")
+                        frame.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+                if frame:
+                    out.append(frame)
+        return out
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, sep, rest = body.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0 or len(rest) < size:
+            out += rest[:size]
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
+
+
+def last_event_id(head: str) -> str | None:
+    match = re.search(r"(?im)^last-event-id: *(.*?)\s*$", head)
+    return match[1] if match else None
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    b = Browser()
+    try:
+        await b.start()
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def rig(base_settings: Settings, redis: Any) -> AsyncIterator[tuple[Gateway, Relay]]:
+    gateway = Gateway(base_settings, FANOUT_TOKENS="page-token=*")
+    relay = Relay(gateway.port)
+    await relay.start()
+    await gateway.start()
+    try:
+        yield gateway, relay
+    finally:
+        await relay.close()
+        if gateway.proc is not None and gateway.proc.returncode is None:
+            gateway.proc.kill()
+            await gateway.proc.wait()
+        gateway.log.close()
+
+
+class Feeds:
+    """Appends numbered messages to the feeds with the ingest Lua script."""
+
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.n = 0
+
+    async def add(self, feed: str, count: int, **fields: str) -> list[str]:
+        batch = []
+        for _ in range(count):
+            self.n += 1
+            made = execution(self.n) if feed == "execution" else sport_event(self.n)
+            batch.append((f"1764321000123.{self.n}", {**made, **fields}))
+        return await append(self.redis, self.prefix, feed, batch)
+
+
+# --- the tests --------------------------------------------------------------------------------------
+
+
+STATS = "window.fanoutStats"
+
+
+async def test_page_shows_both_feeds_and_resumes_across_gateway_restarts(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    gateway, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("execution", 1)  # the streams exist (and have an epoch) before the page opens
+    await feeds.add("sport_event", 1)
+
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    assert "access_token=page-token" in relay.stream_requests()[0]  # passed through to EventSource
+
+    async def received() -> dict[str, int]:
+        return dict(await browser.js(f"{STATS}.received"))
+
+    async def page_has(n_exec: int, n_sport: int) -> bool:
+        return await received() == {"execution": n_exec, "sport_event": n_sport}
+
+    await feeds.add("execution", 30)
+    await feeds.add("sport_event", 20)
+    await eventually(lambda: page_has(30, 20), "the first events on the page")
+
+    expected_exec, expected_sport = 30, 20
+    for how in (signal.SIGKILL, signal.SIGTERM):
+        exit_code = await gateway.stop(how)
+        if how == signal.SIGKILL:
+            assert exit_code == -signal.SIGKILL
+        else:  # the page's concern is that streams end cleanly; the exit code is the core's test
+            assert '"msg": "gateway stopped"' in gateway.output().rsplit("Started server process", 1)[1]
+        await eventually(
+            lambda: browser.js(f"{STATS}.state !== 'live'"), f"the page to notice the gateway {how.name}"
+        )
+        # written while the gateway is down: the page gets them by resuming
+        await feeds.add("execution", 15)
+        await feeds.add("sport_event", 10)
+        await gateway.start()
+        await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to reconnect by itself")
+        expected_exec, expected_sport = expected_exec + 15, expected_sport + 10
+        await eventually(partial(page_has, expected_exec, expected_sport), "the events written while down")
+        # and live again after the restart
+        await feeds.add("execution", 5)
+        await feeds.add("sport_event", 5)
+        expected_exec, expected_sport = expected_exec + 5, expected_sport + 5
+        await eventually(partial(page_has, expected_exec, expected_sport), "live events after the restart")
+
+    stats = await browser.js(STATS)
+    # every seq once, in order, none missing, across two reconnections
+    assert stats["seqs"]["execution"] == list(range(2, expected_exec + 2))
+    assert stats["seqs"]["sport_event"] == list(range(2, expected_sport + 2))
+    assert stats["seqGaps"] == {"execution": 0, "sport_event": 0}
+    assert stats["duplicates"] == {"execution": 0, "sport_event": 0}
+    assert stats["notices"] == {"gap": 0, "reset": 0}
+    assert stats["opens"] >= 3
+    # the browser resumed with the last id it had been sent, as Last-Event-ID
+    resumed = [last_event_id(h) for h in relay.stream_requests()[1:]]
+    assert resumed and all(resumed), relay.stream_requests()
+
+    # what a person sees (redrawn twice a second): counters and the newest rows first
+    await eventually(
+        lambda: browser.js(f"document.getElementById('last-id').textContent === {STATS}.lastEventId"),
+        "the page to show the last event id",
+    )
+    shown = await browser.js(
+        """({gaps: document.getElementById('seq-gaps').textContent,
+             state: document.getElementById('state-text').textContent,
+             lastId: document.getElementById('last-id').textContent,
+             exec: [...document.querySelectorAll('#rows-execution tr')].map(r => Number(r.dataset.seq)),
+             sport: document.querySelectorAll('#rows-sport_event tr').length,
+             firstSymbol: document.querySelector('#rows-execution tr td:nth-child(2)').textContent})"""
+    )
+    assert shown["gaps"] == "0" and shown["state"] == "live"
+    assert shown["lastId"] == stats["lastEventId"] and shown["lastId"].startswith("v1:")
+    assert shown["exec"] == list(range(expected_exec + 1, 1, -1))  # newest first
+    assert shown["sport"] == expected_sport
+    assert shown["firstSymbol"] in {"AAPL", "MSFT"}
+    assert browser.errors == []
+
+
+async def test_page_keeps_a_bounded_number_of_rows(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    _, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("execution", 1)
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token&feeds=execution")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    for _ in range(3):
+        await feeds.add("execution", 100)
+    await eventually(lambda: browser.js(f"{STATS}.received.execution === 300"), "300 events")
+    rows = await eventually(
+        lambda: browser.js(
+            "(n => n.length === 200 && Number(n[0].dataset.seq) === 301 && n.length)"
+            "(document.querySelectorAll('#rows-execution tr'))"
+        ),
+        "the pane to show the newest 200 rows",
+    )
+    assert rows == 200
+    assert (await browser.js(f"{STATS}.seqGaps.execution")) == 0
+    assert browser.errors == []
+
+
+async def test_filtered_eventsource_resumes_after_the_last_id_only_frame(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    gateway, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("execution", 1, symbol="OTHER")  # seq 1
+    # any page of the gateway's origin will do; this one opens no stream of its own
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/healthz")
+    await browser.js(
+        """(() => {
+          const f = window.filtered = {seqs: [], symbols: [], ids: [], notices: [], opens: 0};
+          const es = new EventSource('/v1/stream?feeds=execution&symbol=WATCHED&access_token=page-token');
+          es.onopen = () => { f.opens += 1; };
+          es.addEventListener('execution', e => {
+            const m = JSON.parse(e.data);
+            f.seqs.push(m.seq); f.symbols.push(m.symbol); f.ids.push(e.lastEventId);
+          });
+          for (const kind of ['gap', 'reset']) es.addEventListener(kind, e => f.notices.push(e.data));
+          return true;
+        })()"""
+    )
+    await eventually(lambda: browser.js("window.filtered.opens === 1"), "the filtered stream to open")
+
+    await feeds.add("execution", 2, symbol="WATCHED")  # seq 2, 3
+    skipped = await feeds.add("execution", 3, symbol="OTHER")  # seq 4, 5, 6: id-only frames
+    # the cursor of the last id-only frame: after entry seq 6
+    after_skipped = cursor.format({"execution": cursor.Position(EPOCH, skipped[-1], 6)}, ["execution"])
+
+    async def sent_id_only_frame() -> bool:
+        return any(f.get("id") == [after_skipped] and "data" not in f for f in relay.frames())
+
+    await eventually(lambda: browser.js("window.filtered.seqs.length === 2"), "the two watched events")
+    await eventually(sent_id_only_frame, "the id-only frame after the filtered-out events")
+
+    assert await gateway.stop(signal.SIGKILL) == -signal.SIGKILL
+    await feeds.add("execution", 1, symbol="OTHER")  # seq 7, while down
+    await feeds.add("execution", 1, symbol="WATCHED")  # seq 8, while down
+    await gateway.start()
+    await eventually(lambda: browser.js("window.filtered.opens >= 2"), "EventSource to reconnect by itself")
+    await feeds.add("execution", 2, symbol="OTHER")  # seq 9, 10
+    await feeds.add("execution", 1, symbol="WATCHED")  # seq 11, live
+    await eventually(lambda: browser.js("window.filtered.seqs.length === 4"), "the watched events after")
+
+    seen = await browser.js("window.filtered")
+    # the browser resumed from the id-only frame's cursor, not from the last event it dispatched
+    reconnect = relay.stream_requests()[-1]
+    assert last_event_id(reconnect) == after_skipped, reconnect
+    assert seen["ids"][1] != after_skipped
+    # exactly the matching entries of the stream, each once, in order, no notices
+    entries = await redis.xrange(Keys(base_settings.key_prefix).stream("execution"))
+    watched = [int(f[b"seq"]) for _, f in entries if f[b"symbol"] == b"WATCHED"]
+    assert watched == [2, 3, 8, 11]
+    assert seen["seqs"] == watched
+    assert set(seen["symbols"]) == {"WATCHED"}
+    assert seen["notices"] == []
+    assert browser.errors == []
+
+
+async def test_page_reports_an_access_error_instead_of_spinning(
+    browser: Browser, rig: tuple[Gateway, Relay]
+) -> None:
+    _, relay = rig
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=wrong")
+    text = await eventually(
+        lambda: browser.js(
+            "(n => n && n.textContent.includes('HTTP 401') && n.textContent)"
+            "(document.querySelector('#notices .notice.error'))"
+        ),
+        "a visible 401 notice",
+    )
+    assert "unknown token" in text
+    assert await browser.js(f"{STATS}.state") in {"closed", "reconnecting", "connecting"}
+    assert await browser.js(f"{STATS}.received") == {"execution": 0, "sport_event": 0}
+
