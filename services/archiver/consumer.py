@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from services.archiver import metrics
 from services.archiver.rows import BadEntry, Row, feed_row, ingestor_dead_letter_row, poison_row
 from services.archiver.settings import ArchiverSettings
-from services.archiver.store import TRANSIENT_ERRORS, Store, is_data_error
+from services.archiver.store import STORE_ERRORS, TRANSIENT_ERRORS, Store, is_data_error
 from shared.feeds import DEAD_LETTER, FEEDS
 from shared.keys import Keys
 from shared.lifecycle import Backoff
@@ -248,7 +248,7 @@ class StreamArchiver:
         find which. Returns (rows inserted, [(entry, error)] refused)."""
         try:
             return await self.store_rows(rows), []
-        except TRANSIENT_ERRORS as exc:
+        except STORE_ERRORS as exc:
             if not is_data_error(exc):
                 raise
             log.warning("batch refused, storing it row by row", extra={"feed": self.name, "error": str(exc)})
@@ -257,7 +257,7 @@ class StreamArchiver:
         for row, entry in zip(rows, entries, strict=True):
             try:
                 inserted += await self.store_rows([row])
-            except TRANSIENT_ERRORS as exc:
+            except STORE_ERRORS as exc:
                 if not is_data_error(exc):
                     raise
                 failures.append((entry, f"{type(exc).__name__}: {exc}"))

@@ -88,14 +88,19 @@ CREATE INDEX dead_letter_archived_at_idx ON {s}.dead_letter (archived_at);
     ),
 ]
 
-# Errors caused by the data of a row, not by the server: the row is poison.
+# Errors caused by the data of a row, not by the server: the row is poison. asyncpg
+# raises ValueError/OverflowError/TypeError when it cannot encode a value (COPY).
 DATA_ERRORS: Final = (
+    ValueError,
+    OverflowError,
+    TypeError,
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
 )
 # Errors that mean "the server is unreachable or restarting": retry later.
 TRANSIENT_ERRORS: Final = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError)
+STORE_ERRORS: Final = (*DATA_ERRORS, *TRANSIENT_ERRORS)
 
 
 def is_data_error(exc: BaseException) -> bool:
