@@ -113,6 +113,8 @@ def parse(text: str) -> dict[str, Position]:
             raise CursorError(f"bad stream entry id {_show(entry_id)} for {feed}: expected <ms>-<n>")
         if not _SEQ.match(seq) or int(seq) >= 2**63:
             raise CursorError(f"bad seq {_show(seq)} for {feed}: expected a non-negative integer")
+        if epoch == NO_EPOCH and (int(seq) != 0 or entry_id != ORIGIN_ID):
+            raise CursorError(f"{feed} has no epoch (`-`) yet names an entry: only `{feed}.-.0-0.0` is valid")
         positions[feed] = Position(epoch, f"{int(match[1])}-{int(match[2])}", int(seq))
     return positions
 

@@ -201,8 +201,8 @@ class Hub:
                 "feed stream reset",
                 extra={"feed": feed, "old_epoch": old.epoch, "epoch": meta.epoch, "seq": meta.seq},
             )
+            self._kick(feed, "stream reset")  # at the old positions: their catch-up sends the reset
             self.positions[feed] = meta
-            self._kick(feed, "stream reset")
             self._signal(feed)
 
     async def _accept(self, feed: str, entries: list[tuple[Any, Mapping[Any, Any]]]) -> None:

@@ -115,6 +115,8 @@ class Stream:
                 self._parse()
         ev = self._pending.pop(0)
         self.events.append(ev)
+        if ev.has_id:
+            self.last_id = ev.id  # what the client saw: frames read but not consumed are lost on close
         return ev
 
     async def collect(
@@ -160,7 +162,6 @@ class Stream:
                     data.append(value)
                 elif name == "id":
                     ev.id, ev.has_id = value, True
-                    self.last_id = value
             ev.data = "\n".join(data)
             if data and not ev.event:
                 ev.event = "message"
