@@ -382,13 +382,13 @@ class Feeds:
         self.prefix = prefix
         self.n = 0
 
-    async def add(self, feed: str, count: int, **fields: str) -> list[str]:
+    async def add(self, feed: str, count: int, epoch: str = EPOCH, **fields: str) -> list[str]:
         batch = []
         for _ in range(count):
             self.n += 1
             made = execution(self.n) if feed == "execution" else sport_event(self.n)
             batch.append((f"1764321000123.{self.n}", {**made, **fields}))
-        return await append(self.redis, self.prefix, feed, batch)
+        return await append(self.redis, self.prefix, feed, batch, epoch)
 
 
 # --- the tests --------------------------------------------------------------------------------------
@@ -553,6 +553,47 @@ async def test_filtered_eventsource_resumes_after_the_last_id_only_frame(
     assert seen["seqs"] == watched
     assert set(seen["symbols"]) == {"WATCHED"}
     assert seen["notices"] == []
+    assert browser.errors == []
+
+
+async def test_page_shows_a_reset_when_redis_lost_a_stream(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    gateway, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("execution", 1)
+    await feeds.add("sport_event", 1)
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    await feeds.add("execution", 5)
+    await eventually(lambda: browser.js(f"{STATS}.received.execution === 5"), "the first events")
+
+    # Redis loses the execution stream while the gateway is down; the ingestor starts it
+    # again in a new epoch, with seq from 1
+    assert await gateway.stop(signal.SIGKILL) == -signal.SIGKILL
+    keys = Keys(base_settings.key_prefix)
+    await redis.delete(keys.stream("execution"), keys.meta("execution"))
+    await feeds.add("execution", 3, epoch="e2")
+    await gateway.start()
+
+    async def reset_shown() -> Any:
+        return await browser.js(
+            "(n => n && n.textContent)(document.querySelector('#notices .notice.reset'))"
+        )
+
+    text = await eventually(reset_shown, "a visible reset notice")
+    assert "execution: the stream was reset (epoch e1764321000 → e2)" in text
+    await feeds.add("execution", 2, epoch="e2")
+    await eventually(lambda: browser.js(f"{STATS}.received.execution === 10"), "the events of the new epoch")
+    stats = await browser.js(STATS)
+    assert stats["notices"] == {"gap": 0, "reset": 1}
+    assert stats["seqs"]["execution"] == [2, 3, 4, 5, 6, 1, 2, 3, 4, 5]
+    assert stats["seqGaps"] == {"execution": 0, "sport_event": 0}  # announced, so not a gap
+    assert stats["duplicates"] == {"execution": 0, "sport_event": 0}
+    await eventually(
+        lambda: browser.js("document.getElementById('notice-count').textContent === '0 / 1'"),
+        "the notice counter",
+    )
     assert browser.errors == []
 
 

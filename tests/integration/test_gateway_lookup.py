@@ -38,11 +38,13 @@ def sport_event(i: int) -> dict[str, str]:
     return {"sport": "TENNIS", "match_title": f"Match {i}", "data_event": "point"}
 
 
-async def append(redis: Any, prefix: str, feed: str, messages: list[tuple[str, dict[str, str]]]) -> list[str]:
+async def append(
+    redis: Any, prefix: str, feed: str, messages: list[tuple[str, dict[str, str]]], epoch: str = EPOCH
+) -> list[str]:
     """Append (message_id, fields) pairs once each with shared/lua/ingest_append.lua; entry ids."""
     keys = Keys(prefix)
     script = scripts.register(redis, "ingest_append")
-    args: list[Any] = [3600, EPOCH]
+    args: list[Any] = [3600, epoch]
     for n, (message_id, fields) in enumerate(messages, start=1):
         flat = codec.entry_fields(message_id, fields, "2026-11-28T09:00:00.000Z", "2026-11-28T09:00:00.005Z")
         args += [n, len(flat), *flat]
