@@ -93,10 +93,10 @@ async def append_feed(redis: Redis, settings: Settings, feed: Feed, start: int, 
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool]], within: float = 30.0, what: str = "condition"
 ) -> None:
-    """Poll `check` until true (only where nothing can be awaited): fail after `timeout`."""
-    deadline = time.monotonic() + timeout
+    """Poll `check` until true (only where nothing can be awaited): fail after `within` seconds."""
+    deadline = time.monotonic() + within
     while not await check():
         for task in _running:  # an archiver that died fails the test now, with its error
             if task.done() and task.exception() is not None:
@@ -132,11 +132,11 @@ async def count_rows(pg: asyncpg.Connection, schema: str, table: str) -> int:
         return 0
 
 
-async def rows_reach(pg: asyncpg.Connection, schema: str, table: str, n: int, timeout: float = 60.0) -> None:
+async def rows_reach(pg: asyncpg.Connection, schema: str, table: str, n: int, within: float = 60.0) -> None:
     async def check() -> bool:
         return await count_rows(pg, schema, table) >= n
 
-    await eventually(check, timeout, f"{n} rows in {table}")
+    await eventually(check, within, f"{n} rows in {table}")
 
 
 async def assert_exactly_once(pg: asyncpg.Connection, schema: str, table: str, expected: set[str]) -> None:
