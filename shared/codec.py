@@ -16,10 +16,11 @@ import math
 import struct
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from shared.feeds import FEEDS, Feed
 
@@ -45,28 +46,45 @@ def decode(feed: Feed, payload: bytes) -> dict[str, str]:
     except DecodeError as exc:
         raise BadPayload(f"not a valid protobuf `{feed.message.DESCRIPTOR.name}` message: {exc}") from None
     # The Python runtime parses a message that lacks required fields without raising.
-    missing = msg.FindInitializationErrors()
+    missing = msg.FindInitializationErrors()  # type: ignore[attr-defined]
     if missing:
         raise BadPayload(f"missing required field(s): {', '.join(missing)}")
-    return {f.name: _text(msg, f) for f in feed.message.DESCRIPTOR.fields}
+    out: dict[str, str] = {}
+    for name, kind, enum_names in _plan(feed):
+        value = getattr(msg, name)
+        if kind == _STRING:
+            # upb hands back bytes for a proto2 string that is not valid UTF-8.
+            if not isinstance(value, str):
+                raise BadPayload(f"field {name} is not valid UTF-8")
+            if "\x00" in value:
+                raise BadPayload(f"field {name} contains a NUL character")
+            out[name] = value
+        elif kind == _FLOAT:
+            if not math.isfinite(value):
+                raise BadPayload(f"field {name} is not a finite number: {value}")
+            out[name] = float32_text(value)
+        elif enum_names is not None:
+            out[name] = enum_names[value]
+        else:
+            out[name] = str(value)
+    return out
 
 
-def _text(msg: Message, field: FieldDescriptor) -> str:
-    value = getattr(msg, field.name)
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        return str(field.enum_type.values_by_number[value].name)
-    if field.type == FieldDescriptor.TYPE_STRING:
-        # upb hands back bytes for a proto2 string that is not valid UTF-8.
-        if not isinstance(value, str):
-            raise BadPayload(f"field {field.name} is not valid UTF-8")
-        if "\x00" in value:
-            raise BadPayload(f"field {field.name} contains a NUL character")
-        return value
-    if field.type == FieldDescriptor.TYPE_FLOAT:
-        if not math.isfinite(value):
-            raise BadPayload(f"field {field.name} is not a finite number: {value}")
-        return float32_text(value)
-    return str(value)
+_STRING = FieldDescriptor.TYPE_STRING
+_FLOAT = FieldDescriptor.TYPE_FLOAT
+
+
+@cache
+def _plan(feed: Feed) -> tuple[tuple[str, int, dict[int, str] | None], ...]:
+    """Per field of a feed's message: name, type, and enum value names (read once: the
+    descriptor lookups cost more than the parse itself)."""
+    plan = []
+    for f in feed.message.DESCRIPTOR.fields:
+        enum_names = None
+        if f.type == FieldDescriptor.TYPE_ENUM and f.enum_type is not None:
+            enum_names = {v.number: str(v.name) for v in f.enum_type.values}
+        plan.append((str(f.name), int(f.type), enum_names))
+    return tuple(plan)
 
 
 def float32_text(value: float) -> str:
