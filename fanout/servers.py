@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import getpass
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -394,6 +395,20 @@ class RedisServer(Server):
         return redis_ready(self.host, self.port)
 
 
+# Where PostgreSQL's binaries and data go when its user cannot reach ours (as root).
+RELOCATED = Path("/var/lib/feed-fanout")
+
+
+def _can(user: pwd.struct_passwd, test: str, path: Path) -> bool:
+    """Whether `user` passes `test -<x|w|r> path` (and every folder above it)."""
+    try:
+        probe = subprocess.run(["test", test, str(path)], user=user.pw_uid, group=user.pw_gid,
+                               extra_groups=[], check=False)
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
 def _postgres_os_user() -> pwd.struct_passwd | None:
     """The user PostgreSQL runs as: ourselves, or as root `postgres` (else `nobody`)."""
     if os.geteuid() != 0:
@@ -434,13 +449,19 @@ class PostgresServer(Server):
         return str(self.bindir / name)
 
     def prepare(self) -> None:
+        if self.run_as is not None:
+            self._make_reachable(self.run_as)
         if (self.data_dir / "PG_VERSION").is_file():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         if self.run_as is not None:
             os.chown(self.data_dir, self.run_as.pw_uid, self.run_as.pw_gid)
-            self._check_reachable()
+            if not _can(self.run_as, "-w", self.data_dir):
+                raise ServerError(
+                    f"PostgreSQL runs as user {self.run_as.pw_name!r}, who cannot write {self.data_dir}: "
+                    "choose a data folder that user can reach (e.g. under /tmp or /var/lib)"
+                )
         cmd = [self._bin("initdb"), "-D", str(self.data_dir), "--locale=C", "-E", "UTF8",
                "-U", self.db_user, "--auth=trust"]
         log.info("initialising PostgreSQL data folder", extra={"data": str(self.data_dir)})
@@ -449,19 +470,33 @@ class PostgresServer(Server):
         if done.returncode != 0:
             raise ServerError(f"initdb failed (code {done.returncode}):\n{done.stdout}{done.stderr}")
 
-    def _check_reachable(self) -> None:
-        assert self.run_as is not None
-        try:
-            probe = subprocess.run(["test", "-w", str(self.data_dir)], user=self.run_as.pw_uid,
-                                   group=self.run_as.pw_gid, extra_groups=[], check=False)
-            reachable = probe.returncode == 0
-        except OSError:
-            reachable = False
-        if not reachable:
-            raise ServerError(
-                f"PostgreSQL runs as user {self.run_as.pw_name!r}, who cannot reach {self.data_dir}: "
-                "choose a data folder whose parents that user can traverse (e.g. under /tmp or /var/lib)"
-            )
+    def _make_reachable(self, user: pwd.struct_passwd) -> None:
+        """As root, PostgreSQL runs as `user`, who may not reach a clone under /root (mode 700):
+        then the binaries are copied once, and the data folder lives, under RELOCATED (a
+        symlink at the data folder's place points there, so the next run finds it)."""
+        postgres = Path(self._bin("postgres"))
+        if not _can(user, "-x", postgres):
+            install = postgres.parent.parent  # bin/, lib/, share/
+            digest = hashlib.sha1(str(install).encode()).hexdigest()[:12]
+            target = RELOCATED / f"postgres-{digest}"
+            if not (target / "bin" / "postgres").is_file():
+                log.warning("PostgreSQL's user cannot reach its binaries; copying them",
+                            extra={"user": user.pw_name, "from": str(install), "to": str(target)})
+                shutil.copytree(install, target, symlinks=True, dirs_exist_ok=True)
+                RELOCATED.chmod(0o755)
+            self.bindir = target / "bin"
+        if not _can(user, "-x", self.data_dir.parent):
+            digest = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:12]
+            target = RELOCATED / f"data-{digest}" / self.data_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            RELOCATED.chmod(0o755)
+            target.parent.chmod(0o755)
+            if not self.data_dir.is_symlink() and not self.data_dir.exists():
+                self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+                self.data_dir.symlink_to(target, target_is_directory=True)
+            log.warning("PostgreSQL's user cannot reach the data folder; keeping the data elsewhere",
+                        extra={"user": user.pw_name, "data": str(self.data_dir), "kept_in": str(target)})
+            self.data_dir = target
 
     def command(self) -> list[str]:
         return [self._bin("postgres"), "-D", str(self.data_dir), "-h", self.host, "-p", str(self.port),
