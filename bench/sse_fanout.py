@@ -1,0 +1,542 @@
+"""SSE fan-out, side by side in one run: nginx + nchan and the feed-fanout gateway.
+
+    .venv/bin/python -m bench.sse_fanout                 # the full comparison, a few minutes
+    .venv/bin/python -m bench.sse_fanout --servers nchan # one column only
+    .venv/bin/python -m bench.sse_fanout --quick         # short windows, fewer ramp steps
+
+Both servers get the same load client (bench/loadclient.py, in its own processes), the
+same publish rate and events of the same shape and size:
+
+- nchan (Debian's nginx + libnginx-mod-nchan, bench/nchan.conf: memory store, EventSource
+  subscribers on /sub/execution, `--nchan-workers` worker processes, 1 by default like the
+  one gateway process): the publisher POSTs each message to /pub/execution;
+- the gateway (`fanout gateway`, a subprocess on a private redis-server): the publisher
+  appends execution entries to the feed's stream with the ingestor's Lua script
+  (shared/lua/ingest_append.lua), the publish time in executionEpoch (ns); the clients
+  subscribe to /v1/stream?feeds=execution (from=latest).
+
+Scenarios (each a window of seqs that every client must receive, lo..hi):
+- memory per idle client: server RSS before and after 1,000 clients connect, / 1,000;
+- 1,000 clients at 50 and at 100 msg/s; 100 clients at 1,000 msg/s;
+- a ramp with 1,000 clients (rates from --ramp) up to the first rate a server does not
+  sustain. Sustained: at least 99% of the expected deliveries arrived (no seq lost or
+  still missing when the window closed: publishing time + a drain of --drain seconds)
+  and p99 latency under 1 s.
+
+Per window: delivered events/s (events received / (publish time + time to drain)),
+latency p50/p99 (publish time -> the client's socket read, histogram of 100 µs buckets),
+lost (a seq skipped by the stream: the server never sent it), duplicated, missing at the
+end (not yet received when the window closed), server CPU (utime+stime of the process
+tree from /proc: nginx master and workers; the gateway) and RSS, and the load client's
+CPU. The machine has 2 cores shared by server, clients and publisher (and anything else
+running), so treat figures as comparative, not absolute.
+
+Writes the markdown table to bench/results/sse_fanout.md (and the raw figures to
+bench/results/sse_fanout.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench import harness
+from bench.harness import BenchError, percentile_ms, usage
+from bench.loadclient import LoadClients
+from bench.publishers import NchanPublisher, StreamPublisher, pace
+
+RESULTS = harness.BENCH_DIR / "results"
+SUSTAINED_SHARE = 0.99
+SUSTAINED_P99_MS = 1000.0
+
+
+class Target(Protocol):
+    """A server under test: where to subscribe, how to publish, which process to watch."""
+
+    name: str
+    pid: int
+    sub_url: str
+
+    async def last_seq(self) -> int: ...
+    async def publish(self, count: int) -> None: ...
+    async def settle(self) -> None: ...
+
+
+@dataclass
+class Window:
+    scenario: str
+    server: str
+    clients: int
+    rate: float
+    seconds: float  # publishing + draining
+    published: int
+    expected: int
+    delivered: int
+    lost: int
+    duplicated: int
+    missing: int
+    closed: int
+    unparsed: int
+    p50_ms: float | None
+    p99_ms: float | None
+    server_cpu_pct: float
+    server_cpu_us_per_event: float | None
+    server_rss_mb: float
+    client_cpu_pct: float
+    publisher_cpu_pct: float
+    other_cpu_pct: float  # the rest of the machine: other engineers' runs, Redis, the kernel...
+    drained: bool
+
+    @property
+    def delivered_per_s(self) -> float:
+        return self.delivered / self.seconds if self.seconds else 0.0
+
+    @property
+    def sustained(self) -> bool:
+        got = self.delivered - self.duplicated
+        return (
+            self.expected > 0
+            and got >= SUSTAINED_SHARE * self.expected
+            and self.p99_ms is not None
+            and self.p99_ms < SUSTAINED_P99_MS
+        )
+
+
+@dataclass
+class Run:
+    started: str
+    args: dict[str, Any]
+    idle_kb_per_client: dict[str, float] = field(default_factory=dict)
+    windows: list[Window] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the servers ---------------------------------------------------------------------
+
+
+class Nchan:
+    name = "nchan"
+
+    def __init__(self, port: int, pid: int, publisher: NchanPublisher) -> None:
+        self.pid = pid
+        self.sub_url = f"http://127.0.0.1:{port}/sub/execution"
+        self.publisher = publisher
+
+    async def last_seq(self) -> int:
+        await self.publisher.settle()
+        return self.publisher.last_seq
+
+    async def settle(self) -> None:
+        await self.publisher.settle()
+
+    async def publish(self, count: int) -> None:
+        await self.publisher.publish(count)
+
+
+class Gateway:
+    name = "gateway"
+
+    def __init__(self, port: int, pid: int, publisher: StreamPublisher) -> None:
+        self.pid = pid
+        self.sub_url = f"http://127.0.0.1:{port}/v1/stream?feeds=execution"
+        self.publisher = publisher
+
+    async def last_seq(self) -> int:
+        return await self.publisher.last_seq()
+
+    async def settle(self) -> None:
+        """Each append was awaited: nothing in flight."""
+
+    async def publish(self, count: int) -> None:
+        await self.publisher.publish(count)
+
+
+@asynccontextmanager
+async def start_nchan(stack: AsyncExitStack, workers: int) -> AsyncIterator[Nchan]:
+    port, proc = stack.enter_context(harness.private_nchan(workers))
+    publisher = await stack.enter_async_context(NchanPublisher(port, "execution"))
+    yield Nchan(port, proc.pid, publisher)
+
+
+@asynccontextmanager
+async def start_gateway(stack: AsyncExitStack, log_dir: str, env: dict[str, str]) -> AsyncIterator[Gateway]:
+    redis_url, _ = stack.enter_context(harness.private_redis())
+    port = harness.free_port()
+    prefix = f"bench{os.getpid()}"
+    proc = stack.enter_context(
+        harness.fanout_service(
+            "gateway",
+            {
+                "REDIS_URL": redis_url,
+                "FANOUT_KEY_PREFIX": prefix,
+                "FANOUT_GATEWAY_HOST": "127.0.0.1",
+                "FANOUT_GATEWAY_PORT": str(port),
+                "FANOUT_MAX_SUBSCRIBERS": "20000",
+                "FANOUT_LOG_LEVEL": "WARNING",
+                **env,
+            },
+            log_path=f"{log_dir}/gateway.log",
+            port=port,
+        )
+    )
+    publisher = await stack.enter_async_context(StreamPublisher(redis_url, prefix))
+    # The feed needs a stream before `from=latest` means anything: append one entry.
+    await publisher.publish(1)
+    yield Gateway(port, proc.pid, publisher)
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+async def quiesce(pid: int, limit_s: float = 30.0) -> None:
+    """Wait (bounded) until the server is idle, below 10% CPU over half a second, so a
+    window never starts while the previous one's backlog is still being sent."""
+    deadline = time.monotonic() + limit_s
+    before = usage(pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = usage(pid)
+        if now.cpu_percent_since(before) < 10:
+            return
+        before = now
+
+
+async def measure(
+    scenario: str, target: Target, pool: LoadClients, rate: float, duration: float, drain: float
+) -> Window:
+    await quiesce(target.pid)
+    base = await target.last_seq()
+    total = max(1, round(rate * duration))
+    await pool.window(base + 1, base + total)
+    server0, busy0, self0 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
+    started = time.monotonic()
+    published, _ = await pace(target.publish, rate, duration)
+    await target.settle()
+    drained = await pool.wait_done(drain)
+    seconds = time.monotonic() - started
+    server1, busy1, self1 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
+    rep = await pool.report()
+    if published != total:
+        raise BenchError(f"{target.name}: published {published} of {total}")
+    delivered = rep["delivered"]
+    cpu = server1.cpu_since(server0)
+    return Window(
+        scenario=scenario,
+        server=target.name,
+        clients=rep["connections"],
+        rate=rate,
+        seconds=seconds,
+        published=published,
+        expected=published * rep["connections"],
+        delivered=delivered,
+        lost=rep["lost"],
+        duplicated=rep["duplicated"],
+        missing=rep["missing"],
+        closed=rep["closed"],
+        unparsed=rep["unparsed"],
+        p50_ms=percentile_ms(rep["hist"], 0.50),
+        p99_ms=percentile_ms(rep["hist"], 0.99),
+        server_cpu_pct=server1.cpu_percent_since(server0),
+        server_cpu_us_per_event=(cpu / delivered * 1e6) if delivered else None,
+        server_rss_mb=server1.rss_bytes / 2**20,
+        client_cpu_pct=100.0 * rep["cpu_s"] / seconds,
+        publisher_cpu_pct=100.0 * (self1 - self0) / seconds,
+        other_cpu_pct=max(0.0, 100.0 * (busy1 - busy0 - cpu - rep["cpu_s"] - (self1 - self0)) / seconds),
+        drained=drained,
+    )
+
+
+async def connect(target: Target, clients: int, procs: int) -> LoadClients:
+    pool = LoadClients(target.sub_url, clients, procs)
+    await pool.start()
+    if pool.connected != clients:
+        await pool.close()
+        raise BenchError(f"{target.name}: only {pool.connected} of {clients} clients connected")
+    return pool
+
+
+def show(w: Window) -> None:
+    print(
+        f"  {w.scenario:<22} {w.server:<8} {w.delivered_per_s:>9,.0f} ev/s  "
+        f"p50 {_ms(w.p50_ms):>7} p99 {_ms(w.p99_ms):>7}  lost {w.lost} dup {w.duplicated} "
+        f"missing {w.missing}  cpu {w.server_cpu_pct:.0f}%  rss {w.server_rss_mb:.0f} MB  "
+        f"client cpu {w.client_cpu_pct:.0f}% other {w.other_cpu_pct:.0f}%  "
+        f"{'ok' if w.sustained else 'NOT SUSTAINED'}",
+        flush=True,
+    )
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.1f}" if v < 100 else f"{v:,.0f}")
+
+
+async def run(args: argparse.Namespace) -> Run:
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    result = Run(started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), args=vars(args).copy())
+    load1 = os.getloadavg()[0]
+    result.notes.append(f"load average at start: {load1:.2f} (2 cores; other processes share them)")
+    dur, drain = args.duration, args.drain
+    async with AsyncExitStack() as stack:
+        log_dir = tempfile.mkdtemp(prefix="bench-sse-")  # kept: the gateway's log, for a look
+        targets: list[Target] = []
+        if "nchan" in servers:
+            targets.append(await stack.enter_async_context(start_nchan(stack, args.nchan_workers)))
+        if "gateway" in servers:
+            env = dict(e.split("=", 1) for e in args.gateway_env)
+            targets.append(await stack.enter_async_context(start_gateway(stack, log_dir, env)))
+
+        # Memory per idle client, with the 1,000 clients the next scenarios use.
+        print(f"connecting {args.clients} idle clients to each server", flush=True)
+        pools: dict[str, LoadClients] = {}
+        for t in targets:
+            await quiesce(t.pid)
+            before = usage(t.pid).rss_bytes
+            pools[t.name] = await connect(t, args.clients, args.client_procs)
+            after = usage(t.pid).rss_bytes
+            result.idle_kb_per_client[t.name] = (after - before) / args.clients / 1024
+            print(
+                f"  {t.name}: {result.idle_kb_per_client[t.name]:.1f} KB per idle client "
+                f"(RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MB)",
+                flush=True,
+            )
+
+        async def each(scenario: str, rate: float, seconds: float, only: set[str] | None = None) -> None:
+            for t in targets:
+                if only is None or t.name in only:
+                    w = await measure(scenario, t, pools[t.name], rate, seconds, drain)
+                    show(w)
+                    result.windows.append(w)
+
+        print("warm-up (not reported)", flush=True)
+        for t in targets:
+            await measure("warm-up", t, pools[t.name], 50, 2, drain)
+
+        print(f"{args.clients} clients", flush=True)
+        for fixed in (50.0, 100.0):
+            await each(f"{args.clients} clients @ {fixed:g}/s", fixed, dur)
+        if not args.no_ramp:
+            going = {
+                t.name for t in targets if all(w.sustained for w in result.windows if w.server == t.name)
+            }
+            for rate in [float(r) for r in args.ramp.split(",")]:
+                if rate <= 100:
+                    continue
+                if not going:
+                    break
+                label = f"ramp {args.clients} @ {rate:g}/s"
+                await each(label, rate, args.ramp_duration, set(going))
+                failed = {w.server for w in result.windows[-len(going) :] if not w.sustained}
+                if failed:  # once more: on a shared machine one bad window can be noise
+                    await each(f"{label} retry", rate, args.ramp_duration, failed)
+                    failed = {w.server for w in result.windows[-len(failed) :] if not w.sustained}
+                going -= failed
+        for pool in pools.values():
+            await pool.close()
+
+        small = args.small_clients
+        print(f"{small} clients", flush=True)
+        for t in targets:
+            pools[t.name] = await connect(t, small, args.client_procs)
+        await each(f"{small} clients @ {args.small_rate:g}/s", args.small_rate, dur)
+        for pool in pools.values():
+            await pool.close()
+    if "gateway" in servers:
+        result.notes.extend(await asyncio.to_thread(_log_errors, Path(log_dir, "gateway.log")))
+    return result
+
+
+def _log_errors(path: Path) -> list[str]:
+    """A note on the errors a service logged (its log is kept for a look)."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    errors = [line for line in lines if '"ERROR"' in line or "Traceback" in line]
+    return [f"{path.stem} logged {len(errors)} errors ({path}); first: {errors[0][:300]}"] if errors else []
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def markdown(run: Run) -> str:
+    lines = [
+        "# SSE fan-out: feed-fanout gateway vs nginx + nchan",
+        "",
+        f"Run {run.started}, commit {_commit()}, `python -m bench.sse_fanout"
+        f"{' --quick' if run.args.get('quick') else ''}`; {os.cpu_count()} cores shared by server, "
+        f"load client ({run.args['client_procs']} processes) and publisher; nchan with "
+        f"{run.args['nchan_workers']} worker(s), the gateway one process.",
+        "",
+        "| scenario | server | delivered ev/s | expected ev/s | p50 ms | p99 ms | lost | dup "
+        "| missing at end | server CPU % | server µs/event | server RSS MB | client CPU % | other CPU % "
+        "| sustained |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for w in run.windows:
+        lines.append(
+            f"| {w.scenario} | {w.server} | {w.delivered_per_s:,.0f} | {w.rate * w.clients:,.0f} | "
+            f"{_ms(w.p50_ms)} | {_ms(w.p99_ms)} | {w.lost} | {w.duplicated} | {w.missing} | "
+            f"{w.server_cpu_pct:.0f} | {_ms(w.server_cpu_us_per_event)} | {w.server_rss_mb:.0f} | "
+            f"{w.client_cpu_pct:.0f} | {w.other_cpu_pct:.0f} | {'yes' if w.sustained else 'NO'} |"
+        )
+    lines += ["", "| figure | nchan | gateway | gateway / nchan |", "|---|---:|---:|---:|"]
+
+    def row(label: str, nchan: float | None, gateway: float | None, digits: int = 0) -> None:
+        lines.append(
+            f"| {label} | {_num(nchan, digits)} | {_num(gateway, digits)} | {_ratio(gateway, nchan)} |"
+        )
+
+    def rate_of(w: Window | None) -> float | None:
+        return None if w is None else w.delivered_per_s
+
+    by = {(w.scenario, w.server): w for w in run.windows}
+    for scenario in dict.fromkeys(w.scenario for w in run.windows):
+        row(
+            f"{scenario}: delivered ev/s",
+            rate_of(by.get((scenario, "nchan"))),
+            rate_of(by.get((scenario, "gateway"))),
+        )
+    clients = run.args["clients"]
+    best = {
+        s: max(
+            (w for w in run.windows if w.server == s and w.sustained and w.clients == clients),
+            key=lambda w: w.rate,
+            default=None,
+        )
+        for s in ("nchan", "gateway")
+    }
+    bn, bg = best["nchan"], best["gateway"]
+    row(
+        f"highest sustained rate, {clients:,} clients (msg/s)",
+        bn.rate if bn else None,
+        bg.rate if bg else None,
+    )
+    row("sustained deliveries/s at that rate", rate_of(bn), rate_of(bg))
+    kb = run.idle_kb_per_client
+    row("memory per idle client (KB)", kb.get("nchan"), kb.get("gateway"), 1)
+    ramp_top = max((float(r) for r in run.args["ramp"].split(",")), default=0)
+    lines += [
+        "",
+        "Delivered ev/s = events received by all clients / (publishing time + time to drain). "
+        f"Sustained = at least {SUSTAINED_SHARE:.0%} of the expected events received and p99 under "
+        f"{SUSTAINED_P99_MS:.0f} ms. The ramp stops for a server at its first rate not sustained "
+        f'(top step {ramp_top:g} msg/s), so "highest sustained" is a lower bound between ramp steps. '
+        "Lost = seqs the stream skipped; missing at end = not yet received when the window closed "
+        f"({run.args['drain']:g} s after publishing ended). Latency = the client's socket read - the "
+        "publish time stamped in the event (same clock). Server CPU = utime+stime of the process tree "
+        "over the window (100% = one core); other CPU = the machine's busy time (/proc/stat) less "
+        "server, load client and publisher: other work on the shared machine (and Redis for the "
+        "gateway), a measure of how noisy the window was. A ramp step not sustained is run once "
+        "more (marked `retry`) before the ramp stops for that server.",
+    ]
+    lines += [f"- {note}" for note in run.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _num(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=harness.REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.sse_fanout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--servers", default="nchan,gateway", help="comma-separated: nchan, gateway")
+    p.add_argument(
+        "--clients", type=int, default=1000, help="clients for the idle-memory, 50/100 msg/s and ramp runs"
+    )
+    p.add_argument("--small-clients", type=int, default=100, help="clients for the high-rate run")
+    p.add_argument("--small-rate", type=float, default=1000, help="msg/s for the high-rate run")
+    p.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
+    p.add_argument(
+        "--ramp", default="150,200,300,400,600,800,1200", help="ramp rates (msg/s) after 50 and 100"
+    )
+    p.add_argument("--ramp-duration", type=float, default=10, help="seconds of publishing per ramp step")
+    p.add_argument("--no-ramp", action="store_true")
+    p.add_argument("--drain", type=float, default=5, help="seconds after publishing to wait for stragglers")
+    p.add_argument("--client-procs", type=int, default=2, help="load client processes")
+    p.add_argument("--nchan-workers", type=int, default=1, help="nginx worker processes")
+    p.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for `fanout gateway` (repeatable)",
+    )
+    p.add_argument("--quick", action="store_true", help="5 s windows, 3 s ramp steps")
+    p.add_argument("--out", default=str(RESULTS / "sse_fanout.md"), help="markdown output ('-': none)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.ramp_duration = 5.0, 3.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        result = asyncio.run(run(args))
+    except BenchError as exc:
+        print(f"bench.sse_fanout: {exc}", file=sys.stderr)
+        return 1
+    text = markdown(result)
+    print()
+    print(text)
+    if args.out != "-":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "started": result.started,
+                    "args": result.args,
+                    "idle_kb_per_client": result.idle_kb_per_client,
+                    "windows": [
+                        asdict(w) | {"delivered_per_s": w.delivered_per_s, "sustained": w.sustained}
+                        for w in result.windows
+                    ],
+                    "notes": result.notes,
+                },
+                indent=1,
+            )
+        )
+        print(f"written to {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
