@@ -360,9 +360,11 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def rig(base_settings: Settings, redis: Any) -> AsyncIterator[tuple[Gateway, Relay]]:
-    gateway = Gateway(base_settings, FANOUT_TOKENS="page-token=*")
+    gateway = Gateway(base_settings, FANOUT_TOKENS="page-token=*;exec-token=execution")
     relay = Relay(gateway.port)
     await relay.start()
+    # a page served from the relay's origin may also call the gateway directly (CORS)
+    gateway.env["FANOUT_CORS_ORIGINS"] = f"http://127.0.0.1:{relay.port}"
     await gateway.start()
     try:
         yield gateway, relay
@@ -594,6 +596,42 @@ async def test_page_shows_a_reset_when_redis_lost_a_stream(
         lambda: browser.js("document.getElementById('notice-count').textContent === '0 / 1'"),
         "the notice counter",
     )
+    assert browser.errors == []
+
+
+async def test_web_app_flow_with_a_ticket_and_cross_origin(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    gateway, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("execution", 1)
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/healthz")
+    # A web app on another origin: POST for a ticket with its token (CORS preflight for
+    # the Authorization header), then EventSource with the ticket: the token stays out of URLs.
+    opened = await browser.js(
+        f"""(async () => {{
+          const gateway = 'http://127.0.0.1:{gateway.port}';
+          const reply = await fetch(gateway + '/v1/tickets?feeds=execution', {{
+            method: 'POST', headers: {{Authorization: 'Bearer exec-token'}}}});
+          const body = await reply.json();
+          const w = window.web = {{status: reply.status, body, seqs: [], errors: 0, again: null}};
+          const url = gateway + '/v1/stream?feeds=execution&ticket=' + encodeURIComponent(body.ticket);
+          const es = w.es = new EventSource(url);
+          es.addEventListener('execution', e => w.seqs.push(JSON.parse(e.data).seq));
+          await new Promise((ok, fail) => {{ es.onopen = ok; es.onerror = fail; }});
+          // the same ticket a second time: refused, and EventSource gives up (no retry loop)
+          const again = new EventSource(url);
+          await new Promise(done => {{ again.onerror = done; }});
+          w.again = again.readyState;
+          return true;
+        }})()"""
+    )
+    assert opened is True
+    web = await browser.js("({status: web.status, feeds: web.body.feeds, again: web.again})")
+    assert web == {"status": 201, "feeds": ["execution"], "again": 2}  # 2: EventSource.CLOSED
+    await feeds.add("execution", 3)
+    await eventually(lambda: browser.js("web.seqs.length === 3 && web.seqs"), "events over the ticket")
+    assert await browser.js("web.seqs") == [2, 3, 4]
     assert browser.errors == []
 
 
