@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import logging
+import signal
 from types import FrameType
 
 import uvicorn
@@ -50,6 +51,10 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _after_shutdown(sig: int, frame: FrameType | None) -> None:
+    """The SIGTERM uvicorn re-raises after its graceful shutdown: already handled."""
+
+
 def run(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_args(args)
     logs.configure("gateway", settings.log_format, settings.log_level)
@@ -67,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
     server = _Server(config, app.state.stop)
+    # uvicorn re-raises the exit signal once it has shut down; with the default handler
+    # that would kill the process after a clean shutdown (exit -15 instead of 0).
+    signal.signal(signal.SIGTERM, _after_shutdown)
     server.run()
     if not server.started:
         log.error(

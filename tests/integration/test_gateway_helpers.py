@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,7 +175,8 @@ class Stream:
 
 async def open_stream(port: int, query: str = "", headers: Mapping[str, str] | None = None) -> Stream:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = f"GET /v1/stream{'?' + query if query else ''} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+    target = "/v1/stream" + ("?" + query if query else "")
+    head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
     for k, v in (headers or {}).items():
         head += f"{k}: {v}\r\n"
     writer.write((head + "\r\n").encode())
@@ -220,21 +222,24 @@ class GatewayProcess:
         self.port = port or free_port()
         self.env = gateway_env(settings, self.port, **env)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log: Any = None
 
     async def start(self) -> None:
-        self.proc = subprocess.Popen(
+        if self.log is not None:
+            self.log.close()
+        self.log = tempfile.TemporaryFile()
+        self.proc = await asyncio.to_thread(
+            subprocess.Popen,
             [sys.executable, "-m", "fanout.cli", "gateway"],
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.log,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # nothing to await but the port: poll with a deadline
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"gateway exited: {self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ''}"
-                )
+                raise RuntimeError(f"gateway exited: {self.stderr()[-2000:]}")
             with contextlib.suppress(OSError):
                 r, w = await asyncio.open_connection("127.0.0.1", self.port)
                 w.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -256,9 +261,18 @@ class GatewayProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def close(self) -> None:
+        """Kill it if it still runs, and drop its log."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
     def stderr(self) -> str:
-        assert self.proc is not None and self.proc.stderr is not None
-        return self.proc.stderr.read().decode()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
 
 @contextlib.asynccontextmanager
@@ -268,9 +282,7 @@ async def running_gateway(settings: Any, **env: str) -> AsyncIterator[GatewayPro
     try:
         yield gw
     finally:
-        if gw.proc is not None and gw.proc.poll() is None:
-            gw.proc.kill()
-            gw.proc.wait()
+        gw.close()
 
 
 @contextlib.asynccontextmanager
