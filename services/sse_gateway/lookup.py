@@ -2,7 +2,8 @@
 
 - `GET /v1/feeds`: per feed the token may read: its epoch, last id and seq, the
   stream's length and first entry, the cursor that resumes from the latest point,
-  and how far the Postgres catalogue has archived it.
+  and how far the Postgres catalogue has archived it; plus one cursor resuming all
+  of those feeds from their latest points.
 - `GET /v1/messages/{message_id}`: where a message is: its feed, its stream entry
   (from the dedup key's entry id, `XRANGE id id`) while Redis still holds it, and
   whether it is archived, with its catalogue row. 400 for a malformed id, 404 when
@@ -141,7 +142,10 @@ async def list_feeds(request: Request) -> Response:
                 "archive": await _archive_state(request, feed, epoch),
             }
         )
-    return JSONResponse({"feeds": out})
+    # one cursor for all of them, for `curl -H 'Last-Event-ID: ...'` on a multi-feed stream
+    started = {f["name"]: cursor.Position(f["epoch"], f["last_id"], f["last_seq"]) for f in out if f["epoch"]}
+    both = cursor.format(started, [f for f in feeds if f in started]) if started else None
+    return JSONResponse({"feeds": out, "resume_latest": both})
 
 
 async def _archive_state(request: Request, feed: str, epoch: str | None) -> dict[str, Any]:

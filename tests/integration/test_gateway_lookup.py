@@ -149,6 +149,7 @@ async def test_feeds_before_anything_was_ingested(app: Starlette) -> None:
         state = (f["epoch"], f["last_id"], f["last_seq"], f["length"], f["first_id"])
         assert state == (None, None, 0, 0, None)
         assert f["resume_latest"] is None
+    assert reply.json()["resume_latest"] is None
 
 
 async def test_feeds_show_epoch_ids_seqs_length_and_archive(
@@ -178,6 +179,10 @@ async def test_feeds_show_epoch_ids_seqs_length_and_archive(
         "execution": cursor.Position(EPOCH, ids[-1], 5)
     }
     assert (sport_feed["last_seq"], sport_feed["length"]) == (1, 1)
+    assert cursor.parse(reply.json()["resume_latest"]) == {
+        "execution": cursor.Position(EPOCH, ids[-1], 5),
+        "sport_event": cursor.Position(EPOCH, sport_feed["last_id"], 1),
+    }
     assert sport_feed["archive"]["last_seq"] is None  # nothing of it archived yet
 
 
@@ -303,3 +308,29 @@ async def test_message_not_in_redis_with_catalogue_down_is_503(
     body = (await call(app, "GET", f"/v1/messages/{mid(1)}")).json()
     assert body["in_redis"] is True and body["archived"] is False
     assert "unreachable" in body["archive_detail"]
+
+
+async def test_resume_latest_cursor_resumes_a_real_stream_right_after_the_latest_entries(
+    base_settings: Settings, redis: Any
+) -> None:
+    import aiohttp
+
+    from tests.integration.test_gateway_helpers import inprocess_gateway, open_stream
+
+    prefix = base_settings.key_prefix
+    await append(redis, prefix, "execution", [(mid(i), execution(i)) for i in range(1, 4)])
+    await append(redis, prefix, "sport_event", [(mid(i), sport_event(i)) for i in range(10, 12)])
+    async with inprocess_gateway(gateway_settings(base_settings, tokens="")) as app:
+        port = app.state.port
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/v1/feeds") as reply:
+            resume = (await reply.json())["resume_latest"]
+        stream = await open_stream(port, "feeds=execution,sport_event", {"Last-Event-ID": resume})
+        try:
+            assert stream.status == 200
+            await append(redis, prefix, "sport_event", [(mid(12), sport_event(12))])
+            await append(redis, prefix, "execution", [(mid(4), execution(4))])
+            first, second = await stream.collect(2)
+            assert (first.event, first.json()["seq"]) == ("sport_event", 3)
+            assert (second.event, second.json()["seq"]) == ("execution", 4)
+        finally:
+            stream.close()
