@@ -5,6 +5,7 @@ slow clients, bad requests, limits and the ops endpoints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from typing import Any
@@ -445,3 +446,68 @@ async def test_from_a_time_starts_at_the_first_entry_at_or_after_it(
         s = await open_stream(app.state.port, f"feeds=execution&from={when}")
         assert seqs(await s.collect(2), "execution") == [4, 5]
         s.close()
+
+
+async def test_an_idle_stream_gets_heartbeat_comments_and_a_retry_hint(make_settings: Any) -> None:
+    async with inprocess_gateway(make_settings(heartbeat=0.2, retry_ms=1234)) as app:
+        s = await open_stream(app.state.port, "feeds=execution")
+        raw = b""
+        async with asyncio.timeout(20):
+            while raw.count(b": heartbeat") < 2:
+                raw += await s._read_body()
+        s.close()
+    assert raw.startswith(b"retry: 1234\n\nid: v1:execution.-.0-0.0\n\n")
+
+
+async def test_a_client_that_stops_reading_is_disconnected_and_resumes_exactly(
+    make_settings: Any, redis: Any, writer: Writer
+) -> None:
+    settings = make_settings(client_buffer=20, slow_client_timeout=0.5)
+    disconnects = metric("fanout_gateway_slow_disconnects_total")
+    async with inprocess_gateway(settings) as app:
+        s = await open_stream(app.state.port, "feeds=execution", receive_buffer=4096)
+        await s.next()
+        for _ in range(20):  # far more than the socket buffers hold, and the client reads nothing
+            await writer.append("execution", 500)
+        async with asyncio.timeout(30):
+            while (
+                metric("fanout_gateway_slow_disconnects_total") == disconnects
+            ):  # counted on the server's task
+                await asyncio.sleep(0.05)
+        with pytest.raises(EOFError):  # what was in the pipe, then the end
+            while True:
+                await s.next()
+        s.close()
+        t = await open_stream(app.state.port, "feeds=execution", {"Last-Event-ID": s.last_id or ""})
+        await t.collect(10_000 - len(feed_events(s)), within=60)
+        t.close()
+    assert seqs(feed_events(s) + feed_events(t), "execution") == list(range(1, 10_001))
+
+
+async def test_without_postgres_live_streaming_goes_on_and_a_history_resume_ends_cleanly(
+    make_settings: Any, redis: Any, writer: Writer
+) -> None:
+    from tests.integration.test_gateway_helpers import free_port
+
+    settings = make_settings(database_url=f"postgresql://127.0.0.1:{free_port()}/nothing")
+    await writer.append("execution", 20)
+    entries = await xrange_all(redis, settings.key_prefix, "execution")
+    await redis.xtrim(Keys(settings.key_prefix).stream("execution"), maxlen=10, approximate=False)
+    async with inprocess_gateway(settings) as app:
+        live = await open_stream(app.state.port, "feeds=execution")
+        behind = await open_stream(
+            app.state.port, "feeds=execution", {"Last-Event-ID": at("execution", entries, 2)}
+        )
+        await writer.append("execution", 2)
+        assert seqs(await live.collect(2), "execution") == [21, 22]
+        raw = b""
+        with contextlib.suppress(EOFError):
+            while chunk := await behind._read_body():
+                raw += chunk
+        live.close()
+        behind.close()
+        earliest = await open_stream(app.state.port, "feeds=execution&from=earliest")
+    assert b"history is unavailable" in raw
+    assert b"event: execution" not in raw  # nothing skipped: it ends rather than jump the hole
+    assert earliest.status == 503
+    assert json.loads(earliest.body)["error"] == "history unavailable"

@@ -173,8 +173,17 @@ class Stream:
         self.writer.transport.abort()
 
 
-async def open_stream(port: int, query: str = "", headers: Mapping[str, str] | None = None) -> Stream:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def open_stream(
+    port: int, query: str = "", headers: Mapping[str, str] | None = None, receive_buffer: int | None = None
+) -> Stream:
+    if receive_buffer is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    else:  # a small window: a client that does not read soon stalls the server's writes
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=receive_buffer)
     target = "/v1/stream" + ("?" + query if query else "")
     head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
     for k, v in (headers or {}).items():
