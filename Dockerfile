@@ -15,8 +15,8 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 ENV PYTHONUNBUFFERED=1 \
     FANOUT_LOG_FORMAT=json
 USER fanout
-# gateway, ingestor ops, archiver ops
-EXPOSE 8000 9101 9102
+# gateway, ingestor ops, archiver ops, simulator ops
+EXPOSE 8000 9101 9102 9103
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["fanout"]
 CMD ["--help"]

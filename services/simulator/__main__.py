@@ -16,7 +16,8 @@ from services.simulator.publisher import Counts, publish_feed
 from shared import logs
 from shared.feeds import FEED_NAMES
 from shared.lifecycle import install_stop_signals
-from shared.settings import Settings, SettingsError, setting
+from shared.monitoring import OpsServer
+from shared.settings import Settings, SettingsError, parse_host_port, setting
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def _optional_int(text: str) -> int | None:
     return value or None
 
 
+def _optional_host_port(text: str) -> tuple[str, int] | None:
+    return parse_host_port(text) if text.strip() else None
+
+
 @dataclass(frozen=True)
 class SimulatorSettings(Settings):
     feeds: str = setting("FANOUT_FEEDS", ",".join(FEED_NAMES), "feeds to publish, comma-separated")
@@ -52,6 +57,10 @@ class SimulatorSettings(Settings):
     )
     seed: int | None = setting(
         "FANOUT_FEEDS_SEED", None, "random seed, for a reproducible sequence", parse=int
+    )
+    http: tuple[str, int] | None = setting(
+        "FANOUT_FEEDS_HTTP", None, "HOST:PORT of /healthz /readyz /metrics (unset: not served)",
+        _optional_host_port,
     )
 
     @property
@@ -77,7 +86,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = SimulatorSettings.from_args(args)
-    logs.configure("feeds", settings.log_format, settings.log_level)
+    logs.configure("simulator", settings.log_format, settings.log_level)
     return asyncio.run(main(settings))
 
 
@@ -116,6 +125,20 @@ async def main(settings: SimulatorSettings, stop: asyncio.Event | None = None) -
                "malformed_share": settings.malformed_share, "url": settings.nats_url},
     )
     counts = [Counts(feed) for feed in settings.feed_list]
+    ops: OpsServer | None = None
+    if settings.http is not None:
+
+        async def nats_connected() -> bool:
+            return bool(nc.is_connected)
+
+        ops = OpsServer(*settings.http, {"nats": nats_connected})
+        try:
+            await ops.start()
+        except OSError as exc:
+            log.error("cannot listen for the ops endpoints; set FANOUT_FEEDS_HTTP to a free HOST:PORT",
+                      extra={"http": settings.http, "error": str(exc)})
+            await nc.close()
+            return 1
     try:
         await asyncio.gather(
             *(
@@ -133,6 +156,8 @@ async def main(settings: SimulatorSettings, stop: asyncio.Event | None = None) -
             )
         )
     finally:
+        if ops is not None:
+            await ops.stop()
         with contextlib.suppress(Exception):
             await nc.drain()
     for c in counts:

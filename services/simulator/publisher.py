@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
+from services.simulator import metrics
 from services.simulator.generator import Payload
 from shared.lifecycle import Backoff, wait_or_stop
 
@@ -74,6 +75,7 @@ async def publish_feed(
                 await nc.flush()
             except (NatsError, OSError) as exc:
                 counts.failed += len(batch)
+                metrics.FAILED.labels(counts.feed).inc(len(batch))
                 log.warning("publish failed; retrying", extra={"feed": counts.feed, "error": repr(exc),
                                                                 "lost": len(batch)})
                 if await backoff.wait(stop):
@@ -81,10 +83,12 @@ async def publish_feed(
                 continue
             backoff.reset()
             counts.published += len(batch)
+            metrics.PUBLISHED.labels(counts.feed).inc(len(batch))
             for payload in batch:
                 if payload.defect is not None:
                     counts.malformed += 1
                     counts.defects[payload.defect] = counts.defects.get(payload.defect, 0) + 1
+                    metrics.MALFORMED.labels(counts.feed, payload.defect).inc()
             if rate > 0:
                 next_due = start + attempted / rate  # when message number attempted+1 falls due
                 wait = max(MIN_TICK, next_due - loop.time())

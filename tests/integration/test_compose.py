@@ -136,7 +136,7 @@ def test_health_checks_gate_the_start_order_and_everything_restarts() -> None:
             assert dep in services, f"{name} depends on unknown {dep}"
             if cond["condition"] == "service_healthy":
                 assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no health check"
-    for name in ("nats", "redis", "postgres", "ingestor", "archiver", "gateway"):
+    for name in ("nats", "redis", "postgres", "ingestor", "archiver", "gateway", "feeds"):
         assert "healthcheck" in services[name], name
     assert services["ingestor"]["depends_on"].keys() == {"nats", "redis"}
     assert services["archiver"]["depends_on"].keys() == {"redis", "postgres"}

@@ -101,3 +101,38 @@ async def test_unreachable_nats_waits_and_stops_on_signal(base_settings: Setting
     assert not task.done()
     stop.set()
     assert await asyncio.wait_for(task, DEADLINE) == 0
+
+
+async def test_ops_endpoints_and_metrics(nats: Any, base_settings: Settings) -> None:
+    import aiohttp
+
+    from services.simulator.__main__ import _optional_host_port
+
+    port = _free_port()
+    _, _, first = await _subscribe(nats, base_settings)
+    settings = SimulatorSettings.from_env(
+        {}, **{**vars(base_settings), "rate": 200.0, "http": _optional_host_port(f"127.0.0.1:{port}")}
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(main(settings, stop))
+    try:
+        await asyncio.wait_for(first.wait(), DEADLINE)  # publishing, so the endpoints are up
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 200
+                assert (await r.json())["checks"] == {"nats": "ok"}
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+        assert 'fanout_simulator_published_total{feed="execution"}' in text
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, DEADLINE) == 0
+    assert _optional_host_port("") is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
