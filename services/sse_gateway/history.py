@@ -40,7 +40,7 @@ async def redis_after(
     redis: Redis, keys: Keys, feed: str, after_id: str, upto_id: str, limit: int
 ) -> list[Record]:
     """Entries after `after_id` (exclusive) up to `upto_id` (inclusive), oldest first."""
-    raw = await redis.xrange(keys.stream(feed), min="(" + after_id, max=upto_id, count=limit)
+    raw: Any = await redis.xrange(keys.stream(feed), min="(" + after_id, max=upto_id, count=limit)
     return [from_entry(feed, entry_id, fields) for entry_id, fields in raw]
 
 
@@ -51,7 +51,7 @@ def from_entry(feed: str, entry_id: Any, raw: Mapping[Any, Any]) -> Record:
 
 async def redis_first(redis: Redis, keys: Keys, feed: str, min_id: str = "-") -> tuple[str, int] | None:
     """The (id, seq) of the first entry at or after `min_id`."""
-    raw = await redis.xrange(keys.stream(feed), min=min_id, max="+", count=1)
+    raw: Any = await redis.xrange(keys.stream(feed), min=min_id, max="+", count=1)
     if not raw:
         return None
     entry_id, fields = raw[0]

@@ -166,7 +166,7 @@ class Hub:
                     self._ready[feed].set()
                     self._signal(feed)
                 position = self.positions[feed]
-                reply = await self.redis.xread(
+                reply: Any = await self.redis.xread(
                     {stream: position.entry_id}, count=self.batch, block=self.block_ms
                 )
                 if reply:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis
@@ -121,7 +121,7 @@ class Subscriber:
     def cursor(self) -> bytes:
         return cursor.format(self.positions, self.feeds).encode()
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         """The bytes to send, chunk by chunk, until closed."""
         yield frames.retry(self.settings.retry_ms) + frames.id_only(self.cursor())
         self.live = self.hub.join(self)

@@ -75,8 +75,8 @@ class Writer:
 
 
 async def xrange_all(redis: Redis, prefix: str, feed: str) -> list[tuple[str, dict[str, str]]]:
-    raw = await redis.xrange(Keys(prefix).stream(feed))
-    return [(i.decode() if isinstance(i, bytes) else i, codec.str_entry(f)) for i, f in raw]
+    raw: Any = await redis.xrange(Keys(prefix).stream(feed))
+    return [(i.decode() if isinstance(i, bytes) else str(i), codec.str_entry(f)) for i, f in raw]
 
 
 @dataclass
@@ -281,12 +281,14 @@ class GatewayProcess:
 
     def stderr(self) -> str:
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")
+        return str(self.log.read().decode(errors="replace"))
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Any, **env: str) -> AsyncIterator[GatewayProcess]:
-    gw = GatewayProcess(settings, **env)
+async def running_gateway(
+    settings: Any, env: Mapping[str, str] | None = None
+) -> AsyncIterator[GatewayProcess]:
+    gw = GatewayProcess(settings, None, **(env or {}))
     await gw.start()
     try:
         yield gw
