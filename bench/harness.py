@@ -292,3 +292,10 @@ def fanout_service(
     finally:
         if log_path and not isinstance(log, int):
             log.close()
+
+
+def log_errors(path: Path) -> list[str]:
+    """A note on the errors a service logged (its log is kept for a look), or none."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    errors = [line for line in lines if '"ERROR"' in line or "Traceback" in line]
+    return [f"{path.stem} logged {len(errors)} errors ({path}); first: {errors[0][:300]}"] if errors else []

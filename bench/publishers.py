@@ -200,3 +200,49 @@ class StreamPublisher:
             argv += [self._broker_seq, len(fields), *fields]
         await self.script(keys=keys, args=argv)
         self.sent += count
+
+
+class NatsPublisher:
+    """Protobuf executions on the feed's NATS subject (core publish, as the simulator and
+    upstreams do; JetStream captures the subject), executionEpoch = publish time in ns."""
+
+    def __init__(self, nats_url: str, subject: str) -> None:
+        self.nats_url = nats_url
+        self.subject = subject
+        self.sent = 0
+        self._nc: Any = None
+
+    async def __aenter__(self) -> NatsPublisher:
+        import nats
+
+        self._nc = await nats.connect(self.nats_url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+
+    async def publish(self, count: int) -> None:
+        from shared.proto import execution_pb2
+
+        for _ in range(count):
+            self.sent += 1
+            msg = execution_pb2.execution(
+                symbol="BENCH",
+                market="XBENCH",
+                price=100.0 + (self.sent % 100) / 4,
+                quantity=3.5,
+                executionEpoch=time.time_ns(),
+                stateSymbol="OK",
+            )
+            await self._nc.publish(self.subject, msg.SerializeToString())
+        await self._nc.flush()
+
+    async def stream_exists(self, stream: str) -> bool:
+        from nats.js.errors import NotFoundError
+
+        try:
+            await self._nc.jetstream().stream_info(stream)
+        except NotFoundError:
+            return False
+        return True

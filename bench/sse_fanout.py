@@ -52,7 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench import harness
+from bench import harness, profile
 from bench.harness import BenchError, percentile_ms, usage
 from bench.loadclient import LoadClients
 from bench.publishers import NchanPublisher, StreamPublisher, pace
@@ -214,7 +214,13 @@ async def quiesce(pid: int, limit_s: float = 30.0) -> None:
 
 
 async def measure(
-    scenario: str, target: Target, pool: LoadClients, rate: float, duration: float, drain: float
+    scenario: str,
+    target: Target,
+    pool: LoadClients,
+    rate: float,
+    duration: float,
+    drain: float,
+    profile_dir: str | None = None,
 ) -> Window:
     await quiesce(target.pid)
     base = await target.last_seq()
@@ -222,12 +228,25 @@ async def measure(
     await pool.window(base + 1, base + total)
     server0, busy0, self0 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
     started = time.monotonic()
+    raw = (
+        Path(profile_dir, f"{target.name} {scenario}.txt".replace("/", "per").replace(" ", "_"))
+        if profile_dir
+        else None
+    )
+    sampler = profile.record(target.pid, duration, raw) if raw and target.name != "nchan" else None
     published, _ = await pace(target.publish, rate, duration)
     await target.settle()
     drained = await pool.wait_done(drain)
     seconds = time.monotonic() - started
     server1, busy1, self1 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
     rep = await pool.report()
+    if sampler is not None and raw is not None:
+        await asyncio.to_thread(sampler.wait)
+        if raw.exists():
+            summary = await asyncio.to_thread(profile.summary, raw)
+            await asyncio.to_thread(
+                raw.with_suffix(".md").write_text, f"# {target.name}: {scenario}\n\n{summary}"
+            )
     if published != total:
         raise BenchError(f"{target.name}: published {published} of {total}")
     delivered = rep["delivered"]
@@ -315,7 +334,7 @@ async def run(args: argparse.Namespace) -> Run:
         async def each(scenario: str, rate: float, seconds: float, only: set[str] | None = None) -> None:
             for t in targets:
                 if only is None or t.name in only:
-                    w = await measure(scenario, t, pools[t.name], rate, seconds, drain)
+                    w = await measure(scenario, t, pools[t.name], rate, seconds, drain, args.profile)
                     show(w)
                     result.windows.append(w)
 
@@ -353,15 +372,8 @@ async def run(args: argparse.Namespace) -> Run:
         for pool in pools.values():
             await pool.close()
     if "gateway" in servers:
-        result.notes.extend(await asyncio.to_thread(_log_errors, Path(log_dir, "gateway.log")))
+        result.notes.extend(await asyncio.to_thread(harness.log_errors, Path(log_dir, "gateway.log")))
     return result
-
-
-def _log_errors(path: Path) -> list[str]:
-    """A note on the errors a service logged (its log is kept for a look)."""
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    errors = [line for line in lines if '"ERROR"' in line or "Traceback" in line]
-    return [f"{path.stem} logged {len(errors)} errors ({path}); first: {errors[0][:300]}"] if errors else []
 
 
 # --- the report ------------------------------------------------------------------------
@@ -490,6 +502,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=VALUE",
         help="extra environment for `fanout gateway` (repeatable)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample the gateway with py-spy during each window; raw profiles and summaries go to DIR",
     )
     p.add_argument("--quick", action="store_true", help="5 s windows, 3 s ramp steps")
     p.add_argument("--out", default=str(RESULTS / "sse_fanout.md"), help="markdown output ('-': none)")
