@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import nats
@@ -40,7 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.ingestor import jetstream, metrics
 from services.ingestor.jetstream import StreamHandle
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.writer import Delivery, Writer
+from services.ingestor.writer import BatchResult, Delivery, Prepared, Writer
 from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,26 @@ class PullLoop:
         return batch
 
 
+class _Following:
+    """Takes and prepares the next batch, once, when called (while Redis runs the current one)."""
+
+    def __init__(self, loop: PullLoop, writer: Writer, created_ms: int) -> None:
+        self.loop = loop
+        self.writer = writer
+        self.created_ms = created_ms
+        self.batch: list[Delivery] = []
+        self.prepared: Prepared | None = None
+        self._done = False
+
+    def __call__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.loop.buffer:
+            self.batch = self.loop.take()
+            self.prepared = self.writer.prepare(self.batch, self.created_ms)
+
+
 class Ingestor:
     """Connects, sets up JetStream, and runs the pull loop until the stop event."""
 
@@ -215,6 +236,7 @@ class Ingestor:
         self._abandon = asyncio.Event()
         self._nats_down = False
         self._closing = False
+        self._flushing: asyncio.Task[None] | None = None
 
     # -- NATS connection -------------------------------------------------------------
 
@@ -335,6 +357,7 @@ class Ingestor:
             watcher.cancel()
             if self._loop is not None:
                 await self._loop.close()
+            await self._wait_flushed()
             if self.nc is not None:
                 try:
                     await self.nc.flush(timeout=2)
@@ -378,9 +401,7 @@ class Ingestor:
             if not loop.buffer:
                 await self._wait_for_work(loop)
                 continue
-            batch = loop.take()
-            if not await self._settle(batch):
-                self.stats.abandoned += len(batch) + len(loop.buffer)
+            if not await self._process(loop):
                 return
 
     async def _wait_for_work(self, loop: PullLoop) -> None:
@@ -397,23 +418,47 @@ class Ingestor:
 
     async def _drain_buffer(self) -> None:
         assert self._loop is not None
-        while self._loop.buffer:
-            if not await self._settle(self._loop.take()):
-                return
+        if self._loop.buffer:
+            await self._process(self._loop)
 
-    async def _settle(self, batch: list[Delivery]) -> bool:
-        """Write a batch to Redis (retrying while Redis is away), then ack it.
+    async def _process(self, loop: PullLoop) -> bool:
+        """Write and ack what is buffered, batch after batch, in stream order.
 
-        False if the ingestor was stopped and the grace period ran out first: the batch
-        stays unacked and JetStream redelivers it.
+        While Redis runs batch k, batch k+1 is decoded and packed, so the CPU work and
+        the Redis work overlap; batch k+1 goes out only once batch k is written and acked.
+        False if stopped before Redis took a batch (it stays unacked, to be redelivered).
         """
         assert self.handle is not None and self.nc is not None
+        created_ms = self.handle.created_ms
+        batch = loop.take()
+        prepared = self.writer.prepare(batch, created_ms)
+        while True:
+            started = time.perf_counter()
+            following = _Following(loop, self.writer, created_ms)
+            result = await self._write(prepared, len(batch), following)
+            if result is None:
+                self.stats.abandoned += len(batch) + len(following.batch) + len(loop.buffer)
+                return False
+            await self._ack(batch, result, started)
+            following()  # if Redis failed before it could run
+            if not following.batch:
+                return True
+            assert following.prepared is not None
+            batch, prepared = following.batch, following.prepared
+            if not self.stop.is_set() and self.nc.is_connected:
+                await loop.top_up()
+
+    async def _write(
+        self, prepared: Prepared, size: int, meanwhile: Callable[[], None] | None = None
+    ) -> BatchResult | None:
+        """Send a batch to Redis, retrying with backoff while Redis is away or refuses it.
+
+        None if the ingestor was stopped and the grace period ran out first."""
         backoff = Backoff(cap=5.0)
         outage = False
-        started = time.perf_counter()
         while True:
             try:
-                result = await asyncio.shield(self.writer.write(batch, self.handle.created_ms))
+                result = await self.writer.send(prepared, meanwhile)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if not outage:
@@ -422,29 +467,28 @@ class Ingestor:
                     metrics.OUTAGES.labels(server="redis").inc()
                     log.warning(
                         "Redis unreachable; retrying the batch with backoff (nothing acked)",
-                        extra={"error": str(exc) or type(exc).__name__, "batch": len(batch)},
+                        extra={"error": str(exc) or type(exc).__name__, "batch": size},
                     )
             except RedisError as exc:
                 if not outage:
                     outage = True
                     log.error(
                         "Redis refused the batch; retrying with backoff (nothing acked)",
-                        extra={"error": str(exc), "batch": len(batch)},
+                        extra={"error": str(exc), "batch": size},
                     )
             if await backoff.wait(self._abandon):
-                return False
+                return None
         if outage:
-            log.info("Redis answered again; batch written")
+            log.info("Redis answered again; batch written", extra={"batch": size})
+        return result
+
+    async def _ack(self, batch: list[Delivery], result: BatchResult, started: float) -> None:
+        """Ack a batch Redis has answered for; the flush overlaps the next batch's write."""
+        assert self.nc is not None
         for d in batch:
             await self.nc.publish(d.reply, b"+ACK")
-        try:
-            await self.nc.flush(timeout=5)
-        except (OSError, TimeoutError, nats.errors.Error) as exc:
-            # Written but maybe not acked: JetStream redelivers and the dedup keys drop them.
-            log.warning(
-                "acks not confirmed by NATS; the batch will be redelivered and deduplicated",
-                extra={"error": str(exc) or type(exc).__name__, "batch": len(batch)},
-            )
+        await self._wait_flushed()
+        self._flushing = asyncio.create_task(self._flush(len(batch)))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         redelivered = sum(1 for d in batch if d.delivered > 1)
         if redelivered:
@@ -454,4 +498,19 @@ class Ingestor:
         self.stats.duplicates.update(result.duplicates)
         self.stats.dead_letters += result.dead_letters
         self.stats.batches += 1
-        return True
+
+    async def _flush(self, size: int) -> None:
+        assert self.nc is not None
+        try:
+            await self.nc.flush(timeout=5)
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            # Written but maybe not acked: JetStream redelivers and the dedup keys drop them.
+            log.warning(
+                "acks not confirmed by NATS; the batch will be redelivered and deduplicated",
+                extra={"error": str(exc) or type(exc).__name__, "batch": size},
+            )
+
+    async def _wait_flushed(self) -> None:
+        if self._flushing is not None:
+            flushing, self._flushing = self._flushing, None
+            await flushing
