@@ -1,0 +1,106 @@
+"""The benchmark's SSE load client counts exactly: every event once, lost and duplicated
+seqs, across HTTP chunk boundaries and socket reads split anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from bench.loadclient import BUCKET_NS, SSEConnection, Stats
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _event(seq: int, publish_ns: int, event: str = "execution") -> bytes:
+    data = f'{{"symbol":"B","executionEpoch":{publish_ns},"message_id":"1.{seq}","seq":{seq}}}'
+    return f"event: {event}\ndata: {data}\nid: v1:execution.e.1-{seq}.{seq}\n\n".encode()
+
+
+def _chunked(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+HEAD_CHUNKED = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+HEAD_PLAIN = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+
+
+def _connection(lo: int, hi: int) -> tuple[SSEConnection, Stats, asyncio.Future[None]]:
+    connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    stats = Stats()
+    stats.lo, stats.hi = lo, hi
+    conn = SSEConnection(stats, connected)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    conn.next = lo
+    return conn, stats, connected
+
+
+def _feed(conn: SSEConnection, data: bytes, step: int) -> None:
+    for i in range(0, len(data), step):
+        conn.data_received(data[i : i + step])
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 100_000])
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_counts_every_event_once_whatever_the_read_boundaries(step: int, chunked: bool) -> None:
+    now = time.time_ns()
+    events = [_event(seq, now) for seq in range(1, 51)]
+    # Chunks that split events mid-JSON, plus heartbeats and an id-only frame.
+    body = b"retry: 2000\n\n" + b"".join(events[:20]) + b": ping\n\n" + b"id: x\n\n" + b"".join(events[20:])
+    parts = [body[i : i + 97] for i in range(0, len(body), 97)]
+    conn, stats, connected = _connection(1, 50)
+    _feed(conn, (HEAD_CHUNKED + _chunked(parts)) if chunked else (HEAD_PLAIN + body), step)
+    assert connected.done() and connected.exception() is None
+    assert (stats.delivered, stats.lost, stats.duplicated, stats.unparsed) == (50, 0, 0, 0)
+    assert conn.next == 51 and conn.is_done and stats.done == 1
+    assert sum(stats.hist) == 50
+
+
+async def test_lost_and_duplicated_seqs() -> None:
+    now = time.time_ns()
+    seqs = [1, 2, 2, 5, 6, 3, 7]  # 3 and 4 skipped (3 arrives late: a duplicate by then)
+    conn, stats, _ = _connection(1, 8)
+    _feed(conn, HEAD_PLAIN + b"".join(_event(s, now) for s in seqs), 1000)
+    assert stats.delivered == 7
+    assert stats.lost == 2  # 3, 4
+    assert stats.duplicated == 2  # the second 2, the late 3
+    assert not conn.is_done  # 8 never came: the report counts it as missing
+    assert stats.hi + 1 - conn.next == 1
+
+
+async def test_events_outside_the_window_are_not_counted() -> None:
+    now = time.time_ns()
+    conn, stats, _ = _connection(10, 12)
+    _feed(conn, HEAD_PLAIN + b"".join(_event(s, now) for s in range(5, 15)), 1000)
+    assert (stats.delivered, stats.lost, stats.duplicated) == (3, 0, 0)
+    assert conn.is_done
+
+
+async def test_latency_goes_into_the_histogram() -> None:
+    published = time.time_ns() - 250_000_000  # 250 ms ago
+    conn, stats, _ = _connection(1, 1)
+    _feed(conn, HEAD_PLAIN + _event(1, published), 1000)
+    bucket = next(i for i, n in enumerate(stats.hist) if n)
+    assert 250 <= bucket * BUCKET_NS / 1e6 < 300  # the read came after the publish, soon after
+
+
+async def test_a_refused_subscription_fails_the_connect() -> None:
+    conn, _, connected = _connection(1, 1)
+    conn.data_received(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+    exc: Any = connected.exception()
+    assert isinstance(exc, ConnectionError) and "503" in str(exc)
+    assert conn.transport is not None and conn.transport.closed  # type: ignore[attr-defined]
+
+
+async def test_the_end_of_the_response_closes_the_connection() -> None:
+    conn, _, _ = _connection(1, 1)
+    conn.data_received(HEAD_CHUNKED + _chunked([b": hi\n\n"]) + b"0\r\n\r\n")
+    assert conn.transport is not None and conn.transport.closed  # type: ignore[attr-defined]
