@@ -28,6 +28,7 @@ from shared.feeds import FEEDS, Feed
 META_FIELDS = ("seq", "message_id", "broker_time", "ingest_time")
 
 _F32 = struct.Struct("<f")
+_F32_MIN_NORMAL = 1.1754943508222875e-38
 
 
 class BadPayload(ValueError):
@@ -89,7 +90,11 @@ def _plan(feed: Feed) -> tuple[tuple[str, int, dict[int, str] | None], ...]:
 
 def float32_text(value: float) -> str:
     """The shortest decimal text that parses back to the same 32-bit float."""
-    for digits in (6, 7, 8, 9):
+    # Six significant digits always round-trip for a normal float32 (FLT_DIG), and the
+    # 6-digit rounding of one whose shortest form has fewer digits is that form; a
+    # subnormal has fewer bits of precision, so it may need fewer than six.
+    first = 1 if 0 < abs(value) < _F32_MIN_NORMAL else 6
+    for digits in range(first, 10):
         text = f"{value:.{digits}g}"
         if _F32.unpack(_F32.pack(float(text)))[0] == value:
             return text
