@@ -15,6 +15,8 @@ from dataclasses import fields
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from services.ingestor import jetstream
@@ -364,3 +366,54 @@ async def test_small_batches_keep_order_and_seq(
         entries = await read_stream(redis, keys.stream("sport_event"), 40)
     assert [e["match_title"] for e in entries] == [f"Match {i}" for i in range(40)]
     assert [int(e["seq"]) for e in entries] == list(range(1, 41))
+
+
+# -- pure helpers of the pull loop and the writer (no servers) ----------------------------
+
+
+def test_ack_subjects_of_both_formats_parse() -> None:
+    from services.ingestor.consumer import parse_ack_subject
+
+    v1 = "$JS.ACK.FEEDS.ingestor.3.1042.1040.1795857710302347757.17"
+    v2 = "$JS.ACK.hub.ACCHASH.FEEDS.ingestor.3.1042.1040.1795857710302347757.17.tok"
+    assert parse_ack_subject(v1) == (3, 1042, 1795857710302347757)
+    assert parse_ack_subject(v2) == (3, 1042, 1795857710302347757)
+    with pytest.raises(ValueError):
+        parse_ack_subject("_INBOX.abc.1")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=4_102_444_800 * 10**9), max_size=50))
+def test_the_writers_broker_clock_formats_as_the_codec_does(stamps: list[int]) -> None:
+    from services.ingestor.writer import BrokerClock
+
+    clock = BrokerClock()
+    for ns in sorted(stamps) + stamps:
+        assert clock.iso_ms(ns) == codec.iso_ms_from_ns(ns)
+
+
+def test_the_packed_command_is_what_redis_py_would_send() -> None:
+    from redis.connection import Connection
+
+    from services.ingestor.writer import _bulk, _Group
+
+    group = _Group("execution", ["k:stream", "k:meta"], [_bulk(b"90000"), _bulk(b"ab12cd34")], [])
+    group.add("k:msg:1.5", 5, ["message_id", "1.5", "symbol", "\u00e9"], {})
+    expected = b"".join(
+        Connection().pack_command(
+            "EVALSHA",
+            "f" * 40,
+            3,
+            "k:stream",
+            "k:meta",
+            "k:msg:1.5",
+            90000,
+            "ab12cd34",
+            5,
+            4,
+            "message_id",
+            "1.5",
+            "symbol",
+            "\u00e9",
+        )
+    )
+    assert group.command(b"f" * 40) == expected
