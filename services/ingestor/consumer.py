@@ -71,6 +71,7 @@ class Stats:
     batches: int = 0
     abandoned: int = 0  # messages left unacked at shutdown (redelivered later)
     redis_outages: int = 0
+    nats_reconnects: int = 0
 
     def summary(self) -> dict[str, object]:
         return {
@@ -82,6 +83,7 @@ class Stats:
             "batches": self.batches,
             "abandoned": self.abandoned,
             "redis_outages": self.redis_outages,
+            "nats_reconnects": self.nats_reconnects,
         }
 
 
@@ -282,6 +284,7 @@ class Ingestor:
             )
 
     async def _on_reconnected(self) -> None:
+        self.stats.nats_reconnects += 1
         if self._nats_down:
             log.info("NATS reconnected", extra={"url": self.settings.nats_url})
         self._nats_down = False

@@ -264,3 +264,74 @@ async def test_redis_going_away_and_back_loses_nothing_and_repeats_nothing(
 
 async def _retrying(ingestor: Ingestor) -> bool:
     return ingestor.stats.redis_outages > 0
+
+
+def _nats_args(port: int, store: str) -> list[str]:
+    return ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store]
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server")
+async def test_nats_killed_and_restarted_loses_nothing_and_repeats_nothing(
+    base_settings: Settings, redis: Redis
+) -> None:
+    import nats as nats_py
+
+    port = free_port()
+    settings = ingestor_settings(base_settings, nats_url=f"nats://127.0.0.1:{port}")
+    keys = Keys(settings.key_prefix)
+    subject = settings.subject("sport_event")
+    with tempfile.TemporaryDirectory() as store:
+        with private_server(_nats_args(port, store), port) as server:
+            stop = asyncio.Event()
+            ingestor = Ingestor(settings, redis, stop)
+            task = asyncio.create_task(ingestor.run())
+            await until(ingestor.nats_ready)
+            reconnected = asyncio.Event()
+
+            async def on_reconnected() -> None:
+                reconnected.set()
+
+            nc = await nats_py.connect(
+                settings.nats_url,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                reconnected_cb=on_reconnected,
+            )
+            for i in range(100):
+                await nc.publish(subject, event(i).SerializeToString())
+            await nc.flush()
+            await read_stream(redis, keys.stream("sport_event"), 100)
+            server.kill()
+            server.wait(10)
+        with private_server(_nats_args(port, store), port):
+            await asyncio.wait_for(reconnected.wait(), 30)
+            await until(lambda: _reconnected(ingestor), what="the ingestor to reconnect")
+            for i in range(100, 300):
+                await nc.publish(subject, event(i).SerializeToString())
+            await nc.flush()
+            entries = await read_stream(redis, keys.stream("sport_event"), 300, within=60)
+            await nc.close()
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert await redis.xlen(keys.stream("sport_event")) == 300
+    assert [e["match_title"] for e in entries] == [f"Match {i}" for i in range(300)]
+    assert [int(e["seq"]) for e in entries] == list(range(1, 301))
+
+
+async def _reconnected(ingestor: Ingestor) -> bool:
+    return ingestor.stats.nats_reconnects > 0
+
+
+async def test_the_ingestor_waits_for_nats_that_is_not_up_yet(base_settings: Settings, redis: Redis) -> None:
+    port = free_port()
+    settings = ingestor_settings(base_settings, nats_url=f"nats://127.0.0.1:{port}")
+    stop = asyncio.Event()
+    ingestor = Ingestor(settings, redis, stop)
+    task = asyncio.create_task(ingestor.run())
+    with tempfile.TemporaryDirectory() as store:
+        await asyncio.sleep(0.3)  # the ingestor is retrying meanwhile (not synchronisation)
+        assert not task.done()
+        with private_server(_nats_args(port, store), port):
+            await until(ingestor.nats_ready, what="the ingestor to connect once NATS is up")
+            stop.set()
+            await asyncio.wait_for(task, 30)
