@@ -596,6 +596,36 @@ async def test_page_shows_a_reset_when_redis_lost_a_stream(
     assert browser.errors == []
 
 
+async def test_page_shows_a_gap_when_history_is_gone(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    gateway, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("sport_event", 1)
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token&feeds=sport_event")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    await feeds.add("sport_event", 2)  # seq 2, 3
+    await eventually(lambda: browser.js(f"{STATS}.received.sport_event === 2"), "the first events")
+
+    assert await gateway.stop(signal.SIGKILL) == -signal.SIGKILL
+    written = await feeds.add("sport_event", 6)  # seq 4..9 while down
+    # seq 4..6 are trimmed before anything archived them (no catalogue in this test)
+    await redis.xdel(Keys(base_settings.key_prefix).stream("sport_event"), *written[:3])
+    await gateway.start()
+
+    async def gap_shown() -> Any:
+        return await browser.js("(n => n && n.textContent)(document.querySelector('#notices .notice.gap'))")
+
+    text = await eventually(gap_shown, "a visible gap notice")
+    assert "sport_event: 3 event(s) no longer held anywhere (asked after seq 3, resumed at seq 7)" in text
+    await eventually(lambda: browser.js(f"{STATS}.received.sport_event === 5"), "the events after the gap")
+    stats = await browser.js(STATS)
+    assert stats["seqs"]["sport_event"] == [2, 3, 7, 8, 9]
+    assert stats["notices"] == {"gap": 1, "reset": 0}
+    assert stats["seqGaps"]["sport_event"] == 0  # announced in-band, so not an unexplained gap
+    assert browser.errors == []
+
+
 async def test_web_app_flow_with_a_ticket_and_cross_origin(
     browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
 ) -> None:
