@@ -38,10 +38,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.ingestor import jetstream, metrics
-from services.ingestor.jetstream import StreamHandle
+from services.ingestor import jetstream, metrics, replay
+from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.writer import BatchResult, Delivery, Prepared, Writer
+from services.ingestor.writer import BatchResult, Delivery, Prepared, RedisReconnected, Writer
+from shared.keys import Keys
 from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Stats:
     abandoned: int = 0  # messages left unacked at shutdown (redelivered later)
     redis_outages: int = 0
     nats_reconnects: int = 0
+    replayed: int = 0  # messages Redis had lost, appended again from JetStream
 
     def summary(self) -> dict[str, object]:
         return {
@@ -84,21 +86,8 @@ class Stats:
             "abandoned": self.abandoned,
             "redis_outages": self.redis_outages,
             "nats_reconnects": self.nats_reconnects,
+            "replayed": self.replayed,
         }
-
-
-def parse_ack_subject(reply: str) -> tuple[int, int, int]:
-    """(delivery count, stream sequence, timestamp ns) from a `$JS.ACK...` subject.
-
-    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-    v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
-    """
-    t = reply.split(".")
-    if len(t) == 9:
-        return int(t[4]), int(t[5]), int(t[7])
-    if len(t) >= 11:
-        return int(t[6]), int(t[7]), int(t[9])
-    raise ValueError(f"not a JetStream ack subject: {reply!r}")
 
 
 class PullLoop:
@@ -239,6 +228,10 @@ class Ingestor:
         self._nats_down = False
         self._closing = False
         self._flushing: asyncio.Task[None] | None = None
+        self._keys = Keys(settings.key_prefix)
+        # Redis may have lost writes (it was away, or this is a fresh start): compare it
+        # with JetStream, and replay the gap, before writing anything else.
+        self._redis_suspect = True
 
     # -- NATS connection -------------------------------------------------------------
 
@@ -355,6 +348,13 @@ class Ingestor:
         try:
             if not await self.connect() or not await self.setup():
                 return
+            try:
+                await self._replay_if_behind()
+            except (RedisError, OSError, nats.errors.Error, TimeoutError) as exc:
+                log.warning(
+                    "could not compare Redis with JetStream at start; will before the first write",
+                    extra={"error": str(exc) or type(exc).__name__},
+                )
             await self._loop_until_stopped()
         finally:
             watcher.cancel()
@@ -461,9 +461,16 @@ class Ingestor:
         outage = False
         while True:
             try:
+                if self._redis_suspect:
+                    await self._replay_if_behind()
                 result = await self.writer.send(prepared, meanwhile)
                 break
+            except RedisReconnected:
+                log.info("Redis connection re-established; checking Redis against JetStream")
+                self._redis_suspect = True
+                continue
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._redis_suspect = True
                 if not outage:
                     outage = True
                     self.stats.redis_outages += 1
@@ -479,11 +486,29 @@ class Ingestor:
                         "Redis refused the batch; retrying with backoff (nothing acked)",
                         extra={"error": str(exc), "batch": size},
                     )
+            except (nats.errors.Error, TimeoutError) as exc:  # from the replay's JetStream reads
+                if not outage:
+                    outage = True
+                    log.warning(
+                        "could not compare Redis with JetStream; retrying with backoff (nothing acked)",
+                        extra={"error": str(exc) or type(exc).__name__, "batch": size},
+                    )
             if await backoff.wait(self._abandon):
                 return None
         if outage:
             log.info("Redis answered again; batch written", extra={"batch": size})
         return result
+
+    async def _replay_if_behind(self) -> None:
+        assert self.nc is not None and self.handle is not None
+        self.writer.forget_reconnects()
+        result = await replay.replay_if_behind(
+            self.nc, self.redis, self.writer, self.handle, self._keys, self.settings.batch
+        )
+        self.stats.replayed += result.appended
+        if result.appended:
+            metrics.REPLAYED.inc(result.appended)
+        self._redis_suspect = False
 
     async def _ack(self, batch: list[Delivery], result: BatchResult, started: float) -> None:
         """Ack a batch Redis has answered for; the flush overlaps the next batch's write."""

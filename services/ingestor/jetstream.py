@@ -42,6 +42,20 @@ class StreamHandle:
         return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
 
 
+def parse_ack_subject(reply: str) -> tuple[int, int, int]:
+    """(delivery count, stream sequence, timestamp ns) from a `$JS.ACK...` subject.
+
+    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    """
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[4]), int(t[5]), int(t[7])
+    if len(t) >= 11:
+        return int(t[6]), int(t[7]), int(t[9])
+    raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
+
 def stream_config(settings: IngestorSettings) -> StreamConfig:
     return StreamConfig(
         name=settings.js_stream,

@@ -26,3 +26,7 @@ OUTAGES = Counter(
     "times NATS or Redis became unreachable and the ingestor backed off",
     ["server"],
 )
+REPLAYED = Counter(
+    "fanout_ingestor_replayed_total",
+    "messages Redis had lost after they were acked, appended again from JetStream",
+)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from services.ingestor import metrics
@@ -34,6 +35,10 @@ from shared.feeds import DEAD_LETTER, FEEDS, Feed
 from shared.keys import Keys
 
 log = logging.getLogger(__name__)
+
+
+class RedisReconnected(RedisConnectionError):
+    """A connection was re-established: Redis may have restarted, and lost writes."""
 
 
 @dataclass(slots=True)
@@ -129,6 +134,7 @@ class Writer:
         self._names: dict[str, bytes] = {}
         self._feed_of_subject: dict[str, Feed] = {settings.subject(name): f for name, f in FEEDS.items()}
         self._clock = BrokerClock()
+        self._reconnected = False
 
     def _group(self, groups: dict[str, _Group], name: str) -> _Group:
         group = groups.get(name)
@@ -222,7 +228,13 @@ class Writer:
         groups = self.build(batch, created_ms, codec.iso_ms(datetime.now(UTC)))
         return Prepared(groups, b"".join(group.command(self._sha) for group in groups))
 
-    async def send(self, prepared: Prepared, meanwhile: Callable[[], None] | None = None) -> BatchResult:
+    def forget_reconnects(self) -> None:
+        """Redis was just checked against JetStream: reconnects so far are accounted for."""
+        self._reconnected = False
+
+    async def send(
+        self, prepared: Prepared, meanwhile: Callable[[], None] | None = None, watch: bool = True
+    ) -> BatchResult:
         """Run a prepared batch's script calls; returns once Redis has answered for every message.
 
         `meanwhile` runs once the commands are on their way, while Redis executes them
@@ -231,27 +243,43 @@ class Writer:
         groups = prepared.groups
         if not groups:
             return BatchResult()
-        replies = await self._send(prepared.packed, len(groups), meanwhile)
+        replies = await self._send(prepared.packed, len(groups), meanwhile, watch)
         if any(isinstance(r, NoScriptError) for r in replies):
             await self.redis.script_load(scripts.source("ingest_append"))
-            replies = await self._send(prepared.packed, len(groups))
+            replies = await self._send(prepared.packed, len(groups), None, watch)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return self._account(groups, replies)
 
-    async def write(self, batch: Sequence[Delivery], created_ms: int) -> BatchResult:
+    async def write(self, batch: Sequence[Delivery], created_ms: int, watch: bool = True) -> BatchResult:
         """prepare, then send."""
-        return await self.send(self.prepare(batch, created_ms))
+        return await self.send(self.prepare(batch, created_ms), watch=watch)
+
+    def _on_connect(self, conn: Any) -> None:
+        self._reconnected = True
 
     async def _send(
-        self, packed: bytes, count: int, meanwhile: Callable[[], None] | None = None
+        self, packed: bytes, count: int, meanwhile: Callable[[], None] | None = None, watch: bool = True
     ) -> list[Any]:
-        """Send pipelined commands on one pooled connection; their replies (errors as values)."""
+        """Send pipelined commands on one pooled connection; their replies (errors as values).
+
+        With `watch`, raises RedisReconnected, sending nothing, if a connection this
+        writer used was re-established since (Redis may have restarted and lost writes)."""
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        conn.register_connect_callback(self._on_connect)
         try:
-            await conn.send_packed_command(packed)
+            await conn.check_health()
+        except BaseException:
+            await pool.release(conn)
+            raise
+        if self._reconnected and watch:
+            self._reconnected = False
+            await pool.release(conn)
+            raise RedisReconnected("the connection to Redis was re-established")
+        try:
+            await conn.send_packed_command(packed, check_health=False)
             if meanwhile is not None:
                 meanwhile()
             replies: list[Any] = []

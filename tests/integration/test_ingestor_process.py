@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from services.ingestor.consumer import Ingestor
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.integration.test_ingestor import event, execution, ingestor_settings, read_stream, until
+from tests.integration.test_ingestor import event, execution, ingestor_settings, read_stream, running, until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -259,7 +259,7 @@ async def test_redis_going_away_and_back_loses_nothing_and_repeats_nothing(
             await redis.aclose()
     assert [int(e["seq"]) for e in entries] == list(range(1, 301))
     assert [e["symbol"] for e in entries] == [execution(i).symbol for i in range(300)]
-    assert sum(ingestor.stats.appended.values()) == 300
+    assert sum(ingestor.stats.appended.values()) + ingestor.stats.replayed == 300
 
 
 async def _retrying(ingestor: Ingestor) -> bool:
@@ -335,3 +335,73 @@ async def test_the_ingestor_waits_for_nats_that_is_not_up_yet(base_settings: Set
             await until(ingestor.nats_ready, what="the ingestor to connect once NATS is up")
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_redis_coming_back_empty_is_refilled_from_jetstream(base_settings: Settings, nats: Any) -> None:
+    port = free_port()
+    settings = ingestor_settings(base_settings, redis_url=f"redis://127.0.0.1:{port}/0")
+    keys = Keys(settings.key_prefix)
+    subject = settings.subject("execution")
+    no_persistence = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    with private_server(no_persistence, port) as server:
+        redis = Redis.from_url(settings.redis_url)
+        stop = asyncio.Event()
+        ingestor = Ingestor(settings, redis, stop)
+        task = asyncio.create_task(ingestor.run())
+        await until(ingestor.nats_ready)
+        await publish_executions(nats, subject, range(150))
+        before = await read_stream(redis, keys.stream("execution"), 150)
+        old_epoch = await redis.hget(keys.meta("execution"), "epoch")
+        server.kill()  # everything acked so far is gone with it
+        server.wait(10)
+    with private_server(no_persistence, port):
+        await publish_executions(nats, subject, range(150, 200))
+        reader = Redis.from_url(settings.redis_url)  # the ingestor's client is its own business
+        after = await read_stream(reader, keys.stream("execution"), 200, within=60)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert await reader.xlen(keys.stream("execution")) == 200
+        new_epoch = await reader.hget(keys.meta("execution"), "epoch")
+        await reader.aclose()
+        await redis.aclose()
+    # Every message once, in stream order, under a new epoch that tells readers of the reset.
+    assert [e["message_id"] for e in after[:150]] == [e["message_id"] for e in before]
+    assert [e["symbol"] for e in after] == [execution(i).symbol for i in range(200)]
+    assert [int(e["seq"]) for e in after] == list(range(1, 201))
+    assert new_epoch != old_epoch
+    assert ingestor.stats.replayed >= 150  # the lost ones (and any delivered, not yet written)
+
+
+async def test_redis_keys_lost_while_the_ingestor_was_down_are_replayed_at_start(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings)
+    keys = Keys(settings.key_prefix)
+    subject = settings.subject("execution")
+    async with running(settings, redis):
+        await publish_executions(nats, subject, range(80))
+        await read_stream(redis, keys.stream("execution"), 80)
+    async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        await redis.delete(key)
+    async with running(settings, redis) as ingestor:
+        entries = await read_stream(redis, keys.stream("execution"), 80)
+    assert ingestor.stats.replayed == 80
+    assert [int(e["seq"]) for e in entries] == list(range(1, 81))
+    assert await redis.xlen(keys.stream("execution")) == 80
+
+
+async def publish_executions(nc: Any, subject: str, numbers: range) -> None:
+    for i in numbers:
+        await nc.publish(subject, execution(i).SerializeToString())
+    await nc.flush()
