@@ -133,23 +133,24 @@ class NchanPublisher:
         while True:
             try:
                 head = await self._reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                self.errors.append(f"publisher connection closed by nchan: {exc!r}")
+                status = head.split(b" ", 2)[1]
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await self._reader.readexactly(length) if length else b""
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                    ValueError, IndexError) as exc:  # fmt: skip
+                self.errors.append(f"publisher connection to nchan failed: {exc!r}")
                 self._answered_all.set()
                 return
-            status = head.split(b" ", 2)[1]
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            body = await self._reader.readexactly(length) if length else b""
             self.answered += 1
             if status not in (b"201", b"202") and len(self.errors) < 5:
                 self.errors.append(f"{status.decode()} {body[:200]!r}")
             if self.answered >= self.sent or self.errors:
                 self._answered_all.set()
 
-    async def settle(self, wait_s: float = 10.0) -> None:
+    async def settle(self, wait_s: float = 60.0) -> None:
         """Wait until every POST has been answered; raise if nchan refused any."""
         if self.answered < self.sent:
             try:
