@@ -191,3 +191,22 @@ async def test_up_runs_stops_cleanly_and_keeps_its_data(root: Path) -> None:
     finally:
         code = await second.interrupt()
     assert code == 0, second.log()
+
+
+def test_servers_come_from_the_urls_given_then_the_default_ports() -> None:
+    from fanout.servers import port_answers
+    from fanout.up import Up, UpSettings
+
+    if not all(port_answers("127.0.0.1", p) for p in (6379, 5432)):
+        pytest.skip("needs Redis and PostgreSQL on their default local ports (as CI has)")
+    settings = UpSettings.from_env({"NATS_URL": "nats://nats.example:4222"})
+    up = Up(settings, {"nats_url": True, "redis_url": False, "database_url": False}, "json")
+    up.resolve_servers()
+    assert up.servers == []  # nothing started
+    assert up.urls["nats"] == "nats://nats.example:4222" and up.origin["nats"] == "given"
+    assert up.urls["redis"] == "redis://127.0.0.1:6379/0"
+    assert up.origin["redis"] == "already listening on port 6379"
+    assert up.origin["postgres"] == "already listening on port 5432"
+    env = up.child_env()
+    assert env["NATS_URL"] == "nats://nats.example:4222"
+    assert env["REDIS_URL"] == "redis://127.0.0.1:6379/0"
