@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -104,7 +105,7 @@ async def test_ingest_script_runs_per_feed_on_a_cluster(cluster: RedisCluster) -
         again = await script(keys=call_keys, args=_args(messages, ids))  # a redelivery
         assert [entry_id for entry_id, _ in again] == [entry_id for entry_id, _ in first]
         assert [flag for _, flag in again] == [0, 0, 0]  # nothing appended
-        entries = await cluster.xrange(keys.stream(feed))
+        entries: Any = await cluster.xrange(keys.stream(feed))
         assert [e[1]["seq"] for e in entries] == ["1", "2", "3"]
         assert entries[0][1]["message_id"] == ids[0]
         assert await cluster.hget(keys.meta(feed), "broker_seq") == "3"

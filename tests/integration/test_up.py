@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -121,7 +122,7 @@ async def _start(root: Path) -> Run:
 
 
 async def _first_entries(url: str, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    client = redis_client(url)
+    client: Any = redis_client(url)  # redis-py's reply types are too wide to index
     try:
         # XREAD BLOCK returns as soon as the pipeline has appended something.
         reply = await client.xread({stream: "0"}, count=5, block=int(DEADLINE * 1000))
@@ -170,7 +171,7 @@ async def test_up_runs_stops_cleanly_and_keeps_its_data(root: Path) -> None:
     second = await _start(root)
     try:
         assert second.urls.keys() == first.urls.keys()
-        client = redis_client(second.urls["redis"])
+        client: Any = redis_client(second.urls["redis"])
         try:
             kept = await client.xrange(stream, count=1)
             assert kept[0][0] == first_id  # the first run's stream (Redis AOF)
