@@ -308,6 +308,9 @@ async def run(args: argparse.Namespace) -> Run:
     result = Run(started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), args=vars(args).copy())
     load1 = os.getloadavg()[0]
     result.notes.append(f"load average at start: {load1:.2f} (2 cores; other processes share them)")
+    dirty = _dirty("services/sse_gateway", "shared")
+    if dirty and "gateway" in servers:
+        result.notes.append(f"the gateway ran from a working tree with uncommitted changes in: {dirty}")
     dur, drain = args.duration, args.drain
     async with AsyncExitStack() as stack:
         log_dir = tempfile.mkdtemp(prefix="bench-sse-")  # kept: the gateway's log, for a look
@@ -474,6 +477,15 @@ def _num(v: float | None, digits: int = 0) -> str:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def _dirty(*paths: str) -> str:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=harness.REPO,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return ", ".join(line[3:] for line in out.splitlines())
 
 
 def _commit() -> str:
