@@ -91,6 +91,12 @@ class Run:
     def log(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")[-6000:]
 
+    async def kill(self) -> int:
+        self.proc.kill()
+        code = await self.proc.wait()
+        await self._drain
+        return code
+
     async def interrupt(self) -> int:
         self.proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(self.proc.wait(), DEADLINE)
@@ -211,3 +217,33 @@ def test_servers_come_from_the_urls_given_then_the_default_ports() -> None:
     env = up.child_env()
     assert env["NATS_URL"] == "nats://nats.example:4222"
     assert env["REDIS_URL"] == "redis://127.0.0.1:6379/0"
+
+
+async def _exited(pid: int) -> None:
+    """Wait until process `pid` (not necessarily our child) has exited: its pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_a_killed_fanout_up_takes_its_children_along(root: Path) -> None:
+    run = await _start(root)
+    children = _descendants(run.proc.pid)
+    assert len(children) >= 3  # at least the three servers, and the services
+    await run.kill()  # SIGKILL: no chance to stop anything itself
+    await asyncio.wait_for(asyncio.gather(*(_exited(pid) for pid in children)), DEADLINE)
+    assert not [pid for pid in children if _alive(pid)]
