@@ -56,7 +56,7 @@ async def read_stream(redis: Redis, key: str, count: int, within: float = 30.0) 
     while len(entries) < count:
         if time.monotonic() > deadline:
             raise AssertionError(f"{key}: {len(entries)} entries, expected {count}")
-        reply = await redis.xread({key: last}, count=10_000, block=500)
+        reply: Any = await redis.xread({key: last}, count=10_000, block=500)
         for _, batch in reply:
             for entry_id, raw in batch:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -139,7 +139,7 @@ async def test_published_messages_become_entries_once_with_contiguous_seq(
     sport = codec.typed_message(SPORT_EVENT, event_entries[1])
     assert sport["sport"] == "BASKETBALL" and sport["data_event"] == "goal é 1"
 
-    meta = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.meta("execution"))).items()}
+    meta = codec.str_entry(await redis.hgetall(keys.meta("execution")))
     assert meta["seq"] == "700" and meta["broker_seq"] == "700" and len(meta["epoch"]) == 8
     dedup = await redis.get(keys.dedup("execution", exec_entries[0]["message_id"]))
     assert dedup is not None  # remembered with its entry id
@@ -372,7 +372,7 @@ async def test_small_batches_keep_order_and_seq(
 
 
 def test_ack_subjects_of_both_formats_parse() -> None:
-    from services.ingestor.consumer import parse_ack_subject
+    from services.ingestor.jetstream import parse_ack_subject
 
     v1 = "$JS.ACK.FEEDS.ingestor.3.1042.1040.1795857710302347757.17"
     v2 = "$JS.ACK.hub.ACCHASH.FEEDS.ingestor.3.1042.1040.1795857710302347757.17.tok"
@@ -399,7 +399,7 @@ def test_the_packed_command_is_what_redis_py_would_send() -> None:
     group = _Group("execution", ["k:stream", "k:meta"], [_bulk(b"90000"), _bulk(b"ab12cd34")], [])
     group.add("k:msg:1.5", 5, ["message_id", "1.5", "symbol", "\u00e9"], {})
     expected = b"".join(
-        Connection().pack_command(
+        Connection().pack_command(  # type: ignore[no-untyped-call]
             "EVALSHA",
             "f" * 40,
             3,

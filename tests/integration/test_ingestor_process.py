@@ -121,7 +121,7 @@ async def test_sigkill_under_load_then_restart_leaves_every_message_exactly_once
 
         async def all_acked() -> bool:
             info = await js.consumer_info(base_settings.js_stream, "ingestor")
-            return info.num_pending == 0 and info.num_ack_pending == 0
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
         await until(all_acked, within=60, what="every message acked")
     finally:
