@@ -454,22 +454,28 @@ class PostgresServer(Server):
             self._make_reachable(self.run_as)
         if (self.data_dir / "PG_VERSION").is_file():
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.data_dir, 0o700)
+        # initdb into a sibling folder renamed into place when complete: an interrupted
+        # initdb leaves no half-made data folder that a later start would trust.
+        fresh = self.data_dir.with_name(self.data_dir.name + ".initdb")
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True, mode=0o700)
         if self.run_as is not None:
-            os.chown(self.data_dir, self.run_as.pw_uid, self.run_as.pw_gid)
-            if not _can(self.run_as, "-w", self.data_dir):
+            os.chown(fresh, self.run_as.pw_uid, self.run_as.pw_gid)
+            if not _can(self.run_as, "-w", fresh):
                 raise ServerError(
-                    f"PostgreSQL runs as user {self.run_as.pw_name!r}, who cannot write {self.data_dir}: "
+                    f"PostgreSQL runs as user {self.run_as.pw_name!r}, who cannot write {fresh}: "
                     "choose a data folder that user can reach (e.g. under /tmp or /var/lib)"
                 )
-        cmd = [self._bin("initdb"), "-D", str(self.data_dir), "--locale=C", "-E", "UTF8",
+        cmd = [self._bin("initdb"), "-D", str(fresh), "--locale=C", "-E", "UTF8",
                "-U", self.db_user, "--auth=trust"]
         log.info("initialising PostgreSQL data folder", extra={"data": str(self.data_dir)})
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              **_identity(self.run_as, self.data_dir))
+                              **_identity(self.run_as, fresh))
         if done.returncode != 0:
             raise ServerError(f"initdb failed (code {done.returncode}):\n{done.stdout}{done.stderr}")
+        if self.data_dir.is_dir():
+            self.data_dir.rmdir()  # an empty folder (a data folder with PG_VERSION returned above)
+        fresh.rename(self.data_dir)
 
     def _make_reachable(self, user: pwd.struct_passwd) -> None:
         """As root, PostgreSQL runs as `user`, who may not reach a clone under /root (mode 700):

@@ -90,16 +90,23 @@ def run(args: argparse.Namespace) -> int:
         log_format = "text" if sys.stderr.isatty() else "json"
     logs.configure("up", log_format, settings.log_level)
     up = Up(settings, given, log_format)
+    # Until the event loop takes over the signals, SIGTERM interrupts the start like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         up.resolve_servers()
+        return asyncio.run(up.main())
     except ServerError as exc:
         log.error(str(exc))
-        up.stop_servers()
         return 1
-    try:
-        return asyncio.run(up.main())
+    except KeyboardInterrupt:
+        log.info("interrupted while starting")
+        return 0
     finally:
         up.stop_servers()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 class Up:
