@@ -52,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.sse_gateway import cursor, filters, metrics
 from services.sse_gateway.cursor import CursorError
@@ -207,6 +208,40 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
 
+STREAM_PATH = "/v1/stream"
+
+
+class GatewayApp(Starlette):
+    """Starlette, with `/v1/stream` dispatched straight to its handler (through the same
+    user middleware, e.g. CORS) instead of through the router and the exception
+    middleware: a stream lives for hours, and every frame kept on its stack is memory
+    per connected client. Everything else goes the usual way."""
+
+    stream_app: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == STREAM_PATH:
+            scope["app"] = self
+            await self.stream_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+async def _stream_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    request = Request(scope, receive)
+    response: Any
+    if scope["method"] not in ("GET", "HEAD"):
+        response = error(405, "method not allowed", "use GET", {"Allow": "GET"})
+    else:
+        try:
+            response = await stream(request)
+        except HTTPException as exc:
+            handlers = request.app.exception_handlers
+            handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), _http_exception)
+            response = await handler(request, exc)
+    await response(scope, receive, send)
+
+
 def create_app(settings: GatewaySettings) -> Starlette:
     auth = _optional("auth")
     lookup = _optional("lookup")
@@ -230,6 +265,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         await state.hub.start()
         state.pool = None
         closer = asyncio.create_task(_close_streams_on_stop(state))
+        beats = asyncio.create_task(state.subscribers.heartbeats(settings.heartbeat, state.stop))
         opener = asyncio.create_task(_open_archive(state))
         log.info(
             "gateway ready",
@@ -241,13 +277,14 @@ def create_app(settings: GatewaySettings) -> Starlette:
             state.stop.set()
             opener.cancel()
             await closer
+            await beats
             await state.hub.close()
             await state.archive.close()
             await state.redis.aclose()
             log.info("gateway stopped", extra={"subscribers_left": len(state.subscribers)})
 
     routes: list[BaseRoute] = [
-        Route("/v1/stream", stream, methods=["GET"]),
+        Route(STREAM_PATH, stream, methods=["GET"]),  # served by GatewayApp directly; listed for docs
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -277,7 +314,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
     handlers: dict[Any, Any] = {HTTPException: _http_exception}
     if auth is not None and hasattr(auth, "AccessError") and hasattr(auth, "access_error_handler"):
         handlers[auth.AccessError] = auth.access_error_handler
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
+    app = GatewayApp(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
+    stream_app: ASGIApp = _stream_asgi
+    for cls, args, kwargs in reversed(middleware):
+        stream_app = cls(stream_app, *args, **kwargs)
+    app.stream_app = stream_app
     app.state.settings = settings
     app.state.access = access
     app.state.stop = asyncio.Event()

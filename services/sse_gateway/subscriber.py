@@ -31,6 +31,7 @@ from services.sse_gateway.history import Archive, ArchiveUnavailable, Record
 from services.sse_gateway.hub import Hub
 from services.sse_gateway.settings import GatewaySettings
 from shared.keys import Keys
+from shared.lifecycle import wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,39 @@ class Registry:
         if not self._members:
             self.empty.set()
 
+    async def heartbeats(self, interval: float, stop: asyncio.Event) -> None:
+        """One ticker for every stream: a live subscriber quiet for a whole interval gets a
+        heartbeat comment (cheaper than a timer per connection)."""
+        while not await wait_or_stop(stop, interval):
+            for sub in self._members:
+                sub.heartbeat()
+
 
 class SlowClient(Exception):
     """The subscriber stayed behind the live position for too long."""
 
 
 class Subscriber:
+    __slots__ = (
+        "_waiter",
+        "archive",
+        "behind_since",
+        "buffer",
+        "close_reason",
+        "closed",
+        "feeds",
+        "filters",
+        "hub",
+        "keys",
+        "limit",
+        "live",
+        "pending",
+        "positions",
+        "quiet",
+        "redis",
+        "settings",
+    )
+
     def __init__(
         self,
         *,
@@ -87,7 +115,8 @@ class Subscriber:
         self.limit = settings.client_buffer
         self.buffer: list[bytes] = []
         self.pending = 0
-        self.wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self.quiet = False
         self.live = False
         self.closed = False
         self.behind_since: float | None = None
@@ -100,8 +129,19 @@ class Subscriber:
             return False
         self.buffer.append(chunk)
         self.pending += count
-        self.wake.set()
+        self._wake()
         return True
+
+    def heartbeat(self) -> None:
+        if self.quiet and self.live and not self.buffer:
+            self.buffer.append(frames.HEARTBEAT)
+            self._wake()
+        self.quiet = True
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def fall_behind(self, positions: dict[str, Position], *, overflow: bool) -> None:
         self.live = False
@@ -109,12 +149,12 @@ class Subscriber:
         metrics.CATCHUPS.inc()
         if overflow and self.behind_since is None:
             self.behind_since = time.monotonic()
-        self.wake.set()
+        self._wake()
 
     def close(self, reason: str = "") -> None:
         self.closed = True
         self.close_reason = self.close_reason or reason
-        self.wake.set()
+        self._wake()
 
     # -- the stream ------------------------------------------------------------------
 
@@ -130,21 +170,22 @@ class Subscriber:
         try:
             while not self.closed:
                 if self.buffer:
-                    self.wake.clear()
                     chunk = b"".join(self.buffer)
                     self.buffer.clear()
                     self.pending = 0
+                    self.quiet = False
                     yield chunk
                 elif not self.live:
-                    yield await self._catch_up()
+                    chunk = await self._catch_up()
+                    if chunk:
+                        self.quiet = False
+                        yield chunk
                 else:
+                    self._waiter = asyncio.get_running_loop().create_future()
                     try:
-                        async with asyncio.timeout(self.settings.heartbeat):
-                            await self.wake.wait()
-                    except TimeoutError:
-                        yield frames.HEARTBEAT
-                    else:
-                        self.wake.clear()
+                        await self._waiter
+                    finally:
+                        self._waiter = None
         except SlowClient:
             metrics.SLOW_DISCONNECTS.inc()
             log.info("slow subscriber disconnected", extra={"feeds": ",".join(self.feeds)})
