@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -264,6 +265,17 @@ def private_nchan(workers: int = 1) -> Iterator[tuple[int, subprocess.Popen[byte
             yield port, proc
         finally:
             stop_process(proc)
+
+
+@contextlib.contextmanager
+def python_module(module: str, args: Sequence[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m <module> <args>` from the repository, waiting for it to listen on `port`."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO)
+    try:
+        wait_port(port, proc, what=module)
+        yield proc
+    finally:
+        stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -171,6 +171,30 @@ async def start_nchan(stack: AsyncExitStack, workers: int) -> AsyncIterator[Ncha
     yield Nchan(port, proc.pid, publisher)
 
 
+class Lean(Gateway):
+    name = "lean"
+
+    def __init__(self, port: int, pid: int, publisher: StreamPublisher) -> None:
+        super().__init__(port, pid, publisher)
+        self.sub_url = f"http://127.0.0.1:{port}/v1/stream?feeds=execution"
+
+
+@asynccontextmanager
+async def start_lean(stack: AsyncExitStack) -> AsyncIterator[Lean]:
+    """bench/lean_fanout.py: the leanest Python fan-out, a reference for the gateway."""
+    redis_url, _ = stack.enter_context(harness.private_redis())
+    port = harness.free_port()
+    prefix = f"lean{os.getpid()}"
+    proc = stack.enter_context(
+        harness.python_module(
+            "bench.lean_fanout", ["--redis-url", redis_url, "--prefix", prefix, "--port", str(port)], port
+        )
+    )
+    publisher = await stack.enter_async_context(StreamPublisher(redis_url, prefix))
+    await publisher.publish(1)
+    yield Lean(port, proc.pid, publisher)
+
+
 @asynccontextmanager
 async def start_gateway(stack: AsyncExitStack, log_dir: str, env: dict[str, str]) -> AsyncIterator[Gateway]:
     redis_url, _ = stack.enter_context(harness.private_redis())
@@ -320,6 +344,8 @@ async def run(args: argparse.Namespace) -> Run:
         if "gateway" in servers:
             env = dict(e.split("=", 1) for e in args.gateway_env)
             targets.append(await stack.enter_async_context(start_gateway(stack, log_dir, env)))
+        if "lean" in servers:
+            targets.append(await stack.enter_async_context(start_lean(stack)))
 
         # Memory per idle client, with the 1,000 clients the next scenarios use.
         print(f"connecting {args.clients} idle clients to each server", flush=True)
@@ -394,7 +420,12 @@ def markdown(run: Run) -> str:
         f"Run {run.started}, commit {_commit()}, `python -m bench.sse_fanout"
         f"{' --quick' if run.args.get('quick') else ''}`; {os.cpu_count()} cores shared by server, "
         f"load client ({run.args['client_procs']} processes) and publisher; nchan with "
-        f"{run.args['nchan_workers']} worker(s), the gateway one process.",
+        f"{run.args['nchan_workers']} worker(s), the gateway one process"
+        + (
+            ", `lean` = bench/lean_fanout.py (a reference: the leanest Python fan-out, no features)."
+            if "lean" in run.args["servers"]
+            else "."
+        ),
         "",
         "| scenario | server | delivered ev/s | expected ev/s | p50 ms | p99 ms | lost | dup "
         "| missing at end | server CPU % | server µs/event | server RSS MB | client CPU % | other CPU % "
@@ -409,44 +440,42 @@ def markdown(run: Run) -> str:
             f"{w.server_cpu_pct:.0f} | {_ms(w.server_cpu_us_per_event)} | {w.server_rss_mb:.0f} | "
             f"{w.client_cpu_pct:.0f} | {w.other_cpu_pct:.0f} | {'yes' if w.sustained else 'NO'} |"
         )
-    lines += ["", "| figure | nchan | gateway | gateway / nchan |", "|---|---:|---:|---:|"]
+    servers = list(dict.fromkeys(w.server for w in run.windows)) or list(run.idle_kb_per_client)
+    others = [x for x in servers if x != "nchan"] if "nchan" in servers else []
+    lines += [
+        "",
+        "| figure | " + " | ".join(servers) + "".join(f" | {x} / nchan" for x in others) + " |",
+        "|---|" + "---:|" * (len(servers) + len(others)),
+    ]
 
-    def row(label: str, nchan: float | None, gateway: float | None, digits: int = 0) -> None:
-        lines.append(
-            f"| {label} | {_num(nchan, digits)} | {_num(gateway, digits)} | {_ratio(gateway, nchan)} |"
-        )
-
-    def rate_of(w: Window | None) -> float | None:
-        return None if w is None else w.delivered_per_s
+    def row(label: str, values: dict[str, float | None], digits: int = 0) -> None:
+        cells = [_num(values.get(x), digits) for x in servers]
+        cells += [_ratio(values.get(x), values.get("nchan")) for x in others]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     by: dict[tuple[str, str], Window] = {}
     for w in run.windows:  # of two attempts, the better one
         if (w.scenario, w.server) not in by or _better(w, by[w.scenario, w.server]):
             by[w.scenario, w.server] = w
-    for scenario in dict.fromkeys(w.scenario for w in run.windows):
-        row(
-            f"{scenario}: delivered ev/s",
-            rate_of(by.get((scenario, "nchan"))),
-            rate_of(by.get((scenario, "gateway"))),
-        )
+    scenarios = list(dict.fromkeys(w.scenario for w in run.windows))
+    for scenario in scenarios:
+        found = {x: by[scenario, x] for x in servers if (scenario, x) in by}
+        row(f"{scenario}: delivered ev/s", {x: w.delivered_per_s for x, w in found.items()})
+    for scenario in scenarios:
+        found = {x: by[scenario, x] for x in servers if (scenario, x) in by}
+        row(f"{scenario}: server CPU µs/event", {x: w.server_cpu_us_per_event for x, w in found.items()}, 1)
     clients = run.args["clients"]
     best = {
-        s: max(
-            (w for w in run.windows if w.server == s and w.sustained and w.clients == clients),
+        x: max(
+            (w for w in run.windows if w.server == x and w.sustained and w.clients == clients),
             key=lambda w: w.rate,
             default=None,
         )
-        for s in ("nchan", "gateway")
+        for x in servers
     }
-    bn, bg = best["nchan"], best["gateway"]
-    row(
-        f"highest sustained rate, {clients:,} clients (msg/s)",
-        bn.rate if bn else None,
-        bg.rate if bg else None,
-    )
-    row("sustained deliveries/s at that rate", rate_of(bn), rate_of(bg))
-    kb = run.idle_kb_per_client
-    row("memory per idle client (KB)", kb.get("nchan"), kb.get("gateway"), 1)
+    row(f"highest sustained rate, {clients:,} clients (msg/s)", {x: w.rate for x, w in best.items() if w})
+    row("sustained deliveries/s at that rate", {x: w.delivered_per_s for x, w in best.items() if w})
+    row("memory per idle client (KB)", dict(run.idle_kb_per_client), 1)
     ramp_top = max((float(r) for r in run.args["ramp"].split(",")), default=0)
     lines += [
         "",
@@ -507,7 +536,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--servers", default="nchan,gateway", help="comma-separated: nchan, gateway")
+    p.add_argument(
+        "--servers",
+        default="nchan,gateway",
+        help="comma-separated: nchan, gateway, lean (bench/lean_fanout.py, a reference Python fan-out)",
+    )
     p.add_argument(
         "--clients", type=int, default=1000, help="clients for the idle-memory, 50/100 msg/s and ramp runs"
     )
