@@ -1,16 +1,18 @@
-"""Redis stream -> catalogue: one consumer-group reader per stream.
+"""Redis stream -> catalogue: consumer-group readers per stream.
 
 Per stream (each feed, and the ingestor's dead-letter stream) the loop is:
 
 1. at start, drain this consumer's own pending entries (XREADGROUP from id 0);
 2. every `claim_idle / 2`, XAUTOCLAIM entries pending longer than `claim_idle` (left
    by a dead archiver, or entries of ours whose storing failed) and store them;
-3. otherwise XREADGROUP `>` with BLOCK and COUNT;
+3. otherwise XREADGROUP `>` with BLOCK and COUNT.
 
-and for each batch: convert the entries to rows, store them in ONE transaction,
-commit, and only THEN XACK. A crash anywhere before the XACK leaves the entries pending,
-so they are delivered again; the insert skips rows already there (ON CONFLICT on the
-message id), so a redelivery never makes a second row.
+Steps 1 and 2 are the stream's primary reader's; `workers` readers per feed stream do
+step 3 side by side, so one batch is read and converted while another is stored. For
+each batch: convert the entries to rows, store them in ONE transaction, commit, and
+only THEN XACK. A crash anywhere before the XACK leaves the entries pending, so they
+are delivered again; the insert skips rows already there (ON CONFLICT on the message
+id), so a redelivery never makes a second row.
 
 An entry that cannot be converted or stored (a poison entry, isolated by retrying the
 batch row by row) stays pending and is retried via XAUTOCLAIM; once it has been
@@ -66,10 +68,11 @@ def _text(value: bytes | str) -> str:
 def _entries(raw: Sequence[tuple[Any, Any]]) -> list[Entry]:
     out = []
     for entry_id, fields in raw:
-        decoded: dict[str, str] = {}
-        for k, v in (fields or {}).items():
-            # A field that is not UTF-8 is kept (escaped) so the entry can be dead-lettered.
-            decoded[_text_lossless(k)] = _text_lossless(v)
+        try:
+            decoded = {k.decode(): v.decode() for k, v in fields.items()} if fields else {}
+        except UnicodeDecodeError:
+            # Kept (escaped) so that the entry can be dead-lettered with what it held.
+            decoded = {_text_lossless(k): _text_lossless(v) for k, v in fields.items()}
         out.append(Entry(_text(entry_id), decoded))
     return out
 
@@ -89,8 +92,11 @@ class StreamArchiver:
 
     name: str  # the feed, or DEAD_LETTER
 
-    def __init__(self, name: str, settings: ArchiverSettings, redis: Redis, store: Store) -> None:
+    def __init__(
+        self, name: str, settings: ArchiverSettings, redis: Redis, store: Store, *, primary: bool = True
+    ) -> None:
         self.name = name
+        self.primary = primary  # the one reader of a stream that also recovers pending entries
         self.settings = settings
         self.redis = redis
         self.store = store
@@ -100,9 +106,10 @@ class StreamArchiver:
         self.consumer = settings.consumer_name
         self.counts = Counts()
         self._backoff = Backoff()
-        self._own_cursor: str | None = "0"  # draining our own pending entries from here
+        # Draining our own pending entries from here (the primary reader, at start).
+        self._own_cursor: str | None = "0" if primary else None
         self._claim_cursor = "0-0"
-        self._next_claim = 0.0
+        self._next_claim = 0.0 if primary else float("inf")
         self._group_ready = False
         self._rows = metrics.ROWS.labels(name)
         self._duplicates = metrics.DUPLICATES.labels(name)
@@ -124,7 +131,8 @@ class StreamArchiver:
             except REDIS_ERRORS as exc:
                 metrics.ERRORS.labels("redis").inc()
                 log.warning("redis unavailable, retrying", extra={"feed": self.name, "error": str(exc)})
-                self._own_cursor = "0"  # entries read but not acked are ours: read them again first
+                if self.primary:  # entries read but not acked are ours: read them again first
+                    self._own_cursor = "0"
                 await self._backoff.wait(stop)
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -132,7 +140,8 @@ class StreamArchiver:
                 # The stream or the group vanished (e.g. a Redis restarted without persistence).
                 log.warning("consumer group missing, creating it again", extra={"feed": self.name})
                 self._group_ready = False
-                self._own_cursor = "0"
+                if self.primary:
+                    self._own_cursor = "0"
         log.info(
             "stopped archiving stream",
             extra={
@@ -337,8 +346,10 @@ class StreamArchiver:
 class FeedArchiver(StreamArchiver):
     """A feed's stream -> its table."""
 
-    def __init__(self, name: str, settings: ArchiverSettings, redis: Redis, store: Store) -> None:
-        super().__init__(name, settings, redis, store)
+    def __init__(
+        self, name: str, settings: ArchiverSettings, redis: Redis, store: Store, *, primary: bool = True
+    ) -> None:
+        super().__init__(name, settings, redis, store, primary=primary)
         self.feed = FEEDS[name]
         self.meta = self.keys.meta(name)
 

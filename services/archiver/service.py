@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import fields
 
 from redis.asyncio import Redis
 
-from services.archiver.consumer import REDIS_ERRORS, DeadLetterArchiver, FeedArchiver, StreamArchiver
+from services.archiver.consumer import REDIS_ERRORS, Counts, DeadLetterArchiver, FeedArchiver, StreamArchiver
 from services.archiver.settings import ArchiverSettings
 from services.archiver.store import TRANSIENT_ERRORS, Store
 from services.archiver.trim import Trimmer
@@ -29,13 +30,26 @@ class Archiver:
     def __init__(self, settings: ArchiverSettings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.redis: Redis = redis_client(settings.redis_url)
-        self.store = store or Store(settings.database_url, settings.db_schema)
+        self.store = store or Store(
+            settings.database_url, settings.db_schema, pool_size=2 * settings.workers + 2
+        )
         self.readers: list[StreamArchiver] = [
-            *(self.feed_class(name, settings, self.redis, self.store) for name in FEED_NAMES),
-            self.dead_letter_class(DEAD_LETTER, settings, self.redis, self.store),
+            self.feed_class(name, settings, self.redis, self.store, primary=worker == 0)
+            for name in FEED_NAMES
+            for worker in range(settings.workers)
         ]
+        self.readers.append(self.dead_letter_class(DEAD_LETTER, settings, self.redis, self.store))
         self.trimmer = Trimmer(settings, self.redis, [*FEED_NAMES, DEAD_LETTER])
         self.ready = asyncio.Event()  # set once connected and migrated
+
+    def counts(self, name: str) -> Counts:
+        """Rows, duplicates, dead letters and batches of one stream, over its readers."""
+        total = Counts()
+        for reader in self.readers:
+            if reader.name == name:
+                for f in fields(Counts):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(reader.counts, f.name))
+        return total
 
     async def redis_ok(self) -> bool:
         return bool(await self.redis.ping())
@@ -49,8 +63,8 @@ class Archiver:
                 return
             self.ready.set()
             async with asyncio.TaskGroup() as tasks:
-                for reader in self.readers:
-                    tasks.create_task(reader.run(stop), name=f"archive-{reader.name}")
+                for i, reader in enumerate(self.readers):
+                    tasks.create_task(reader.run(stop), name=f"archive-{reader.name}-{i}")
                 tasks.create_task(self.trimmer.run(stop), name="trim")
         finally:
             await self.store.close()

@@ -18,6 +18,9 @@ class ArchiverSettings(Settings):
         "FANOUT_ARCHIVE_CONSUMER", "", "this archiver's consumer name in the group (default: hostname-pid)"
     )
     batch: int = setting("FANOUT_ARCHIVE_BATCH", 2000, "entries read and stored per batch")
+    workers: int = setting(
+        "FANOUT_ARCHIVE_WORKERS", 2, "batches of a feed read and stored side by side (1: one at a time)"
+    )
     block_ms: int = setting(
         "FANOUT_ARCHIVE_BLOCK_MS", 2000, f"XREADGROUP block time in milliseconds (at most {MAX_BLOCK_MS})"
     )
@@ -60,6 +63,8 @@ class ArchiverSettings(Settings):
             raise SettingsError("FANOUT_ARCHIVE_GROUP: must not be empty")
         if self.batch < 1:
             raise SettingsError(f"FANOUT_ARCHIVE_BATCH={self.batch}: expected at least 1")
+        if self.workers < 1:
+            raise SettingsError(f"FANOUT_ARCHIVE_WORKERS={self.workers}: expected at least 1")
         if not 1 <= self.block_ms <= MAX_BLOCK_MS:
             raise SettingsError(f"FANOUT_ARCHIVE_BLOCK_MS={self.block_ms}: expected 1 to {MAX_BLOCK_MS}")
         if self.claim_idle <= 0:

@@ -151,12 +151,13 @@ def _count(status: str) -> int:
 class Store:
     """A connection pool to the catalogue and the statements the archiver runs."""
 
-    def __init__(self, database_url: str, schema: str, *, method: str = "copy") -> None:
+    def __init__(self, database_url: str, schema: str, *, method: str = "copy", pool_size: int = 8) -> None:
         if method not in {"copy", "unnest", "executemany"}:
             raise ValueError(f"unknown insert method {method!r}")
         self.database_url = database_url
         self.schema = schema
         self.method = method
+        self.pool_size = pool_size
         self._s = quote_ident(schema)
         self._pool: asyncpg.Pool | None = None
         self._insert_sql = {feed: self._feed_insert_sql(feed) for feed in FEED_NAMES}
@@ -165,7 +166,7 @@ class Store:
         """Connect (raises if the server is unreachable) and migrate the schema."""
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
-                self.database_url, min_size=1, max_size=4, command_timeout=60, timeout=10
+                self.database_url, min_size=1, max_size=self.pool_size, command_timeout=60, timeout=10
             )
         async with self.pool.acquire() as conn:
             await migrate(conn, self.schema)

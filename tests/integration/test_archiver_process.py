@@ -143,7 +143,9 @@ async def test_postgres_restarted_mid_run_loses_nothing(
         await append_feed(redis, settings, EXECUTION, 1000, 1000)  # arrives while Postgres is down
 
         async def retrying() -> bool:
-            return archiver.readers[0].counts.rows == 1000 and await pending(redis, settings, "execution") > 0
+            return (
+                archiver.counts("execution").rows == 1000 and await pending(redis, settings, "execution") > 0
+            )
 
         await eventually(retrying, what="entries kept pending while Postgres is down")
         await asyncio.to_thread(private_postgres.start)

@@ -1,0 +1,140 @@
+"""Archiver throughput: fill the feed streams, then time one archiver storing them all.
+
+    .venv/bin/python bench/archive.py                   # 200k entries, COPY
+    .venv/bin/python bench/archive.py --entries 100000 --method unnest --batch 5000
+
+Uses REDIS_URL / DATABASE_URL (default: the local servers) with a private key prefix
+and schema, removed afterwards. Prints rows/s stored (commit + XACK included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from services.archiver.service import Archiver
+from services.archiver.settings import ArchiverSettings
+from services.archiver.store import Store
+from shared import codec
+from shared.connections import redis_client
+from shared.feeds import EXECUTION, FEED_NAMES
+from shared.keys import Keys
+from shared.scripts import register
+
+
+def _fields(feed: str, i: int) -> dict[str, str]:
+    if feed == EXECUTION.name:
+        return {
+            "symbol": f"SYM{i % 50}",
+            "market": "NASDAQ",
+            "price": codec.float32_text(100 + (i % 1000) / 8),
+            "quantity": codec.float32_text(1 + i % 17),
+            "executionEpoch": str(1_700_000_000_000 + i),
+            "stateSymbol": "FILLED",
+        }
+    return {"sport": "TENNIS", "match_title": f"Match {i % 300}", "data_event": f"point {i}"}
+
+
+async def fill(settings: ArchiverSettings, entries: int) -> None:
+    redis = redis_client(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    script = register(redis, "ingest_append")
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    per_feed = entries // len(FEED_NAMES)
+    n = 0
+    for feed in FEED_NAMES:
+        for chunk in range(0, per_feed, 1000):
+            argv: list[object] = [3600, "bench"]
+            dedup = []
+            for i in range(chunk, min(per_feed, chunk + 1000)):
+                n += 1
+                mid = f"1795000000000.{n}"
+                when = codec.iso_ms(start + timedelta(microseconds=n))
+                entry = codec.entry_fields(mid, _fields(feed, i), when, when)
+                argv += [n, len(entry), *entry]
+                dedup.append(keys.dedup(feed, mid))
+            await script(keys=[keys.stream(feed), keys.meta(feed), *dedup], args=argv)
+    await redis.aclose()
+
+
+async def cleanup(settings: ArchiverSettings) -> None:
+    redis = redis_client(settings.redis_url)
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis.unlink(*batch)
+    await redis.aclose()
+    conn = await asyncpg.connect(settings.database_url)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE')
+    await conn.close()
+
+
+async def bench(args: argparse.Namespace) -> None:
+    tag = uuid.uuid4().hex[:8]
+    settings = ArchiverSettings.from_env(
+        os.environ,
+        key_prefix=f"bench:{tag}",
+        db_schema=f"bench_{tag}",
+        batch=args.batch,
+        workers=args.workers,
+        http=("127.0.0.1", 0),
+        log_level="WARNING",
+        trim_interval=3600.0,
+    )
+    try:
+        t0 = time.perf_counter()
+        await fill(settings, args.entries)
+        total = args.entries // len(FEED_NAMES) * len(FEED_NAMES)
+        print(f"filled {total} entries in {time.perf_counter() - t0:.1f}s")
+        store = Store(
+            settings.database_url, settings.db_schema, method=args.method, pool_size=2 * args.workers + 2
+        )
+        await store.open()  # migrate before the clock starts
+        archiver = Archiver(settings, store=store)
+        stop = asyncio.Event()
+        task = asyncio.create_task(archiver.run(stop))
+        await archiver.ready.wait()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        while sum(archiver.counts(name).rows for name in FEED_NAMES) < total:
+            if task.done():
+                task.result()
+                raise RuntimeError("the archiver stopped early")
+            await asyncio.sleep(0.02)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        stop.set()
+        await task
+        rate = total / elapsed
+        print(
+            f"archived {total} rows in {elapsed:.2f}s: {rate:,.0f} rows/s "
+            f"(method={args.method}, batch={args.batch}, workers={args.workers}, 1 archiver; "
+            f"archiver CPU {cpu / elapsed:.0%} of the time, {cpu / total * 1e6:.1f} us/row)"
+        )
+    finally:
+        await cleanup(settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--entries", type=int, default=200_000, help="entries in all (split across the feeds)"
+    )
+    parser.add_argument("--batch", type=int, default=2000, help="FANOUT_ARCHIVE_BATCH")
+    parser.add_argument("--workers", type=int, default=2, help="FANOUT_ARCHIVE_WORKERS")
+    parser.add_argument("--method", choices=("copy", "unnest", "executemany"), default="copy")
+    asyncio.run(bench(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
