@@ -1,0 +1,179 @@
+"""The archiver's pure parts: entry -> row conversion, progress arithmetic, settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from services.archiver.progress import Progress, min_id, next_id
+from services.archiver.rows import (
+    BadEntry,
+    columns,
+    feed_row,
+    ingestor_dead_letter_row,
+    poison_row,
+    typed_message,
+)
+from services.archiver.settings import ArchiverSettings
+from shared import codec
+from shared.connections import MAX_BLOCK_MS
+from shared.feeds import EXECUTION, SPORT_EVENT
+from shared.settings import SettingsError
+
+BROKER, INGEST = "2026-11-28T09:13:32.123Z", "2026-11-28T09:13:32.130Z"
+
+
+def _entry(fields: dict[str, str], seq: int = 7, message_id: str = "1795000000000.42") -> dict[str, str]:
+    flat = codec.entry_fields(message_id, fields, BROKER, INGEST)
+    return {"seq": str(seq), **dict(zip(flat[::2], flat[1::2], strict=True))}
+
+
+EXEC = {
+    "symbol": "AAPL",
+    "market": "NASDAQ",
+    "price": "101.125",
+    "quantity": "0.1",
+    "executionEpoch": "1700000000123",
+    "stateSymbol": "FILLED",
+}
+SPORT = {"sport": "GOLF", "match_title": "Open — round 2", "data_event": "birdie"}
+
+
+@pytest.mark.parametrize(("feed", "fields"), [(EXECUTION, EXEC), (SPORT_EVENT, SPORT)])
+def test_typed_message_is_the_codec_contract(feed: object, fields: dict[str, str]) -> None:
+    entry = _entry(fields)
+    assert typed_message(feed, entry) == codec.typed_message(feed, entry)  # type: ignore[arg-type]
+    assert list(typed_message(feed, entry)) == list(codec.typed_message(feed, entry))  # type: ignore[arg-type]
+
+
+def test_execution_row_has_typed_columns_in_order() -> None:
+    row = feed_row(EXECUTION, "1795000000001-3", _entry(EXEC), "ab12")
+    values = dict(zip(columns("execution"), row, strict=True))
+    assert values["message_id"] == "1795000000000.42" and values["epoch"] == "ab12" and values["seq"] == 7
+    assert (values["stream_id"], values["entry_ms"], values["entry_n"]) == (
+        "1795000000001-3",
+        1795000000001,
+        3,
+    )
+    assert values["broker_time"] == datetime(2026, 11, 28, 9, 13, 32, 123000, tzinfo=UTC)
+    assert values["ingest_time"] == datetime(2026, 11, 28, 9, 13, 32, 130000, tzinfo=UTC)
+    assert (values["symbol"], values["market"], values["state_symbol"]) == ("AAPL", "NASDAQ", "FILLED")
+    assert (
+        values["price"] == 101.125
+        and values["quantity"] == 0.1
+        and values["execution_epoch"] == 1700000000123
+    )
+    assert json.loads(values["message"]) == codec.typed_message(EXECUTION, _entry(EXEC))
+
+
+def test_sport_row_keeps_unicode() -> None:
+    row = feed_row(SPORT_EVENT, "1-0", _entry(SPORT), "e")
+    values = dict(zip(columns("sport_event"), row, strict=True))
+    assert values["match_title"] == "Open — round 2"
+    assert json.loads(values["message"])["match_title"] == "Open — round 2"
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"price": "12,5"}, "bad field value"),
+        ({"price": "nan"}, "not a finite number"),
+        ({"price": "inf"}, "not a finite number"),
+        ({"executionEpoch": str(2**63)}, "does not fit in 64 bits"),
+        ({"executionEpoch": "soon"}, "bad field value"),
+        ({"symbol": "A\x00B"}, "NUL"),
+        ({"seq": "x"}, "bad field value"),
+        ({"broker_time": "yesterday"}, "not an ISO 8601 time"),
+        ({"broker_time": "2026-11-28T09:13:32"}, "no time zone"),
+        ({"message_id": ""}, "empty message_id"),
+    ],
+)
+def test_bad_entries_are_named(change: dict[str, str], error: str) -> None:
+    with pytest.raises(BadEntry, match=error):
+        feed_row(EXECUTION, "1-0", _entry(EXEC) | change, "e")
+
+
+def test_missing_field_is_named() -> None:
+    entry = _entry(EXEC)
+    del entry["market"]
+    with pytest.raises(BadEntry, match="missing field market"):
+        feed_row(EXECUTION, "1-0", entry, "e")
+
+
+def test_ingestor_dead_letter_row() -> None:
+    entry = {
+        "seq": "1",
+        "message_id": "1795000000000.9",
+        "subject": "pfx.execution",
+        "broker_seq": "9",
+        "error": "not a valid protobuf",
+        "payload_b64": base64.b64encode(b"\xff\x00").decode(),
+        "broker_time": BROKER,
+        "ingest_time": INGEST,
+    }
+    row = ingestor_dead_letter_row("5-0", entry, "pfx.")
+    assert row[:7] == (
+        "ingestor",
+        "execution",
+        "1795000000000.9",
+        "pfx.execution",
+        9,
+        "5-0",
+        "not a valid protobuf",
+    )
+    assert row[7] == b"\xff\x00" and row[8] is None
+    assert ingestor_dead_letter_row("5-0", entry | {"subject": "other"}, "pfx.")[1] is None
+    with pytest.raises(BadEntry, match="bad field value"):
+        ingestor_dead_letter_row("5-0", entry | {"payload_b64": "!!"}, "pfx.")
+    with pytest.raises(BadEntry, match="missing field error"):
+        ingestor_dead_letter_row("5-0", {k: v for k, v in entry.items() if k != "error"}, "pfx.")
+
+
+def test_poison_row_keeps_every_field_and_survives_nul() -> None:
+    entry = {"seq": "3", "message_id": "m.1", "price": "1\x002", "broker_time": "bad"}
+    row = poison_row("execution", "9-1", entry, "bad field value: x")
+    assert row[:3] == ("archiver", "execution", "m.1") and row[5] == "9-1"
+    assert row[6] == "bad field value: x"
+    assert json.loads(row[8]) == {"seq": "3", "message_id": "m.1", "price": "1\\u00002", "broker_time": "bad"}
+    assert row[9] is None and row[10] is None  # unparseable times are left out, not guessed
+    assert poison_row("execution", "9-2", {}, "deleted")[2] is None
+
+
+def test_progress_floor_is_below_pending_and_at_most_last_delivered() -> None:
+    assert next_id("5-9") == "5-10" and min_id("10-0", "9-99") == "9-99"
+    none = Progress(length=3, first_id="1-0", last_id="3-0", group_exists=False)
+    assert none.archived_below == "0-0" and none.lag_entries == 3 and none.oldest_unarchived == "1-0"
+    caught_up = Progress(
+        length=3, first_id="1-0", last_id="3-0", group_exists=True, last_delivered="3-0", undelivered=0
+    )
+    assert caught_up.archived_below == "3-1" and caught_up.lag_entries == 0 and caught_up.lag_seconds() == 0
+    behind = Progress(
+        length=5,
+        first_id="1-0",
+        last_id="5-0",
+        group_exists=True,
+        last_delivered="4-0",
+        pending=2,
+        oldest_pending="2-0",
+        undelivered=1,
+        oldest_undelivered="5-0",
+    )
+    assert behind.archived_below == "2-0" and behind.lag_entries == 3 and behind.oldest_unarchived == "2-0"
+    assert behind.lag_seconds(now=10.0) == pytest.approx(10.0 - 0.002)
+
+
+def test_settings_validate_and_name_the_variable() -> None:
+    settings = ArchiverSettings.from_env(
+        {"FANOUT_ARCHIVE_CLAIM_IDLE": "90s", "FANOUT_RETENTION": "2h", "FANOUT_ARCHIVE_HTTP": "0.0.0.0:0"}
+    )
+    assert (settings.claim_idle, settings.retention, settings.http) == (90.0, 7200.0, ("0.0.0.0", 0))
+    assert settings.consumer_name  # hostname-pid by default
+    with pytest.raises(SettingsError, match="FANOUT_ARCHIVE_BLOCK_MS"):
+        ArchiverSettings.from_env({"FANOUT_ARCHIVE_BLOCK_MS": str(MAX_BLOCK_MS + 1)})
+    with pytest.raises(SettingsError, match="FANOUT_ARCHIVE_WORKERS"):
+        ArchiverSettings.from_env({"FANOUT_ARCHIVE_WORKERS": "0"})
+    with pytest.raises(SettingsError, match="FANOUT_RETENTION"):
+        ArchiverSettings.from_env({"FANOUT_RETENTION": "a while"})
