@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -11,12 +12,14 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from fanout.servers import PostgresServer
+from fanout.servers import PostgresServer, RedisServer
 from services.archiver.service import Archiver
+from shared.connections import redis_client
 from shared.feeds import EXECUTION, SPORT_EVENT
 from shared.settings import Settings
 from tests.integration.test_archiver import (
@@ -73,14 +76,36 @@ async def spawn() -> AsyncIterator[object]:
             await proc.wait()
 
 
+async def _ops_url(proc: asyncio.subprocess.Process, log: list[bytes]) -> str:
+    """The ops endpoints' URL, from the archiver's log line that announces it."""
+    assert proc.stderr is not None
+    while line := await asyncio.wait_for(proc.stderr.readline(), 30):
+        log.append(line)
+        record = json.loads(line)
+        if record.get("msg") == "ops endpoints listening":
+            return str(record["url"]).removesuffix("/metrics")
+    raise AssertionError("the archiver exited before serving its ops endpoints:\n" + b"".join(log).decode())
+
+
 async def test_sigterm_finishes_and_exits_zero(
     base_settings: Settings, redis: Redis, pg: asyncpg.Connection, spawn: object
 ) -> None:
     await append_feed(redis, base_settings, SPORT_EVENT, 0, 300)
     proc = await spawn(_env(base_settings, FANOUT_ARCHIVE_BATCH="100"))  # type: ignore[operator]
+    log: list[bytes] = []
+    url = await _ops_url(proc, log)
     await rows_reach(pg, base_settings.db_schema, "sport_event", 300)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/readyz") as ready:
+            assert ready.status == 200
+            assert (await ready.json())["checks"] == {"redis": "ok", "postgres": "ok"}
+        async with http.get(f"{url}/metrics") as metrics:
+            text = await metrics.text()
+            assert 'fanout_archiver_rows_total{feed="sport_event"} 300.0' in text
+            assert "fanout_archiver_batch_seconds_count" in text
     proc.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    stderr = b"".join(log) + stderr
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert b'"archiver stopped"' in stderr
     assert b"Traceback" not in stderr
@@ -161,3 +186,53 @@ async def test_postgres_restarted_mid_run_loses_nothing(
         await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(3000)})
     finally:
         await pg.close()
+
+
+@pytest.fixture
+def private_redis_factory() -> Iterator[object]:
+    root = Path(tempfile.mkdtemp(prefix="fanout-archiver-redis-"))
+    servers: list[RedisServer] = []
+
+    def start(*extra: str) -> RedisServer:
+        server = RedisServer(root / f"redis{len(servers)}", extra_args=extra)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("persistence", ["aof", "none"])
+async def test_redis_restarted_mid_run_loses_nothing(
+    base_settings: Settings, pg: asyncpg.Connection, private_redis_factory: object, persistence: str
+) -> None:
+    extra = () if persistence == "aof" else ("--appendonly", "no")
+    server: RedisServer = private_redis_factory(*extra)  # type: ignore[operator]
+    settings = archiver_settings(base_settings, redis_url=server.url, batch=100)
+    client = redis_client(server.url)
+    schema = settings.db_schema
+    archiver = Archiver(settings)
+    try:
+        async with running(archiver):
+            await append_feed(client, settings, EXECUTION, 0, 500)
+            await rows_reach(pg, schema, "execution", 500)
+            server.kill()  # SIGKILL: acks of the last second may be lost (AOF fsyncs every second)
+            await asyncio.to_thread(server.start)
+            await client.aclose()
+            client = redis_client(server.url)  # the test's own connections died with the server
+            # With AOF the stream and the group come back; without, both are gone and the
+            # archiver must create its group again for the new entries.
+            await append_feed(client, settings, EXECUTION, 500, 500)
+            await rows_reach(pg, schema, "execution", 1000, within=60)
+
+            async def all_acked() -> bool:
+                return await pending(client, settings, "execution") == 0
+
+            await eventually(all_acked, what="all entries acked")
+        await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(1000)})
+    finally:
+        await client.aclose()
