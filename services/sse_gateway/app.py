@@ -109,11 +109,32 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+# The query parameters of /v1/stream (`_` is the cache-buster some EventSource polyfills add).
+STREAM_PARAMETERS = frozenset(
+    {"feeds", "from", "last_event_id", "lastEventID", "access_token", "ticket", "_", *filters.PARAMETERS}
+)
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def unknown_parameters(request: Request) -> JSONResponse | None:
+    unknown = sorted({k for k in request.query_params if k not in STREAM_PARAMETERS})
+    if not unknown:
+        return None
+    shown = ", ".join(repr(k[:40]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+    return error(
+        400,
+        "unknown parameter",
+        f"{shown} is not a parameter of /v1/stream; it takes {', '.join(sorted(STREAM_PARAMETERS - {'_'}))}",
+    )
+
+
 def parse_feeds(request: Request) -> tuple[str, ...] | JSONResponse:
     raw = [f.strip() for value in request.query_params.getlist("feeds") for f in value.split(",")]
     asked = [f for f in raw if f]
     if not asked:
         return FEED_NAMES
+    if len(asked) != len(set(asked)):
+        return error(400, "bad feeds", "a feed is named more than once in `feeds`")
     unknown = [f for f in asked if f not in FEED_NAMES]
     if unknown:
         return error(
@@ -130,6 +151,9 @@ async def stream(request: Request) -> Any:
     settings: GatewaySettings = state.settings
     if state.stop.is_set():
         return error(503, "shutting down", "the gateway is stopping; reconnect", {"Retry-After": "1"})
+    unknown = unknown_parameters(request)
+    if unknown is not None:
+        return unknown
     feeds = parse_feeds(request)
     if isinstance(feeds, JSONResponse):
         return feeds
@@ -232,6 +256,8 @@ async def _stream_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     response: Any
     if scope["method"] not in ("GET", "HEAD"):
         response = error(405, "method not allowed", "use GET", {"Allow": "GET"})
+    elif sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+        response = error(431, "headers too large", f"the request headers exceed {MAX_HEADER_BYTES} bytes")
     else:
         try:
             response = await stream(request)

@@ -354,6 +354,9 @@ async def test_a_slow_client_past_its_buffer_still_gets_every_event_in_order(
     ("query", "headers", "status", "error"),
     [
         ("feeds=execution,nope", {}, 404, "unknown feed"),
+        ("feeds=execution,execution", {}, 400, "bad feeds"),
+        ("feeds=execution&symbl=AAPL", {}, 400, "unknown parameter"),
+        ("feeds=execution", {"X-Pad": "p" * 20_000}, 431, "headers too large"),
         ("feeds=execution", {"Last-Event-ID": "garbage"}, 400, "bad cursor"),
         ("last_event_id=v1:execution.e0e0e0e0.1-0", {}, 400, "bad cursor"),
         ("lastEventID=v9:x", {}, 400, "bad cursor"),
