@@ -43,7 +43,7 @@ from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.writer import BatchResult, Delivery, Prepared, RedisReconnected, Writer
 from shared.keys import Keys
-from shared.lifecycle import Backoff
+from shared.lifecycle import Backoff, wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ PULL_GRACE = 2.0
 # How long, after SIGTERM, to keep retrying a batch that Redis does not take; after
 # that it is left unacked and JetStream redelivers it to the next ingestor.
 STOP_GRACE = 10.0
+# Pause between noticing the consumer was deleted and creating it again.
+RESETUP_DELAY = 1.0
 
 
 @dataclass
@@ -389,7 +391,10 @@ class Ingestor:
                     "JetStream consumer is gone (stream or consumer deleted); setting up again",
                     extra={"stream": self.settings.js_stream, "consumer": self.settings.js_consumer},
                 )
-                if not await self.setup():
+                # nats-server 2.9 can leave a consumer re-created within milliseconds of the
+                # old one's deletion stuck (requests wait, nothing is delivered): let the
+                # deletion settle first.
+                if await wait_or_stop(self.stop, RESETUP_DELAY) or not await self.setup():
                     return
                 continue
             loop.lost_requests = 0
