@@ -50,7 +50,7 @@ async def fill(settings: ArchiverSettings, entries: int) -> None:
     n = 0
     for feed in FEED_NAMES:
         for chunk in range(0, per_feed, 1000):
-            argv: list[object] = [3600, "bench"]
+            argv: list[str | int] = [3600, "bench"]
             dedup = []
             for i in range(chunk, min(per_feed, chunk + 1000)):
                 n += 1

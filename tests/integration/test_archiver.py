@@ -324,18 +324,23 @@ async def test_trim_removes_only_archived_old_entries(base_settings: Settings, r
     assert await trimmer.trim("execution", now=later) == 0
     await redis.xack(stream, "archiver", ids[0], ids[1], ids[2], ids[4], ids[5])  # 3 still pending
     assert await trimmer.trim("execution", now=later) == 3
-    assert [i.decode() for i, _ in await redis.xrange(stream)] == ids[3:]
+    assert await _ids(redis, stream) == ids[3:]
 
     young = Trimmer(archiver_settings(base_settings, retention=3600.0), redis, ["execution"])
     await redis.xack(stream, "archiver", ids[3])
     assert await young.trim("execution", now=later) == 0  # archived but within the retention
     capped = Trimmer(archiver_settings(base_settings, retention=3600.0, maxlen=2), redis, ["execution"])
     assert await capped.trim("execution", now=later) == 3  # beyond max length, but only up to 6 (undelivered)
-    assert [i.decode() for i, _ in await redis.xrange(stream)] == ids[6:]
+    assert await _ids(redis, stream) == ids[6:]
     await redis.xreadgroup("archiver", "c", {stream: ">"})
     await redis.xack(stream, "archiver", *ids[6:])
     assert await capped.trim("execution", now=later) == 2
-    assert [i.decode() for i, _ in await redis.xrange(stream)] == ids[8:]
+    assert await _ids(redis, stream) == ids[8:]
+
+
+async def _ids(redis: Redis, stream: str) -> list[str]:
+    entries: Any = await redis.xrange(stream)
+    return [i.decode() for i, _ in entries]
 
 
 async def test_trim_without_a_group_removes_nothing(base_settings: Settings, redis: Redis) -> None:

@@ -115,7 +115,7 @@ async def test_sigterm_finishes_and_exits_zero(
 async def test_sigkill_mid_run_then_restart_stores_each_message_once(
     base_settings: Settings, redis: Redis, pg: asyncpg.Connection, spawn: object
 ) -> None:
-    total = 20_000
+    total = 10_000
     await append_feed(redis, base_settings, EXECUTION, 0, total)
     env = _env(base_settings, FANOUT_ARCHIVE_BATCH="500", FANOUT_ARCHIVE_CONSUMER="fixed-name")
     first = await spawn(env)  # type: ignore[operator]

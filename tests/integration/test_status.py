@@ -21,7 +21,7 @@ from tests.integration.test_archiver import append_feed, archiver_settings, rows
 
 def _status_settings(base: Settings, **overrides: object) -> StatusSettings:
     values = {f.name: getattr(base, f.name) for f in fields(Settings)} | overrides
-    return StatusSettings(**values)  # type: ignore[arg-type]
+    return StatusSettings(**values)
 
 
 async def test_status_reports_streams_lag_rows_and_dead_letters(
