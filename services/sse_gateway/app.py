@@ -9,7 +9,10 @@ those modules provide them, and the page `static/index.html` at `/` (other files
 
 `app.state`, for every route of the package (set by the lifespan):
     settings     GatewaySettings
-    redis        redis.asyncio.Redis, decode_responses=True (str replies)
+    redis        redis.asyncio.Redis, decode_responses=True (str replies), the hub's and lookups'
+    history_redis  the same, on a bounded blocking pool (FANOUT_HISTORY_CONNECTIONS): for
+                 request-time and catch-up reads, so a crowd catching up waits its turn
+                 instead of exhausting connections
     archive      history.Archive: `await archive.pool()` is the asyncpg pool of the catalogue,
                  opened on first use; raises history.ArchiveUnavailable while Postgres is down
                  (live streaming never needs it)
@@ -43,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -62,7 +66,7 @@ from services.sse_gateway.hub import Hub
 from services.sse_gateway.response import EventStream
 from services.sse_gateway.settings import GatewaySettings
 from services.sse_gateway.subscriber import Registry, Subscriber, start_positions
-from shared.connections import redis_client
+from shared.connections import REDIS_SOCKET_TIMEOUT, redis_client
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
 from shared.lifecycle import Backoff
@@ -173,7 +177,9 @@ async def stream(request: Request) -> Any:
         return error(400, "bad cursor", str(exc))
     start = request.query_params.get("from", "latest").strip() or "latest"
     try:
-        positions = await start_positions(state.redis, state.hub.keys, state.archive, feeds, resume, start)
+        positions = await start_positions(
+            state.history_redis, state.hub.keys, state.archive, feeds, resume, start
+        )
     except CursorError as exc:
         return error(400, "cursor from the future", str(exc))
     except ValueError as exc:
@@ -195,6 +201,7 @@ async def stream(request: Request) -> Any:
         filters=chosen,
         positions=positions,
         hub=state.hub,
+        redis=state.history_redis,
         archive=state.archive,
         settings=settings,
     )
@@ -278,6 +285,16 @@ def create_app(settings: GatewaySettings) -> Starlette:
         state = app.state
         state.stop.clear()
         state.redis = redis_client(settings.redis_url, decode_responses=True)
+        state.history_redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=settings.history_connections,
+                timeout=REDIS_SOCKET_TIMEOUT,
+                decode_responses=True,
+                socket_timeout=REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=5.0,
+            )
+        )
         state.archive = Archive(settings.database_url, settings.db_schema, settings.db_pool_size)
         state.hub = Hub(
             state.redis,
@@ -307,6 +324,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await state.hub.close()
             await state.archive.close()
             await state.redis.aclose()
+            await state.history_redis.aclose()
+            await state.history_redis.connection_pool.disconnect()
             log.info("gateway stopped", extra={"subscribers_left": len(state.subscribers)})
 
     routes: list[BaseRoute] = [

@@ -55,6 +55,12 @@ class GatewaySettings(Settings):
         "XREAD BLOCK time of the shared reader (below the Redis socket timeout)",
         parse_duration,
     )
+    history_connections: int = setting(
+        "FANOUT_HISTORY_CONNECTIONS",
+        16,
+        "Redis connections shared by the subscribers reading history (catch-up); more concurrent "
+        "catch-ups wait their turn",
+    )
     db_pool_size: int = setting(
         "FANOUT_DB_POOL_SIZE", 4, "PostgreSQL connections for history reads (opened on first need)"
     )
@@ -73,6 +79,7 @@ class GatewaySettings(Settings):
             ("FANOUT_CATCHUP_BATCH", self.catchup_batch, 1),
             ("FANOUT_READER_BATCH", self.reader_batch, 1),
             ("FANOUT_DB_POOL_SIZE", self.db_pool_size, 1),
+            ("FANOUT_HISTORY_CONNECTIONS", self.history_connections, 1),
         ):
             if value < low:
                 raise SettingsError(f"{env}={value}: expected at least {low}")

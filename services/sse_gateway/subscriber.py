@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.sse_gateway import cursor, frames, history, metrics
 from services.sse_gateway.cursor import NO_EPOCH, CursorError, Position
@@ -101,6 +102,7 @@ class Subscriber:
         filters: Filters,
         positions: dict[str, Position],
         hub: Hub,
+        redis: Redis,
         archive: Archive,
         settings: GatewaySettings,
     ) -> None:
@@ -108,7 +110,7 @@ class Subscriber:
         self.filters = filters
         self.positions = positions
         self.hub = hub
-        self.redis: Redis = hub.redis
+        self.redis = redis  # the history client (a bounded pool), not the hub's
         self.keys: Keys = hub.keys
         self.archive = archive
         self.settings = settings
@@ -190,6 +192,9 @@ class Subscriber:
             metrics.SLOW_DISCONNECTS.inc()
             log.info("slow subscriber disconnected", extra={"feeds": ",".join(self.feeds)})
             yield b": disconnected: too far behind for too long; reconnect with your last id\n\n"
+        except (RedisError, OSError) as exc:
+            log.warning("Redis unavailable for catch-up, closing the stream", extra={"error": str(exc)})
+            yield b": the feeds are unavailable right now (Redis); reconnect with your last id\n\n"
         except ArchiveUnavailable as exc:
             log.warning("history unavailable, closing the stream", extra={"error": str(exc)})
             yield b": history is unavailable right now (catalogue database); reconnect with your last id\n\n"

@@ -509,3 +509,17 @@ async def test_without_postgres_live_streaming_goes_on_and_a_history_resume_ends
     assert b"event: execution" not in raw  # nothing skipped: it ends rather than jump the hole
     assert earliest.status == 503
     assert json.loads(earliest.body)["error"] == "history unavailable"
+
+
+async def test_a_crowd_catching_up_at_once_shares_a_bounded_redis_pool(
+    make_settings: Any, writer: Writer
+) -> None:
+    settings = make_settings(history_connections=2, catchup_batch=50)
+    await writer.append("execution", 300)
+    async with inprocess_gateway(settings) as app:
+        crowd = [await open_stream(app.state.port, "feeds=execution&from=earliest") for _ in range(150)]
+        for s in crowd:
+            assert s.status == 200
+        for s in crowd:
+            assert seqs(await s.collect(300, within=60), "execution") == list(range(1, 301))
+            s.close()
