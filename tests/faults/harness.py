@@ -89,13 +89,14 @@ class Service:
 
     async def ready(self, within: float = 60) -> None:
         assert self.ops is not None
+        ops = self.ops
 
         async def answers() -> bool:
             if self.process is None or self.process.poll() is not None:
                 raise HarnessError(f"{self.name} exited while starting:\n{self.log_tail()}")
             async with (
                 aiohttp.ClientSession() as http,
-                http.get(self.ops + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp,
+                http.get(ops + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp,
             ):
                 return resp.status == 200
 
@@ -268,6 +269,34 @@ class Pipeline:
             return None
         lines = [x for x in sim.log_lines() if x.get("msg") == "published" and "published" in x]
         return sum(int(x["published"]) for x in lines) if lines else None
+
+    async def metrics(self) -> dict[str, float]:
+        """The counters that show the exactly-once paths were exercised (since each
+        process's last start), summed over label values and processes."""
+        wanted = (
+            "fanout_gateway_catchups_total",
+            "fanout_gateway_slow_disconnects_total",
+            "fanout_gateway_gaps_total",
+            "fanout_gateway_resets_total",
+            "fanout_ingestor_redelivered_total",
+            "fanout_ingestor_duplicates_total",
+            "fanout_ingestor_dead_letters_total",
+            "fanout_archiver_duplicates_total",
+            "fanout_archiver_rows_total",
+        )
+        out: dict[str, float] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for service in self.services.values():
+                if service.ops is None or service.process is None:
+                    continue
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(service.ops + "/metrics") as resp:
+                        text = await resp.text()
+                    for line in text.splitlines():
+                        name = line.split("{")[0].split(" ")[0]
+                        if name in wanted:
+                            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
 
     def log_tails(self) -> str:
         return "\n".join(s.log_tail() for s in self.services.values())
@@ -474,7 +503,7 @@ async def count_everything(
 
     c = Counts(captured=truth.captured)
     keys = Keys(KEY_PREFIX)
-    redis = Redis.from_url(redis_url, socket_timeout=30)
+    redis: Any = Redis.from_url(redis_url, socket_timeout=30)
     pg = await asyncpg.connect(database_url)
     at: dict[str, dict[tuple[str, int], str]] = {}
     try:

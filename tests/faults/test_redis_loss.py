@@ -115,7 +115,7 @@ async def test_redis_back_empty_is_replayed_and_subscribers_are_told(
         tmp_path,
         f"http://127.0.0.1:{gw_port}",
     )
-    redis = Redis.from_url(private_redis.url)
+    redis: Any = Redis.from_url(private_redis.url)
     try:
         ingestor.start()
         gateway.start()
