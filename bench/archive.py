@@ -132,7 +132,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=2000, help="FANOUT_ARCHIVE_BATCH")
     parser.add_argument("--workers", type=int, default=2, help="FANOUT_ARCHIVE_WORKERS")
-    parser.add_argument("--method", choices=("copy", "unnest", "executemany"), default="copy")
+    parser.add_argument("--method", choices=("copy", "staged", "unnest", "executemany"), default="copy")
     asyncio.run(bench(parser.parse_args()))
 
 

@@ -152,7 +152,7 @@ class Store:
     """A connection pool to the catalogue and the statements the archiver runs."""
 
     def __init__(self, database_url: str, schema: str, *, method: str = "copy", pool_size: int = 8) -> None:
-        if method not in {"copy", "unnest", "executemany"}:
+        if method not in {"copy", "staged", "unnest", "executemany"}:
             raise ValueError(f"unknown insert method {method!r}")
         self.database_url = database_url
         self.schema = schema
@@ -188,7 +188,7 @@ class Store:
     def _feed_insert_sql(self, feed: str) -> str:
         cols = columns(feed)
         names = ", ".join(cols)
-        if self.method == "copy":
+        if self.method in {"copy", "staged"}:
             source = f"SELECT {names} FROM pg_temp._archive_{feed}"
         elif self.method == "unnest":
             types = _column_types(feed)
@@ -200,12 +200,27 @@ class Store:
 
     async def insert_feed(self, feed: str, rows: Sequence[Row]) -> int:
         """Insert rows of `feed` in one transaction; returns how many were new (the
-        others were already there). Raises a DATA_ERRORS error if a row is bad."""
+        others were already there). Raises a DATA_ERRORS error if a row is bad.
+
+        `copy` (the default): COPY straight into the table, the fast path when nothing
+        is there yet; if a message is already there (a redelivery), the transaction is
+        rolled back and the batch goes the `staged` way: COPY into a temporary table,
+        then INSERT ... SELECT ... ON CONFLICT (message_id) DO NOTHING.
+        """
         if not rows:
             return 0
+        if self.method == "copy":
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.copy_records_to_table(
+                        feed, records=rows, columns=columns(feed), schema_name=self.schema
+                    )
+                return len(rows)
+            except asyncpg.UniqueViolationError:
+                pass  # some are there already: skip those
         sql = self._insert_sql[feed]
         async with self.pool.acquire() as conn, conn.transaction():
-            if self.method == "copy":
+            if self.method in {"copy", "staged"}:
                 await conn.execute(
                     f"CREATE TEMP TABLE IF NOT EXISTS _archive_{feed} "
                     f"(LIKE {self._s}.{feed} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
