@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MIN_TICK = 0.005  # seconds: the shortest wait between two batches
 MAX_BATCH = 5_000  # messages published between two flushes, at most
 FAST_BATCH = 1_000  # messages per batch at rate 0 (as fast as possible)
+FLUSH_TIMEOUT = 5  # seconds NATS has to confirm a batch (PING/PONG)
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Counts:
     feed: str
     published: int = 0
     malformed: int = 0
-    failed: int = 0  # publishes NATS refused (disconnected with a full buffer, ...)
+    failed: int = 0  # payloads the client refused (closed, or buffer full while NATS is away): lost
     defects: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -69,26 +70,34 @@ async def publish_feed(
                 due = min(due, count - attempted)
             batch = [next(source) for _ in range(max(0, due))]
             attempted += len(batch)
+            accepted = 0
             try:
                 for payload in batch:
-                    await nc.publish(subject, payload.data)
-                await nc.flush()
+                    await nc.publish(subject, payload.data)  # into the client's buffer
+                    accepted += 1
             except (NatsError, OSError) as exc:
-                counts.failed += len(batch)
-                metrics.FAILED.labels(counts.feed).inc(len(batch))
-                log.warning("publish failed; retrying", extra={"feed": counts.feed, "error": repr(exc),
-                                                                "lost": len(batch)})
+                # The client refused them (closed, or its buffer is full while NATS is away):
+                # these payloads are lost, as an upstream publisher's would be.
+                lost = len(batch) - accepted
+                counts.failed += lost
+                metrics.FAILED.labels(counts.feed).inc(lost)
+                log.warning("NATS refused payloads; they are lost",
+                            extra={"feed": counts.feed, "error": repr(exc), "lost": lost})
+            _account(counts, batch[:accepted])
+            if accepted < len(batch):
+                if await backoff.wait(stop):
+                    break
+                continue
+            try:
+                await nc.flush(timeout=FLUSH_TIMEOUT)
+            except (NatsError, OSError, TimeoutError) as exc:
+                # Still in the client's buffer: sent when NATS is back (or lost if it never is).
+                log.warning("NATS did not confirm a batch; it stays buffered",
+                            extra={"feed": counts.feed, "error": repr(exc)})
                 if await backoff.wait(stop):
                     break
                 continue
             backoff.reset()
-            counts.published += len(batch)
-            metrics.PUBLISHED.labels(counts.feed).inc(len(batch))
-            for payload in batch:
-                if payload.defect is not None:
-                    counts.malformed += 1
-                    counts.defects[payload.defect] = counts.defects.get(payload.defect, 0) + 1
-                    metrics.MALFORMED.labels(counts.feed, payload.defect).inc()
             if rate > 0:
                 next_due = start + attempted / rate  # when message number attempted+1 falls due
                 wait = max(MIN_TICK, next_due - loop.time())
@@ -99,3 +108,13 @@ async def publish_feed(
     finally:
         counts.seconds = time.monotonic() - wall
     return counts
+
+
+def _account(counts: Counts, accepted: list[Payload]) -> None:
+    counts.published += len(accepted)
+    metrics.PUBLISHED.labels(counts.feed).inc(len(accepted))
+    for payload in accepted:
+        if payload.defect is not None:
+            counts.malformed += 1
+            counts.defects[payload.defect] = counts.defects.get(payload.defect, 0) + 1
+            metrics.MALFORMED.labels(counts.feed, payload.defect).inc()
