@@ -70,6 +70,9 @@ class Registry:
                 sub.heartbeat()
 
 
+RETRY_AFTER_REDIS_ERROR = 0.5
+
+
 class SlowClient(Exception):
     """The subscriber stayed behind the live position for too long."""
 
@@ -192,9 +195,6 @@ class Subscriber:
             metrics.SLOW_DISCONNECTS.inc()
             log.info("slow subscriber disconnected", extra={"feeds": ",".join(self.feeds)})
             yield b": disconnected: too far behind for too long; reconnect with your last id\n\n"
-        except (RedisError, OSError) as exc:
-            log.warning("Redis unavailable for catch-up, closing the stream", extra={"error": str(exc)})
-            yield b": the feeds are unavailable right now (Redis); reconnect with your last id\n\n"
         except ArchiveUnavailable as exc:
             log.warning("history unavailable, closing the stream", extra={"error": str(exc)})
             yield b": history is unavailable right now (catalogue database); reconnect with your last id\n\n"
@@ -210,10 +210,16 @@ class Subscriber:
         ):
             raise SlowClient
         out: list[bytes] = []
-        for feed in self.feeds:
-            out += await self._step(feed)
-            if self.closed:
-                return b""
+        try:
+            for feed in self.feeds:
+                out += await self._step(feed)
+                if self.closed:
+                    return b""
+        except (RedisError, OSError) as exc:
+            # Redis away (the hub's reader waits for it too): keep the stream, retry later.
+            log.warning("catch-up read failed; retrying", extra={"error": str(exc) or type(exc).__name__})
+            await asyncio.sleep(RETRY_AFTER_REDIS_ERROR)  # a retry delay, bounded by the heartbeat
+            return b"".join(out) + frames.HEARTBEAT
         if out:
             return b"".join(out)
         if self.hub.join(self):

@@ -13,7 +13,10 @@ ids = st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)).map(lambda
 positions = st.one_of(
     st.just(cursor.origin(cursor.NO_EPOCH)),
     st.builds(
-        Position, st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True), ids, st.integers(0, 2**63 - 1)
+        Position,
+        st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True).filter(lambda e: e != cursor.NO_EPOCH),
+        ids,
+        st.integers(0, 2**63 - 1),
     ),
 )
 

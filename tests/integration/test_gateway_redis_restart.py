@@ -1,0 +1,102 @@
+"""The gateway when its Redis goes away (a private redis-server, never the shared one):
+killed and restarted with its data, live subscribers go on with no gap and no duplicate;
+restarted empty (data lost), they are told with `event: reset` and go on in the new epoch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from fanout.servers import RedisServer
+from services.sse_gateway.settings import GatewaySettings
+from shared.connections import redis_client
+from shared.settings import Settings
+from tests.integration.test_gateway_helpers import Writer, inprocess_gateway, open_stream
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    await asyncio.to_thread(server.start)
+    yield server
+    await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture
+def settings(base_settings: Settings, private_redis: RedisServer) -> GatewaySettings:
+    return GatewaySettings.from_env(
+        os.environ,
+        redis_url=private_redis.url,
+        key_prefix=base_settings.key_prefix,
+        db_schema=base_settings.db_schema,
+        tokens="",
+        reader_block=0.5,
+    )
+
+
+async def ready(port: int) -> int:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
+        return r.status
+
+
+async def test_redis_killed_and_restarted_with_its_data_live_streams_go_on_exactly(
+    settings: GatewaySettings, private_redis: RedisServer
+) -> None:
+    redis: Any = redis_client(settings.redis_url)
+    try:
+        await Writer(redis, settings.key_prefix).append("execution", 5)
+        async with inprocess_gateway(settings) as app:
+            s = await open_stream(app.state.port, "feeds=execution&from=earliest")
+            await s.collect(5)
+            await asyncio.to_thread(private_redis.kill)
+            assert await ready(app.state.port) == 503
+            await asyncio.to_thread(private_redis.start)
+            await redis.aclose()
+            redis = redis_client(settings.redis_url)
+            writer = Writer(redis, settings.key_prefix)
+            writer.counter = 5
+            await writer.append("execution", 5)
+            events = await s.collect(5, within=60)
+            s.close()
+        assert [e.json()["seq"] for e in s.events if e.event == "execution"] == list(range(1, 11))
+        assert not [e for e in s.events if e.event in ("gap", "reset")]
+        assert events[-1].json()["message_id"] == "1700000000000.10"
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_restarted_empty_sends_reset_to_live_subscribers(
+    settings: GatewaySettings, private_redis: RedisServer
+) -> None:
+    redis: Any = redis_client(settings.redis_url)
+    try:
+        await Writer(redis, settings.key_prefix, "aaaa0001").append("execution", 4)
+        async with inprocess_gateway(settings) as app:
+            s = await open_stream(app.state.port, "feeds=execution&from=earliest")
+            await s.collect(4)
+            await asyncio.to_thread(private_redis.kill)
+            shutil.rmtree(private_redis.data_dir)  # the data is lost
+            await asyncio.to_thread(private_redis.start)
+            await redis.aclose()
+            redis = redis_client(settings.redis_url)
+            await Writer(redis, settings.key_prefix, "bbbb0002").append("execution", 3)
+            await s.collect(3, within=60)
+            s.close()
+        named = [e for e in s.events if e.event]
+        assert [e.event for e in named] == ["execution"] * 4 + ["reset"] + ["execution"] * 3
+        reset = named[4].json()
+        assert (reset["asked_epoch"], reset["asked_after"]) == ("aaaa0001", 4)
+        # null if the gateway saw the empty Redis before the first new entry, else the new epoch
+        assert reset["current_epoch"] in (None, "bbbb0002")
+        assert [e.json()["seq"] for e in named[5:]] == [1, 2, 3]
+    finally:
+        await redis.aclose()
