@@ -108,17 +108,35 @@ async def run_ingestor(settings: IngestorSettings, redis: Redis, n: int) -> floa
                 raise SystemExit(f"the ingestor exited with {proc.returncode}")
             await asyncio.sleep(0.01)
         t0 = time.perf_counter()
+        cpu0, redis0 = _cpu(proc.pid), await _redis_cpu(redis)
         done = first
         while done < n:
             await asyncio.sleep(0.02)
             done = await count()
         elapsed = time.perf_counter() - t0
+        CPU["ingestor"] = _cpu(proc.pid) - cpu0
+        CPU["redis-server"] = await _redis_cpu(redis) - redis0
+        CPU["elapsed"] = elapsed
         proc.send_signal(signal.SIGTERM)
         rc = await proc.wait()
         if rc != 0 or done != n:
             log.seek(0)
             raise SystemExit(f"ingestor exit {rc}, {done}/{n} entries\n{log.read().decode()[-3000:]}")
     return (n - first) / elapsed
+
+
+CPU: dict[str, float] = {}
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _redis_cpu(redis: Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def run_fetch(nc: NATS, settings: IngestorSettings, n: int, batch: int) -> float:
@@ -210,6 +228,13 @@ async def main(args: argparse.Namespace) -> int:
         print(f"{name:<46} {rate:>10,.0f}  {ratio}")
     target = "meets" if ingest >= 20_000 else "BELOW"
     print(f"\ningestor: {ingest:,.0f} msg/s ({target} the 20,000 msg/s target)")
+    drained = ingest * CPU["elapsed"]
+    print(
+        f"while draining: ingestor {CPU['ingestor'] / CPU['elapsed']:.0%} of a core "
+        f"({drained / CPU['ingestor']:,.0f} msgs per CPU-second), "
+        f"redis-server {CPU['redis-server'] / CPU['elapsed']:.0%} of a core; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     return 0
 
 
