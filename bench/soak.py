@@ -1,0 +1,363 @@
+"""Soak: the whole pipeline at a steady rate for a long time, measuring memory and lag.
+
+    .venv/bin/python -m bench.soak                                  # 30 min, 2,000 msg/s, 500 clients
+    .venv/bin/python -m bench.soak --duration 60 --rate 200 --clients 50    # a short validation run
+
+Private servers on free ports (nats-server with JetStream, redis-server, PostgreSQL from
+fanout/servers.py), then `fanout ingest`, two `fanout archive` and `fanout gateway` as
+subprocesses. A lean publisher sends protobuf `execution` messages on core NATS at
+--rate msg/s, each carrying its publish time in executionEpoch; the load client
+(bench/loadclient.py, its own processes) holds --clients SSE subscriptions to the feed.
+
+The run is cut into windows of --window seconds. Per window: every subscriber's
+publish -> receipt lag (p50, p99, max), events lost or duplicated per subscriber, and the
+archive lag (each row's archived_at - its ingest_time, p50/p99, from the catalogue). The
+RSS of every process is read at the start (after a warm-up) and at the end; a process
+whose RSS grew by more than --rss-bound MiB fails the run. At the end `fanout audit
+--wait` must reconcile JetStream, Redis and Postgres (exit 0).
+
+Writes bench/results/soak.md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import harness
+from bench.harness import BenchError, percentile_ms, usage
+from bench.loadclient import LoadClients
+from bench.publishers import NatsPublisher, pace
+from fanout.servers import PostgresServer
+from shared.connections import redis_client
+from shared.feeds import EXECUTION
+from shared.keys import Keys
+
+MIB = 1024 * 1024
+
+
+async def poll(check: Any, within_s: float, what: str) -> None:
+    """Poll another process's state (nothing to await) with a deadline."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {within_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def archive_lag_ms(pg: Any, schema: str, lo: int, hi: int) -> tuple[float | None, float | None, int]:
+    """p50/p99 of archived_at - ingest_time over the rows of seqs lo..hi, and their count."""
+    row = await pg.fetchrow(
+        f"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS p50,"
+        f" percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) AS p99, count(*) AS n FROM ("
+        f" SELECT extract(epoch FROM archived_at - ingest_time) * 1000 AS lag"
+        f' FROM "{schema}".execution WHERE seq BETWEEN $1 AND $2) l',
+        lo,
+        hi,
+    )
+    return row["p50"], row["p99"], int(row["n"])
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncpg
+
+    tag = f"soak{os.getpid()}"
+    root = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    os.chmod(root, 0o755)  # PostgreSQL runs as another user and must reach its folder
+    env = {
+        "FANOUT_KEY_PREFIX": tag,
+        "FANOUT_SUBJECT_PREFIX": f"{tag}.",
+        "FANOUT_JS_STREAM": tag.upper(),
+        "FANOUT_DB_SCHEMA": tag,
+        "FANOUT_INGEST_HTTP": "127.0.0.1:0",
+        "FANOUT_ARCHIVE_HTTP": "127.0.0.1:0",
+        "FANOUT_LOG_LEVEL": "WARNING",
+    }
+    windows: list[dict[str, Any]] = []
+    memory: dict[str, tuple[int, int]] = {}
+    async with AsyncExitStack() as stack:
+        nats_url, nats_proc = stack.enter_context(harness.private_nats())
+        redis_url, redis_proc = stack.enter_context(harness.private_redis())
+        postgres = PostgresServer(root / "postgres", database="soak")
+        await asyncio.to_thread(postgres.start)
+        stack.callback(postgres.stop)
+        env |= {"NATS_URL": nats_url, "REDIS_URL": redis_url, "DATABASE_URL": postgres.url}
+        ingest = stack.enter_context(harness.fanout_service("ingest", env, log_path=f"{root}/ingest.log"))
+        archivers = [
+            stack.enter_context(
+                harness.fanout_service(
+                    "archive", env | {"FANOUT_ARCHIVE_CONSUMER": f"a{i}"}, log_path=f"{root}/archive{i}.log"
+                )
+            )
+            for i in range(args.archivers)
+        ]
+        port = harness.free_port()
+        gateway = stack.enter_context(
+            harness.fanout_service(
+                "gateway",
+                env | {"FANOUT_GATEWAY_PORT": str(port), "FANOUT_MAX_SUBSCRIBERS": "20000"},
+                log_path=f"{root}/gateway.log",
+                port=port,
+            )
+        )
+        redis = redis_client(redis_url)
+        stack.push_async_callback(redis.aclose)
+        meta = Keys(tag).meta(EXECUTION.name)
+
+        async def seq() -> int:
+            raw = await redis.hget(meta, "seq")
+            return int(raw) if raw else 0
+
+        publisher = await stack.enter_async_context(NatsPublisher(nats_url, f"{tag}.{EXECUTION.name}"))
+
+        async def stream_ready() -> bool:
+            if ingest.poll() is not None:
+                raise BenchError(f"fanout ingest exited with {ingest.returncode}; log: {root}/ingest.log")
+            return await publisher.stream_exists(tag.upper())
+
+        await poll(stream_ready, 60, "the ingestor to create its JetStream stream")
+        await publisher.publish(1)
+
+        async def first() -> bool:
+            return await seq() >= 1
+
+        await poll(first, 60, "the first message to reach Redis")
+        pg = await asyncpg.connect(postgres.url)
+        stack.push_async_callback(pg.close)
+
+        print(f"connecting {args.clients} clients", flush=True)
+        pool = LoadClients(
+            f"http://127.0.0.1:{port}/v1/stream?feeds=execution", args.clients, args.client_procs
+        )
+        await stack.enter_async_context(pool)
+        if pool.connected != args.clients:
+            raise BenchError(f"only {pool.connected} of {args.clients} clients connected")
+        procs = {
+            "nats-server": nats_proc.pid,
+            "redis": redis_proc.pid,
+            "postgres": postgres.pid or 0,
+            "ingest": ingest.pid,
+            "gateway": gateway.pid,
+        }
+        procs |= {f"archive{i}": a.pid for i, a in enumerate(archivers)}
+        procs |= {f"clients{i}": pid for i, pid in enumerate(pool.pids())}
+
+        # Warm-up, then the memory baseline.
+        base = await seq()
+        await pool.window(base + 1, base + int(args.rate * 5))
+        await pace(publisher.publish, args.rate, 5)
+        await pool.wait_done(30)
+        await pool.report()
+        start_rss = {k: usage(p).rss_bytes for k, p in procs.items()}
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < args.duration:
+            n += 1
+            length = min(args.window, args.duration - (time.monotonic() - started))
+            base = await seq()
+            total = max(1, round(args.rate * length))
+            await pool.window(base + 1, base + total)
+            t0 = time.monotonic()
+            await pace(publisher.publish, args.rate, length)
+            drained = await pool.wait_done(args.drain)
+            seconds = time.monotonic() - t0
+            rep = await pool.report()
+
+            async def archived(lo: int = base + 1, hi: int = base + total) -> bool:
+                return (await archive_lag_ms(pg, tag, lo, hi))[2] >= hi - lo + 1
+
+            try:
+                await poll(archived, args.drain, f"window {n} to be archived")
+            except BenchError:
+                pass
+            a50, a99, rows = await archive_lag_ms(pg, tag, base + 1, base + total)
+            w = {
+                "window": n,
+                "at_s": round(time.monotonic() - started),
+                "published": total,
+                "rate": total / length,
+                "delivered_per_s": rep["delivered"] / seconds,
+                "expected": total * rep["connections"],
+                "delivered": rep["delivered"],
+                "lost": rep["lost"],
+                "duplicated": rep["duplicated"],
+                "missing": rep["missing"],
+                "p50_ms": percentile_ms(rep["hist"], 0.5),
+                "p99_ms": percentile_ms(rep["hist"], 0.99),
+                "max_ms": percentile_ms(rep["hist"], 1.0),
+                "archive_p50_ms": a50,
+                "archive_p99_ms": a99,
+                "archived": rows,
+                "drained": drained,
+                "hist": rep["hist"],
+            }
+            windows.append(w)
+            print(
+                f"  window {n} at {w['at_s']} s: {w['delivered_per_s']:,.0f} ev/s to "
+                f"{rep['connections']} clients, "
+                f"lag p50 {_ms(w['p50_ms'])} p99 {_ms(w['p99_ms'])} ms, archive lag p50 {_ms(a50)} "
+                f"p99 {_ms(a99)} ms, lost {w['lost']}, dup {w['duplicated']}, missing {w['missing']}",
+                flush=True,
+            )
+        end_rss = {k: usage(p).rss_bytes for k, p in procs.items()}
+        memory = {k: (start_rss[k], end_rss[k]) for k in procs}
+        audit = await asyncio.to_thread(_audit, env)
+    errors: list[str] = []
+    for name in ("ingest", "gateway", *(f"archive{i}" for i in range(args.archivers))):
+        errors += harness.log_errors(root / f"{name}.log")
+    return {
+        "windows": windows,
+        "memory": memory,
+        "audit": audit,
+        "errors": errors,
+        "args": vars(args),
+        "load": os.getloadavg()[0],
+        "logs": str(root),
+    }
+
+
+def _audit(env: dict[str, str]) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "fanout", "audit", "--wait", "120s"],
+        env={**os.environ, **env},
+        cwd=harness.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.1f}" if v < 100 else f"{v:,.0f}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    a = result["args"]
+    ws = result["windows"]
+    hist = harness.merge_histograms([w["hist"] for w in ws])
+    lines = [
+        f"# Soak: {a['duration']:g} s at {a['rate']:g} msg/s, {a['clients']} SSE subscribers",
+        "",
+        f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, `python -m bench.soak "
+        f"--duration {a['duration']:g} --rate {a['rate']:g} --clients {a['clients']}`, "
+        f"{os.cpu_count()} cores "
+        f"shared by everything (load average at the end {result['load']:.2f}).",
+        "",
+        "## Whole run",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| messages published | {sum(w['published'] for w in ws):,} |",
+        f"| events delivered / expected | {sum(w['delivered'] for w in ws):,} / "
+        f"{sum(w['expected'] for w in ws):,} |",
+        f"| lost / duplicated / missing at end | {sum(w['lost'] for w in ws)} / "
+        f"{sum(w['duplicated'] for w in ws)} / {sum(w['missing'] for w in ws)} |",
+        f"| subscriber lag p50 / p99 / max (ms) | {_ms(percentile_ms(hist, 0.5))} / "
+        f"{_ms(percentile_ms(hist, 0.99))} / {_ms(percentile_ms(hist, 1.0))} |",
+        f"| archive lag p50 / p99 (ms, worst window) | {_ms(max((w['archive_p50_ms'] or 0) for w in ws))} / "
+        f"{_ms(max((w['archive_p99_ms'] or 0) for w in ws))} |",
+        f"| `fanout audit --wait 120s` exit code | {result['audit'][0]} |",
+        "",
+        f"## Memory (RSS, MiB; bound: growth under {a['rss_bound']:g} MiB per process)",
+        "",
+        "| process | start | end | growth | within bound |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, (start, end) in result["memory"].items():
+        growth = (end - start) / MIB
+        lines.append(
+            f"| {name} | {start / MIB:.1f} | {end / MIB:.1f} | {growth:+.1f} | "
+            f"{'yes' if growth < a['rss_bound'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "## Per window",
+        "",
+        "| window | at s | msg/s | delivered ev/s | lag p50 / p99 / max ms | archive lag p50 / p99 ms "
+        "| lost | dup | missing |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for w in ws:
+        lines.append(
+            f"| {w['window']} | {w['at_s']} | {w['rate']:,.0f} | {w['delivered_per_s']:,.0f} | "
+            f"{_ms(w['p50_ms'])} / {_ms(w['p99_ms'])} / {_ms(w['max_ms'])} | {_ms(w['archive_p50_ms'])} / "
+            f"{_ms(w['archive_p99_ms'])} | {w['lost']} | {w['duplicated']} | {w['missing']} |"
+        )
+    lines += [
+        "",
+        "Subscriber lag = the client's socket read - executionEpoch (publish time, same clock). "
+        "Archive lag = "
+        "archived_at - ingest_time of each catalogue row (archived_at is its transaction's start). Missing = "
+        f"not received {a['drain']:g} s after the window's publishing ended.",
+    ]
+    if result["audit"][0] != 0:
+        lines += ["", "`fanout audit` said:", "```", result["audit"][1].strip()[-3000:], "```"]
+    lines += [f"- {e}" for e in result["errors"]]
+    lines += [f"- logs kept in {result['logs']}"]
+    return "\n".join(lines) + "\n"
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    a = result["args"]
+    out = []
+    ws = result["windows"]
+    if any(w["lost"] or w["duplicated"] or w["missing"] for w in ws):
+        out.append("events lost, duplicated or missing")
+    grown = [k for k, (s, e) in result["memory"].items() if (e - s) / MIB >= a["rss_bound"]]
+    if grown:
+        out.append(f"RSS grew past the bound: {', '.join(grown)}")
+    if result["audit"][0] != 0:
+        out.append(f"fanout audit exited {result['audit'][0]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=1800, help="seconds of steady load (default 1800)")
+    p.add_argument("--rate", type=float, default=2000, help="messages per second (default 2000)")
+    p.add_argument("--clients", type=int, default=500, help="SSE subscribers (default 500)")
+    p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument("--archivers", type=int, default=2)
+    p.add_argument("--window", type=float, default=60, help="seconds per measurement window (default 60)")
+    p.add_argument("--drain", type=float, default=30, help="seconds to wait for stragglers per window")
+    p.add_argument("--rss-bound", type=float, default=64, help="MiB of RSS growth allowed per process")
+    p.add_argument("--out", default=str(harness.BENCH_DIR / "results" / "soak.md"))
+    args = p.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        result = asyncio.run(run(args))
+    except BenchError as exc:
+        print(f"bench.soak: {exc}", file=sys.stderr)
+        return 1
+    text = markdown(result)
+    print()
+    print(text)
+    if args.out != "-":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"written to {args.out}")
+    bad = failures(result)
+    for b in bad:
+        print(f"bench.soak: FAIL: {b}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
