@@ -9,7 +9,14 @@ from dataclasses import fields
 
 from redis.asyncio import Redis
 
-from services.archiver.consumer import REDIS_ERRORS, Counts, DeadLetterArchiver, FeedArchiver, StreamArchiver
+from services.archiver.consumer import (
+    REDIS_ERRORS,
+    Counts,
+    DeadLetterArchiver,
+    FeedArchiver,
+    StreamArchiver,
+    raw_stream_replies,
+)
 from services.archiver.settings import ArchiverSettings
 from services.archiver.store import TRANSIENT_ERRORS, Store
 from services.archiver.trim import Trimmer
@@ -29,7 +36,7 @@ class Archiver:
 
     def __init__(self, settings: ArchiverSettings, *, store: Store | None = None) -> None:
         self.settings = settings
-        self.redis: Redis = redis_client(settings.redis_url)
+        self.redis: Redis = raw_stream_replies(redis_client(settings.redis_url))
         self.store = store or Store(
             settings.database_url, settings.db_schema, pool_size=2 * settings.workers + 2
         )

@@ -177,3 +177,20 @@ def test_settings_validate_and_name_the_variable() -> None:
         ArchiverSettings.from_env({"FANOUT_ARCHIVE_WORKERS": "0"})
     with pytest.raises(SettingsError, match="FANOUT_RETENTION"):
         ArchiverSettings.from_env({"FANOUT_RETENTION": "a while"})
+
+
+def test_raw_entries_decode_in_one_pass_and_keep_odd_bytes() -> None:
+    from services.archiver.consumer import _entries
+
+    plain, with_nul, not_utf8 = (
+        [b"1-0", [b"seq", b"1", b"symbol", "café".encode()]],
+        [b"2-0", [b"seq", b"2", b"symbol", b"a\x00b"]],
+        [b"3-0", [b"seq", b"3", b"symbol", b"\xff"]],
+    )
+    entries = _entries([plain, with_nul, not_utf8, [b"4-0", None]])
+    assert [e.id for e in entries] == ["1-0", "2-0", "3-0", "4-0"]
+    assert entries[0].fields == {"seq": "1", "symbol": "café"}
+    assert entries[1].fields == {"seq": "2", "symbol": "a\x00b"}  # refused later (NUL), but kept
+    assert entries[2].fields["symbol"].startswith("\x00")  # marked as not UTF-8, escaped
+    assert entries[3].fields == {}  # deleted while pending
+    assert _entries([(b"5-0", {b"seq": b"5"})])[0].fields == {"seq": "5"}  # redis-py's parsed shape
