@@ -405,3 +405,53 @@ async def publish_executions(nc: Any, subject: str, numbers: range) -> None:
     for i in numbers:
         await nc.publish(subject, execution(i).SerializeToString())
     await nc.flush()
+
+
+async def test_sigterm_under_load_finishes_and_acks_what_it_took_then_a_restart_completes(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    keys = Keys(base_settings.key_prefix)
+    n = 5_000
+    proc, port = await start_ingestor(base_settings, FANOUT_INGEST_BATCH="200", FANOUT_JS_ACK_WAIT="30s")
+    await wait_ready(proc, port)
+    await publish_executions(nats, base_settings.subject("execution"), range(n))
+    await until(lambda: _at_least(redis, keys.stream("execution"), 400), what="ingestion to start")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    # Everything it was handed is written and acked: nothing waits for an ack timeout.
+    info = await nats.jetstream().consumer_info(base_settings.js_stream, "ingestor")
+    assert info.num_ack_pending == 0
+    written = int(await redis.xlen(keys.stream("execution")))
+    assert info.ack_floor.stream_seq == written
+
+    proc, port = await start_ingestor(base_settings, FANOUT_INGEST_BATCH="500")
+    try:
+        entries = await read_stream(redis, keys.stream("execution"), n, within=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+    assert [int(e["seq"]) for e in entries] == list(range(1, n + 1))
+    assert await redis.xlen(keys.stream("execution")) == n
+
+
+async def test_readyz_names_the_failing_server(base_settings: Settings, nats: Any) -> None:
+    from shared.monitoring import OpsServer
+
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    ingestor = Ingestor(ingestor_settings(base_settings), dead, asyncio.Event())
+    ops = OpsServer("127.0.0.1", 0, {"nats": ingestor.nats_ready, "redis": ingestor.redis_ready})
+    await ops.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{ops.port}/readyz") as resp:
+                body = await resp.json()
+                assert resp.status == 503
+            async with http.get(f"http://127.0.0.1:{ops.port}/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await ops.stop()
+        await dead.aclose()
+    assert body["status"] == "not ready"
+    assert body["checks"]["nats"] == "failing"  # not connected yet
+    assert body["checks"]["redis"].startswith("failing: ")
