@@ -208,7 +208,7 @@ async def stream(request: Request) -> Any:
     subscribers.add(sub)
     if state.stop.is_set():
         sub.close("shutting down")
-    return EventStream(sub, subscribers, settings.slow_client_timeout)
+    return EventStream(sub, subscribers)
 
 
 async def healthz(request: Request) -> Response:
@@ -308,7 +308,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
         await state.hub.start()
         state.pool = None
         closer = asyncio.create_task(_close_streams_on_stop(state))
-        beats = asyncio.create_task(state.subscribers.heartbeats(settings.heartbeat, state.stop))
+        beats = asyncio.create_task(
+            state.subscribers.tend(state.stop, settings.heartbeat, settings.slow_client_timeout)
+        )
         opener = asyncio.create_task(_open_archive(state))
         log.info(
             "gateway ready",

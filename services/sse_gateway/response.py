@@ -27,40 +27,45 @@ class EventStream:
         self,
         subscriber: Subscriber,
         subscribers: Registry,
-        send_timeout: float,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.subscriber = subscriber
         self.subscribers = subscribers
-        self.send_timeout = send_timeout
         self.headers = HEADERS + (headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.subscriber
+        loop = asyncio.get_running_loop()
+        task = sub.task = asyncio.current_task()
+        assert task is not None
         watcher = asyncio.create_task(self._watch(receive))
-        stalled = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             async with contextlib.aclosing(sub.stream()) as chunks:
                 async for chunk in chunks:
                     if not chunk:
                         continue
+                    # No timer per write: the registry's watchdog cancels a write stalled
+                    # past the slow-client timeout (see Registry.tend).
+                    sub.sending_since = loop.time()
                     try:
-                        async with asyncio.timeout(self.send_timeout):
-                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    except TimeoutError:
-                        stalled = True
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    except asyncio.CancelledError:
+                        if not sub.stalled:
+                            raise
+                        task.uncancel()  # our own watchdog's cancellation: handled here
                         metrics.SLOW_DISCONNECTS.inc()
                         log.info(
                             "subscriber disconnected: a write stalled", extra={"feeds": ",".join(sub.feeds)}
                         )
                         break
+                    finally:
+                        sub.sending_since = 0.0
                     if sub.closed:
                         break
-            if not stalled:
+            if not sub.stalled:
                 with contextlib.suppress(OSError):
-                    async with asyncio.timeout(1.0):
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away mid-write
         finally:

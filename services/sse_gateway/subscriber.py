@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -62,12 +63,23 @@ class Registry:
         if not self._members:
             self.empty.set()
 
-    async def heartbeats(self, interval: float, stop: asyncio.Event) -> None:
-        """One ticker for every stream: a live subscriber quiet for a whole interval gets a
-        heartbeat comment (cheaper than a timer per connection)."""
-        while not await wait_or_stop(stop, interval):
-            for sub in self._members:
-                sub.heartbeat()
+    async def tend(self, stop: asyncio.Event, heartbeat: float, stall_timeout: float) -> None:
+        """One ticker for every stream instead of timers per connection or per write: a live
+        subscriber quiet for a whole heartbeat interval gets a heartbeat comment, and a write
+        stalled past `stall_timeout` is cancelled (the stream ends; the client resumes)."""
+        loop = asyncio.get_running_loop()
+        tick = max(0.05, min(heartbeat, stall_timeout / 4, 1.0))
+        next_beat = loop.time() + heartbeat
+        while not await wait_or_stop(stop, tick):
+            now = loop.time()
+            beat = now >= next_beat
+            if beat:
+                next_beat = now + heartbeat
+            for sub in list(self._members):
+                if beat:
+                    sub.heartbeat()
+                if sub.sending_since and now - sub.sending_since > stall_timeout:
+                    sub.stall()
 
 
 RETRY_AFTER_REDIS_ERROR = 0.5
@@ -95,7 +107,10 @@ class Subscriber:
         "positions",
         "quiet",
         "redis",
+        "sending_since",
         "settings",
+        "stalled",
+        "task",
     )
 
     def __init__(
@@ -122,6 +137,9 @@ class Subscriber:
         self.pending = 0
         self._waiter: asyncio.Future[None] | None = None
         self.quiet = False
+        self.sending_since = 0.0  # loop time a write started, 0 when none is in progress
+        self.stalled = False
+        self.task: asyncio.Task[Any] | None = None  # the task writing this stream
         self.live = False
         self.closed = False
         self.behind_since: float | None = None
@@ -136,6 +154,13 @@ class Subscriber:
         self.pending += count
         self._wake()
         return True
+
+    def stall(self) -> None:
+        """Its current write has not finished for too long: cancel it (see EventStream)."""
+        if not self.stalled and self.task is not None:
+            self.stalled = True
+            self.close("a write stalled")
+            self.task.cancel()
 
     def heartbeat(self) -> None:
         if self.quiet and self.live and not self.buffer:
