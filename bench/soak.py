@@ -43,6 +43,9 @@ from shared.feeds import EXECUTION
 from shared.keys import Keys
 
 MIB = 1024 * 1024
+# Servers warm their caches (PostgreSQL's shared buffers, JetStream's store): their RSS is
+# reported, the bound applies to our processes.
+SERVERS = ("nats-server", "redis", "postgres")
 
 
 async def poll(check: Any, within_s: float, what: str) -> None:
@@ -268,7 +271,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{_ms(max((w['archive_p99_ms'] or 0) for w in ws))} |",
         f"| `fanout audit --wait 120s` exit code | {result['audit'][0]} |",
         "",
-        f"## Memory (RSS, MiB; bound: growth under {a['rss_bound']:g} MiB per process)",
+        f"## Memory (RSS of each process tree, MiB; bound: growth under {a['rss_bound']:g} MiB per process "
+        "of ours; the servers' caches warm up)",
         "",
         "| process | start | end | growth | within bound |",
         "|---|---:|---:|---:|---|",
@@ -277,7 +281,7 @@ def markdown(result: dict[str, Any]) -> str:
         growth = (end - start) / MIB
         lines.append(
             f"| {name} | {start / MIB:.1f} | {end / MIB:.1f} | {growth:+.1f} | "
-            f"{'yes' if growth < a['rss_bound'] else 'NO'} |"
+            f"{'(server)' if name in SERVERS else 'yes' if growth < a['rss_bound'] else 'NO'} |"
         )
     lines += [
         "",
@@ -313,7 +317,9 @@ def failures(result: dict[str, Any]) -> list[str]:
     ws = result["windows"]
     if any(w["lost"] or w["duplicated"] or w["missing"] for w in ws):
         out.append("events lost, duplicated or missing")
-    grown = [k for k, (s, e) in result["memory"].items() if (e - s) / MIB >= a["rss_bound"]]
+    grown = [
+        k for k, (s, e) in result["memory"].items() if k not in SERVERS and (e - s) / MIB >= a["rss_bound"]
+    ]
     if grown:
         out.append(f"RSS grew past the bound: {', '.join(grown)}")
     if result["audit"][0] != 0:
