@@ -186,6 +186,19 @@ class Writer:
                     groups, d, message_id, broker_time, ingest_time, feed.name, "bad_payload", str(exc)
                 )
                 continue
+            except Exception as exc:  # one payload must never stop the pipeline
+                log.exception("the decoder failed unexpectedly; dead-lettering the payload")
+                self._dead_letter(
+                    groups,
+                    d,
+                    message_id,
+                    broker_time,
+                    ingest_time,
+                    feed.name,
+                    "decoder_error",
+                    f"the decoder failed: {type(exc).__name__}: {exc}",
+                )
+                continue
             fields = codec.entry_fields(message_id, decoded, broker_time, ingest_time)
             self._group(groups, feed.name).add(
                 self.keys.dedup(feed.name, message_id), d.stream_seq, fields, self._names

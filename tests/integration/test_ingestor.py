@@ -417,3 +417,48 @@ def test_the_packed_command_is_what_redis_py_would_send() -> None:
         )
     )
     assert group.command(b"f" * 40) == expected
+
+
+def _writer(**overrides: Any) -> Writer:
+    import fakeredis
+
+    settings = IngestorSettings.from_env({}, subject_prefix="up.", **overrides)
+    return Writer(fakeredis.FakeAsyncRedis(), settings)
+
+
+def _delivery(subject: str, payload: bytes, seq: int = 1) -> Delivery:
+    return Delivery(subject, payload, seq, 1, 1_795_857_710_302_347_757, f"$JS.ACK.S.c.1.{seq}.{seq}.1.0")
+
+
+def test_a_message_on_an_unknown_subject_is_dead_lettered() -> None:
+    [group] = _writer().build([_delivery("up.trades", b"x")], 1000, "2026-11-28T09:00:00.000Z")
+    assert group.name == "dead_letter" and group.count == 1
+    assert group.labels[0][:2] == ("unknown", "unknown_subject")
+    assert "no feed is published on subject 'up.trades'" in group.labels[0][3]
+
+
+def test_a_decoder_that_fails_unexpectedly_dead_letters_instead_of_stopping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(feed: Any, payload: bytes) -> dict[str, str]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(codec, "decode", broken)
+    good_subject = "up.execution"
+    [group] = _writer().build([_delivery(good_subject, b"\x0a\x01A")], 1000, "2026-11-28T09:00:00.000Z")
+    assert group.name == "dead_letter"
+    assert group.labels[0][:2] == ("execution", "decoder_error")
+    assert "RuntimeError: boom" in group.labels[0][3]
+
+
+def test_a_batch_is_split_by_feed_in_arrival_order() -> None:
+    ex = execution(1).SerializeToString()
+    ev = event(1).SerializeToString()
+    batch = [
+        _delivery("up.execution", ex, 1),
+        _delivery("up.sport_event", ev, 2),
+        _delivery("up.execution", ex, 3),
+    ]
+    groups = _writer().build(batch, 1000, "2026-11-28T09:00:00.000Z")
+    assert [(g.name, g.count) for g in groups] == [("execution", 2), ("sport_event", 1)]
+    assert groups[0].keys[2:] == ["fanout:{execution}:msg:1000.1", "fanout:{execution}:msg:1000.3"]
