@@ -265,6 +265,8 @@ def private_nchan(workers: int = 1) -> Iterator[tuple[int, subprocess.Popen[byte
             yield port, proc
         finally:
             stop_process(proc)
+            if proc.stderr is not None:
+                proc.stderr.close()
 
 
 @contextlib.contextmanager
