@@ -378,6 +378,8 @@ async def _first_from(
     found: tuple[str, int] | None = None
     if oldest is not None and cursor.entry_key(oldest[0])[0] <= min_ms:
         found = await history.redis_first(redis, keys, feed, f"{min_ms}-0")
+    elif oldest is not None and oldest[1] == 1:
+        found = oldest  # Redis still holds the epoch's first entry: nothing older in the catalogue
     else:
         found = await archive.first(feed, top.epoch, min_ms) or oldest
     if found is None:
