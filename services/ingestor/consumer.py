@@ -57,6 +57,8 @@ PULL_GRACE = 2.0
 STOP_GRACE = 10.0
 # Pause between noticing the consumer was deleted and creating it again.
 RESETUP_DELAY = 1.0
+# How often the consumer's backlog is read for the metrics.
+WATCH_INTERVAL = 5.0
 
 
 @dataclass
@@ -357,7 +359,11 @@ class Ingestor:
                     "could not compare Redis with JetStream at start; will before the first write",
                     extra={"error": str(exc) or type(exc).__name__},
                 )
-            await self._loop_until_stopped()
+            lag = asyncio.create_task(self._watch_consumer())
+            try:
+                await self._loop_until_stopped()
+            finally:
+                lag.cancel()
         finally:
             watcher.cancel()
             if self._loop is not None:
@@ -371,6 +377,43 @@ class Ingestor:
                 self._closing = True
                 await self.nc.close()
             log.info("ingestor stopped", extra=self.stats.summary())
+
+    async def _watch_consumer(self) -> None:
+        """Every few seconds: export the consumer's backlog, and warn (once per episode)
+        when JetStream holds messages for it but delivers none while requests wait."""
+        stalled_since: int | None = None
+        warned = False
+        while not await wait_or_stop(self.stop, WATCH_INTERVAL):
+            if self.nc is None or self.handle is None or not self.nc.is_connected:
+                continue
+            try:
+                info = await self.nc.jetstream(timeout=5.0).consumer_info(
+                    self.handle.stream, self.handle.consumer
+                )
+            except (OSError, TimeoutError, nats.errors.Error):
+                continue
+            pending = int(info.num_pending or 0)
+            metrics.CONSUMER_PENDING.set(pending)
+            metrics.CONSUMER_ACK_PENDING.set(int(info.num_ack_pending or 0))
+            delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+            stuck = pending > 0 and not info.num_ack_pending and (info.num_waiting or 0) > 0
+            if stuck and stalled_since == delivered:
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "JetStream holds messages for the consumer but delivers none while requests wait",
+                        extra={
+                            "pending": pending,
+                            "delivered_stream_seq": delivered,
+                            "consumer": self.handle.consumer,
+                            "stream": self.handle.stream,
+                        },
+                    )
+            else:
+                if warned and not stuck:
+                    log.info("JetStream delivers again", extra={"delivered_stream_seq": delivered})
+                    warned = False
+                stalled_since = delivered if stuck else None
 
     async def _abandon_after_stop(self) -> None:
         await self.stop.wait()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES = Counter("fanout_ingestor_messages_total", "messages appended to a feed's Redis stream", ["feed"])
 DUPLICATES = Counter(
@@ -29,4 +29,12 @@ OUTAGES = Counter(
 REPLAYED = Counter(
     "fanout_ingestor_replayed_total",
     "messages Redis had lost after they were acked, appended again from JetStream",
+)
+CONSUMER_PENDING = Gauge(
+    "fanout_ingestor_consumer_pending_messages",
+    "messages in JetStream not yet delivered to the ingestor's consumer (the backlog)",
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "fanout_ingestor_consumer_ack_pending_messages",
+    "messages delivered to the ingestor and not yet acked",
 )

@@ -154,7 +154,13 @@ async def test_sigterm_when_idle_exits_zero_with_a_summary(
             text = await resp.text()
         async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
             assert resp.status == 200
-    assert "fanout_ingestor_batch_seconds" in text
+    for name in (
+        "fanout_ingestor_batch_seconds",
+        "fanout_ingestor_messages_total",
+        "fanout_ingestor_dead_letters_total",
+        "fanout_ingestor_consumer_pending_messages",
+    ):
+        assert name in text
     proc.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0
