@@ -2,12 +2,14 @@
 `/metrics` on a small HTTP server beside the work loop.
 
 - `/healthz`: 200 while the process runs its loop.
-- `/readyz`: 200 when every check passes, else 503; JSON names each check's state.
+- `/readyz`: 200 when every check passes, else 503; JSON names each check's state. A
+  check that does not answer within `check_timeout` (a paused server) is failing.
 - `/metrics`: Prometheus text format.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,10 +23,11 @@ Check = Callable[[], Awaitable[bool]]
 
 
 class OpsServer:
-    def __init__(self, host: str, port: int, checks: Mapping[str, Check]) -> None:
+    def __init__(self, host: str, port: int, checks: Mapping[str, Check], check_timeout: float = 2.0) -> None:
         self.host = host
         self.port = port
         self.checks = dict(checks)
+        self.check_timeout = check_timeout
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -51,8 +54,10 @@ class OpsServer:
         results: dict[str, str] = {}
         for name, check in self.checks.items():
             try:
-                results[name] = "ok" if await check() else "failing"
-            except Exception as exc:  # a check that raises is a failing check, reported
+                results[name] = "ok" if await asyncio.wait_for(check(), self.check_timeout) else "failing"
+            except TimeoutError:
+                results[name] = f"failing: no answer within {self.check_timeout:g}s"
+            except Exception as exc:  # noqa: BLE001 - a check that raises is a failing check, reported
                 results[name] = f"failing: {exc}"
         ok = all(v == "ok" for v in results.values())
         return web.Response(
