@@ -461,3 +461,25 @@ async def test_readyz_names_the_failing_server(base_settings: Settings, nats: An
     assert body["status"] == "not ready"
     assert body["checks"]["nats"] == "failing"  # not connected yet
     assert body["checks"]["redis"].startswith("failing: ")
+
+
+async def test_a_readiness_check_that_hangs_fails_in_bounded_time() -> None:
+    from shared.monitoring import OpsServer
+
+    async def hangs() -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    async def fine() -> bool:
+        return True
+
+    ops = OpsServer("127.0.0.1", 0, {"paused": hangs, "fine": fine}, check_timeout=0.2)
+    await ops.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{ops.port}/readyz") as resp:
+                assert resp.status == 503
+                body = await resp.json()
+    finally:
+        await ops.stop()
+    assert body["checks"] == {"paused": "failing: no answer within 0.2s", "fine": "ok"}
