@@ -328,7 +328,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await state.redis.aclose()
             await state.history_redis.aclose()
             await state.history_redis.connection_pool.disconnect()
-            log.info("gateway stopped", extra={"subscribers_left": len(state.subscribers)})
+            log.info("gateway stopped", extra={"subscribers_left": len(state.subscribers), **_totals()})
 
     routes: list[BaseRoute] = [
         Route(STREAM_PATH, stream, methods=["GET"]),  # served by GatewayApp directly; listed for docs
@@ -382,6 +382,21 @@ async def _close_streams_on_stop(state: Any) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(state.settings.shutdown_grace):
             await subscribers.empty.wait()
+
+
+def _totals() -> dict[str, int]:
+    """The process's counters, for the one summary line at shutdown."""
+    get = REGISTRY.get_sample_value
+    return {
+        "subscribers_served": int(get("fanout_gateway_served_total") or 0),
+        "events_sent": int(
+            sum(get("fanout_gateway_events_sent_total", {"feed": f}) or 0 for f in FEED_NAMES)
+        ),
+        "catchups": int(get("fanout_gateway_catchups_total") or 0),
+        "gaps": int(get("fanout_gateway_gaps_total") or 0),
+        "resets": int(get("fanout_gateway_resets_total") or 0),
+        "slow_disconnects": int(get("fanout_gateway_slow_disconnects_total") or 0),
+    }
 
 
 async def _open_archive(state: Any) -> None:

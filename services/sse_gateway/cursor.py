@@ -6,8 +6,11 @@ Form (version 1), one part per subscribed feed, in the order of `shared.feeds.FE
        <feed>.<epoch>.<redis stream entry id>.<seq>
 
 - `epoch` is the feed stream's epoch (its meta hash); `-` when the feed had none yet
-  (nothing was ever appended). A different epoch than the feed's current one means the
-  stream was reset: the subscriber gets an `event: reset`.
+  (nothing was ever appended: only `<feed>.-.0-0.0`, which resumes from the first entry
+  of whatever epoch the feed has by then, with no reset). A different epoch than the
+  feed's current one means the stream was reset: the subscriber gets the rest of its old
+  epoch from the catalogue if it is there, then an `event: reset`, then the current
+  epoch from its first entry.
 - the entry id is the last entry delivered (what `redis-cli XRANGE` shows); `0-0` before
   the first entry.
 - `seq` is that entry's `seq` field: the next entry must carry seq + 1, which makes gap

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 SUBSCRIBERS = Gauge("fanout_gateway_subscribers", "stream subscribers connected")
+SERVED = Counter("fanout_gateway_served_total", "streams opened")
 EVENTS_SENT = Counter("fanout_gateway_events_sent_total", "feed events written to subscribers", ["feed"])
 CATCHUPS = Counter(
     "fanout_gateway_catchups_total", "times a subscriber read history on its own (resume, earliest, slow)"

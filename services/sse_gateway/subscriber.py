@@ -55,6 +55,7 @@ class Registry:
     def add(self, sub: Subscriber) -> None:
         self._members.add(sub)
         self.empty.clear()
+        metrics.SERVED.inc()
         metrics.SUBSCRIBERS.set(len(self._members))
 
     def discard(self, sub: Subscriber) -> None:
