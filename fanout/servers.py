@@ -348,6 +348,7 @@ class NatsServer(Server):
 
     kind = "nats"
     default_port = 4222
+    stop_signal = signal.SIGINT  # a clean shutdown that exits 0 (SIGTERM exits 1)
 
     def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = (), binary: Path | None = None) -> None:
