@@ -15,6 +15,26 @@ def entry_data(feed: str, fields: Mapping[str, str]) -> bytes:
     return dumps(typed_message(FEEDS[feed], fields))
 
 
+MALFORMED = b"malformed"
+
+
+def entry_payload(feed: str, feed_b: bytes, fields: Mapping[str, str]) -> tuple[bytes, bytes]:
+    """(event name, data) of an entry: the feed's event, or, for an entry that does not
+    hold a valid message of its feed (outside the contract: written by hand?), an
+    `event: malformed` saying so, so that nothing is skipped silently."""
+    try:
+        return feed_b, entry_data(feed, fields)
+    except (KeyError, ValueError) as exc:
+        return MALFORMED, dumps(
+            {
+                "feed": feed,
+                "message_id": fields.get("message_id"),
+                "seq": fields.get("seq"),
+                "error": f"malformed stream entry: {type(exc).__name__} {exc}",
+            }
+        )
+
+
 def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -30,6 +30,7 @@ class Record:
     seq: int
     data: bytes
     fields: Mapping[str, Any]
+    valid: bool = True  # False: `data` describes a malformed entry (sent as `event: malformed`)
 
 
 class ArchiveUnavailable(RuntimeError):
@@ -41,12 +42,19 @@ async def redis_after(
 ) -> list[Record]:
     """Entries after `after_id` (exclusive) up to `upto_id` (inclusive), oldest first."""
     raw: Any = await redis.xrange(keys.stream(feed), min="(" + after_id, max=upto_id, count=limit)
-    return [from_entry(feed, entry_id, fields) for entry_id, fields in raw]
+    out = []
+    for entry_id, fields in raw:
+        if "seq" not in fields and b"seq" not in fields:  # outside the contract: cannot be placed
+            log.error("stream entry without a seq skipped", extra={"feed": feed, "entry_id": _s(entry_id)})
+            continue
+        out.append(from_entry(feed, entry_id, fields))
+    return out
 
 
 def from_entry(feed: str, entry_id: Any, raw: Mapping[Any, Any]) -> Record:
     fields = {_s(k): _s(v) for k, v in raw.items()}
-    return Record(_s(entry_id), int(fields["seq"]), frames.entry_data(feed, fields), fields)
+    name, data = frames.entry_payload(feed, feed.encode(), fields)
+    return Record(_s(entry_id), int(fields["seq"]), data, fields, name != frames.MALFORMED)
 
 
 async def redis_first(redis: Redis, keys: Keys, feed: str, min_id: str = "-") -> tuple[str, int] | None:

@@ -207,7 +207,9 @@ class Hub:
 
     async def _accept(self, feed: str, entries: list[tuple[Any, Mapping[Any, Any]]]) -> None:
         position = self.positions[feed]
-        first = int(_s(entries[0][1]["seq"]))
+        first = _seq(entries[0][1])
+        if first is None:
+            first = position.seq + 1  # judged when dispatched
         if position.epoch == NO_EPOCH or first != position.seq + 1:
             epoch = _s(await self.redis.hget(self.keys.meta(feed), "epoch"))
             if position.epoch == NO_EPOCH and position.seq == 0 and epoch != NO_EPOCH:
@@ -225,22 +227,31 @@ class Hub:
         groups = list(self._by_feed[feed])
         last_seq = before.seq
         if not groups:
-            entry_id, fields = entries[-1]
-            seq = int(_s(fields["seq"]))
-            if seq > last_seq:
-                self.positions[feed] = Position(epoch, _s(entry_id), seq)
+            for entry_id, fields in reversed(entries):
+                seq = _seq(fields)
+                if seq is None:
+                    continue
+                if seq > last_seq:
+                    self.positions[feed] = Position(epoch, _s(entry_id), seq)
+                break
+            else:
+                self._unreadable(feed, entries[-1][0], last_seq)
         else:
             feed_b = feed.encode()
             out: dict[int, list[bytes]] = {id(g): [] for g in groups}
             full: dict[int, int] = dict.fromkeys(out, 0)
             for raw_id, raw in entries:
                 fields = {_s(k): _s(v) for k, v in raw.items()}
-                seq = int(fields["seq"])
+                seq = _seq(fields)
+                if seq is None:
+                    self._unreadable(feed, raw_id, last_seq)
+                    continue
                 if seq <= last_seq:
                     continue
                 last_seq = seq
                 self.positions[feed] = Position(epoch, _s(raw_id), seq)
                 data: bytes | None = None
+                name = feed_b
                 ids: dict[tuple[str, ...], bytes] = {}
                 for group in groups:
                     cid = ids.get(group.feeds)
@@ -248,8 +259,8 @@ class Hub:
                         cid = ids[group.feeds] = cursor.format(self.positions, group.feeds).encode()
                     if group.filters.matches(feed, fields):
                         if data is None:
-                            data = frames.entry_data(feed, fields)
-                        out[id(group)].append(frames.event(feed_b, data, cid))
+                            name, data = frames.entry_payload(feed, feed_b, fields)
+                        out[id(group)].append(frames.event(name, data, cid))
                         full[id(group)] += 1
                     else:
                         out[id(group)].append(frames.id_only(cid))
@@ -276,6 +287,13 @@ class Hub:
         metrics.READER_LAG.labels(feed).set(max(0.0, time.time() - cursor.entry_key(last_id)[0] / 1000))
         self._signal(feed)
 
+    def _unreadable(self, feed: str, entry_id: Any, last_seq: int) -> None:
+        """An entry without a seq (outside the contract): step over it, loudly."""
+        log.error("stream entry without a valid seq skipped", extra={"feed": feed, "entry_id": _s(entry_id)})
+        current = self.positions[feed]
+        if cursor.entry_key(_s(entry_id)) > current.id_key:
+            self.positions[feed] = Position(current.epoch, _s(entry_id), last_seq)
+
     def _signal(self, feed: str) -> None:
         event = self._moved[feed]
         self._moved[feed] = asyncio.Event()
@@ -286,3 +304,11 @@ def _s(value: Any) -> str:
     if value is None:
         return NO_EPOCH
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _seq(fields: Mapping[Any, Any]) -> int | None:
+    raw = fields.get("seq", fields.get(b"seq"))
+    try:
+        return int(_s(raw)) if raw is not None else None
+    except ValueError:
+        return None

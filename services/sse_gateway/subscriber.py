@@ -221,6 +221,9 @@ class Subscriber:
             metrics.SLOW_DISCONNECTS.inc()
             log.info("slow subscriber disconnected", extra={"feeds": ",".join(self.feeds)})
             yield b": disconnected: too far behind for too long; reconnect with your last id\n\n"
+        except (KeyError, ValueError) as exc:  # an entry without a seq: outside the contract
+            log.error("unreadable stream entry, closing the stream", extra={"error": str(exc)})
+            yield b": an unreadable stream entry stopped this stream; see the gateway's log\n\n"
         except ArchiveUnavailable as exc:
             log.warning("history unavailable, closing the stream", extra={"error": str(exc)})
             yield b": history is unavailable right now (catalogue database); reconnect with your last id\n\n"
@@ -323,7 +326,9 @@ class Subscriber:
                 break  # a hole inside the batch: the next round looks at both stores again
             self.positions[feed] = Position(epoch, record.entry_id, record.seq)
             cid = self.cursor()
-            if self.filters.matches(feed, record.fields):
+            if not record.valid:
+                out.append(frames.event(frames.MALFORMED, record.data, cid))
+            elif self.filters.matches(feed, record.fields):
                 out.append(frames.event(feed_b, record.data, cid))
                 sent += 1
             else:

@@ -523,3 +523,30 @@ async def test_a_crowd_catching_up_at_once_shares_a_bounded_redis_pool(
         for s in crowd:
             assert seqs(await s.collect(300, within=60), "execution") == list(range(1, 301))
             s.close()
+
+
+async def test_an_entry_that_is_not_a_valid_message_is_reported_not_skipped(
+    make_settings: Any, redis: Any, writer: Writer
+) -> None:
+    settings = make_settings()
+    keys = Keys(settings.key_prefix)
+    await writer.append("execution", 2)
+    async with inprocess_gateway(settings) as app:
+        live = await open_stream(app.state.port, "feeds=execution")
+        await live.next()
+        # outside the contract: an entry written by hand, one with a price that is no number
+        # (meta updated as the Lua script would), and one with no seq at all
+        bad_id = await redis.xadd(keys.stream("execution"), {"seq": "3", "message_id": "x.3", "price": "abc"})
+        await redis.hset(keys.meta("execution"), mapping={"seq": 3, "last_id": bad_id})
+        await redis.xadd(keys.stream("execution"), {"junk": "1"})
+        writer.counter = 3
+        await writer.append("execution", 2)
+        got = [await live.next() for _ in range(3)]
+        live.close()
+        again = await open_stream(app.state.port, "feeds=execution&from=earliest")
+        replay = [e for e in [await again.next() for _ in range(6)] if e.event]
+        again.close()
+    for events in (got, replay[2:]):
+        assert [e.event for e in events] == ["malformed", "execution", "execution"]
+        assert "malformed stream entry" in events[0].json()["error"]
+        assert [e.json()["seq"] for e in events[1:]] == [4, 5]
