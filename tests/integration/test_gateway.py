@@ -550,3 +550,20 @@ async def test_an_entry_that_is_not_a_valid_message_is_reported_not_skipped(
         assert [e.event for e in events] == ["malformed", "execution", "execution"]
         assert "malformed stream entry" in events[0].json()["error"]
         assert [e.json()["seq"] for e in events[1:]] == [4, 5]
+
+
+async def test_a_feed_the_cursor_does_not_name_starts_at_from(make_settings: Any, writer: Writer) -> None:
+    await writer.append("execution", 3)
+    await writer.append("sport_event", 2)
+    async with inprocess_gateway(make_settings()) as app:
+        one = await open_stream(app.state.port, "feeds=execution&from=earliest")
+        await one.collect(2)
+        one.close()
+        both = await open_stream(app.state.port, f"from=earliest&last_event_id={one.last_id}")
+        events = await both.collect(3)
+        both.close()
+    assert [(e.event, e.json()["seq"]) for e in events] == [
+        ("execution", 3),
+        ("sport_event", 1),
+        ("sport_event", 2),
+    ]
