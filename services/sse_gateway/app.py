@@ -261,8 +261,8 @@ class GatewayApp(Starlette):
 async def _stream_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     request = Request(scope, receive)
     response: Any
-    if scope["method"] not in ("GET", "HEAD"):
-        response = error(405, "method not allowed", "use GET", {"Allow": "GET"})
+    if scope["method"] != "GET":  # HEAD too: a stream has no end to report a length for
+        response = error(405, "method not allowed", "/v1/stream takes GET", {"Allow": "GET"})
     elif sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
         response = error(431, "headers too large", f"the request headers exceed {MAX_HEADER_BYTES} bytes")
     else:
