@@ -30,8 +30,15 @@ unknown feed is a 404 naming the known ones), filters `symbol=`, `market=` (exec
 `sport=` (sport_event), repeatable; start: the `Last-Event-ID` header, else
 `?last_event_id=`, else `?lastEventID=`, else `?from=latest|earliest|<ISO time>` (the
 time of an entry is its Redis stream id's, i.e. ingest time). Errors are JSON
-`{"error": ..., "detail": ...}`: 400 bad cursor / filter / from, 404 unknown feed, 503 past
-the subscriber limit (with Retry-After) or while Redis is unreachable.
+`{"error": ..., "detail": ...}`: 400 bad cursor / filter / from / unknown parameter, 404
+unknown feed, 405 not GET, 431 headers over 16 KB, 503 past the subscriber limit (with
+Retry-After) or while Redis (or, for history, Postgres) is unreachable.
+
+The stream: `retry: <FANOUT_RETRY_MS>` and an `id:`-only frame with the start cursor,
+then per entry `event: <feed>` / `data: <codec.typed_message JSON>` / `id: <cursor>`
+(an `id:`-only frame for an entry the filters reject), `event: gap` and `event: reset`
+notices (subscriber.py), `event: malformed` for an entry that is not a valid message, and
+`: heartbeat` comments on a quiet stream.
 """
 
 from __future__ import annotations
