@@ -154,19 +154,7 @@ def no_tracebacks(gateway: Gateway) -> Iterator[None]:
     yield
     errors = [line for line in gateway.log_text()[start:].splitlines() if "Traceback" in line]
     if errors:
-        if all("MaxConnectionsError" in line for line in errors):
-            pytest.xfail(KNOWN_POOL_BUG)
         raise AssertionError(f"the gateway logged {len(errors)} tracebacks; the first:\n{errors[0][:3000]}")
-
-
-# Found by this suite, reported to the gateway's owner: when many subscribers fall
-# into catch-up at once, their XRANGE calls exhaust the shared Redis connection pool;
-# redis-py raises MaxConnectionsError, which escapes the stream as an ASGI exception
-# (traceback in the log, the stream cut without a clean end).
-KNOWN_POOL_BUG = (
-    "known gateway bug: catch-up XRANGE raises redis MaxConnectionsError (pool exhausted) "
-    "out of the ASGI app when many subscribers catch up at once"
-)
 
 
 def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
