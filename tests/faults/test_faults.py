@@ -47,6 +47,7 @@ from tests.faults.harness import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 LAST_RUN = Path(__file__).with_name("last_run.md")
+LAST_SOAK_RUN = Path(__file__).with_name("last_soak_run.md")
 
 
 class Probe:
@@ -314,7 +315,7 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
             seconds,
             extra,
         )
-        LAST_RUN.write_text(report)
+        (LAST_SOAK_RUN if soak else LAST_RUN).write_text(report)
         print("\n" + report)
 
         assert counts.lost == 0, report
