@@ -157,11 +157,15 @@ class Hub:
         backoff = Backoff(cap=5.0)
         stream = self.keys.stream(feed)
         synced = False
+        warned = False
         while not self.stop.is_set():
             try:
                 if not synced:
                     await self._sync(feed)
                     synced = True
+                    if warned:
+                        log.info("feed reader reading again", extra={"feed": feed})
+                    warned = False
                     backoff.reset()
                     self._ready[feed].set()
                     self._signal(feed)
@@ -176,8 +180,11 @@ class Hub:
                     if _s(epoch) != position.epoch:
                         await self._sync(feed)
             except (RedisError, OSError) as exc:
-                if self._ready[feed].is_set():
-                    log.warning("feed reader lost Redis", extra={"feed": feed, "error": str(exc)})
+                if not warned:
+                    log.warning(
+                        "feed reader cannot read Redis; retrying", extra={"feed": feed, "error": str(exc)}
+                    )
+                    warned = True
                 self._ready[feed].clear()
                 synced = False
                 if await backoff.wait(self.stop):
