@@ -65,6 +65,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that something below swallowed (seen with blocking
+    redis-py reads on Python 3.11: a cancelled reader kept looping, so the TaskGroup that
+    cancelled it never finished)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def raw_stream_replies(client: Redis) -> Redis:
     """Have `client` return XREADGROUP and XAUTOCLAIM replies as Redis sent them (each
     entry an id and a flat field/value list): `_entries` decodes them in one pass, which
@@ -163,6 +172,7 @@ class StreamArchiver:
             "archiving stream", extra={"feed": self.name, "stream": self.stream, "consumer": self.consumer}
         )
         while not stop.is_set():
+            raise_if_cancelled()
             try:
                 if not self._group_ready:
                     await self.ensure_group()

@@ -15,6 +15,7 @@ from services.archiver.consumer import (
     DeadLetterArchiver,
     FeedArchiver,
     StreamArchiver,
+    raise_if_cancelled,
     raw_stream_replies,
 )
 from services.archiver.settings import ArchiverSettings
@@ -25,6 +26,11 @@ from shared.feeds import DEAD_LETTER, FEED_NAMES
 from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 class Archiver:
@@ -65,23 +71,51 @@ class Archiver:
         return self.ready.is_set() and await self.store.ping()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Archive until `stop` is set. If a reader fails, the others are stopped the
+        same way (they finish their batch) and the failure is raised as an
+        ExceptionGroup."""
         try:
             if not await self._open(stop):
                 return
             self.ready.set()
-            async with asyncio.TaskGroup() as tasks:
-                for i, reader in enumerate(self.readers):
-                    tasks.create_task(reader.run(stop), name=f"archive-{reader.name}-{i}")
-                tasks.create_task(self.trimmer.run(stop), name="trim")
+            await self._run_loops(stop)
         finally:
             await self.store.close()
             await self.redis.aclose()
+
+    async def _run_loops(self, stop: asyncio.Event) -> None:
+        # Not a TaskGroup: a failure stops the siblings with an event, not by cancelling
+        # them, so no batch is cut mid-way (and a cancellation swallowed in a library
+        # cannot leave a sibling running forever).
+        halt = asyncio.Event()
+        relay = asyncio.create_task(_relay(stop, halt))
+        loops = [
+            asyncio.create_task(reader.run(halt), name=f"archive-{reader.name}-{i}")
+            for i, reader in enumerate(self.readers)
+        ]
+        loops.append(asyncio.create_task(self.trimmer.run(halt), name="trim"))
+        try:
+            await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            halt.set()
+            await asyncio.wait(loops)
+        except asyncio.CancelledError:
+            for task in loops:
+                task.cancel()
+            raise
+        finally:
+            relay.cancel()
+        errors = [e for e in (t.exception() for t in loops if not t.cancelled()) if e is not None]
+        if any(not isinstance(e, Exception) for e in errors):
+            raise next(e for e in errors if not isinstance(e, Exception))
+        if errors:
+            raise ExceptionGroup("archiver failed", [e for e in errors if isinstance(e, Exception)])
 
     async def _open(self, stop: asyncio.Event) -> bool:
         """Connect to Postgres and migrate, retrying while it is unreachable; False if
         stopped first."""
         backoff = Backoff(cap=5.0)
         while not stop.is_set():
+            raise_if_cancelled()
             try:
                 await self.store.open()
                 await self.redis.ping()

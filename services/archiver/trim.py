@@ -22,6 +22,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from services.archiver import metrics
+from services.archiver.consumer import raise_if_cancelled
 from services.archiver.progress import Progress, format_id, min_id, parse_id, read_progress
 from services.archiver.settings import ArchiverSettings
 from shared.keys import Keys
@@ -42,6 +43,7 @@ class Trimmer:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            raise_if_cancelled()
             for name in self.names:
                 try:
                     await self.trim(name)
