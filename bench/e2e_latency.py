@@ -70,14 +70,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         env |= {"NATS_URL": nats_url, "REDIS_URL": redis_url}
         ingest = stack.enter_context(harness.fanout_service("ingest", env, log_path=f"{log_dir}/ingest.log"))
         port = harness.free_port()
-        gateway = stack.enter_context(
-            harness.fanout_service(
-                "gateway",
-                env | {"FANOUT_GATEWAY_PORT": str(port), "FANOUT_MAX_SUBSCRIBERS": "20000"},
-                log_path=f"{log_dir}/gateway.log",
-                port=port,
+        if args.fanout == "lean":  # the reference fan-out (bench/lean_fanout.py) in the gateway's place
+            gateway = stack.enter_context(
+                harness.python_module(
+                    "bench.lean_fanout",
+                    ["--redis-url", redis_url, "--prefix", tag, "--port", str(port)],
+                    port,
+                )
             )
-        )
+        else:
+            gateway = stack.enter_context(
+                harness.fanout_service(
+                    "gateway",
+                    env | {"FANOUT_GATEWAY_PORT": str(port), "FANOUT_MAX_SUBSCRIBERS": "20000"},
+                    log_path=f"{log_dir}/gateway.log",
+                    port=port,
+                )
+            )
         redis = redis_client(redis_url)
         stack.push_async_callback(redis.aclose)
         meta = Keys(tag).meta(EXECUTION.name)
@@ -113,7 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nats-server": nats_proc.pid,
             "ingest": ingest.pid,
             "redis": redis_proc.pid,
-            "gateway": gateway.pid,
+            args.fanout: gateway.pid,
         }
         for label, rate, duration in [("warm-up", 20.0, 2.0)] + [
             (f"{args.clients} clients @ {r:g}/s", r, args.duration) for r in map(float, args.rates.split(","))
@@ -190,14 +199,16 @@ def _ms(v: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    fanout = result["args"]["fanout"]
     lines = [
-        "# End to end: NATS publish -> JetStream -> ingestor -> Redis -> gateway -> SSE clients",
+        f"# End to end: NATS publish -> JetStream -> ingestor -> Redis -> {fanout} -> SSE clients",
         "",
-        f"Run {started}, `python -m bench.e2e_latency`, {os.cpu_count()} cores shared by everything "
+        f"Run {started}, `python -m bench.e2e_latency{' --fanout lean' if fanout == 'lean' else ''}`, "
+        f"{os.cpu_count()} cores shared by everything "
         f"(load average at the end {result['load']:.2f}).",
         "",
         "| scenario | delivered ev/s | expected events | p50 ms | p99 ms | max ms | to Redis p50 / p99 ms "
-        "| lost | dup | missing at end | CPU % (nats, ingest, redis, gateway, clients; other) "
+        f"| lost | dup | missing at end | CPU % (nats, ingest, redis, {fanout}, clients; other) "
         "| p99 < 100 ms, nothing lost |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -234,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20, help="seconds of publishing per rate")
     p.add_argument("--drain", type=float, default=5, help="seconds after publishing to wait for stragglers")
     p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument(
+        "--fanout",
+        choices=("gateway", "lean"),
+        default="gateway",
+        help="what serves the clients: `fanout gateway`, or bench/lean_fanout.py (a reference)",
+    )
     p.add_argument("--out", default=str(harness.BENCH_DIR / "results" / "e2e_latency.md"))
     args = p.parse_args(argv)
     try:
