@@ -22,7 +22,12 @@ Pull both feeds from a JetStream stream (created or updated at start) through a
 durable pull consumer, decode each protobuf payload, and append it to its feed's Redis
 stream exactly once (dedup key + XADD + seq in one Lua script per feed per batch).
 Acks NATS only after Redis answered. Undecodable or oversized payloads go to the
-dead-letter stream. SIGTERM finishes the batch in flight, acks it and exits 0.
+dead-letter stream. If Redis comes back empty or behind what was acked, the gap is
+replayed from JetStream. SIGTERM finishes the batch in flight, acks it and exits 0.
+
+Redis keys (prefix FANOUT_KEY_PREFIX): <prefix>:{<feed>}:stream (XRANGE it),
+<prefix>:{<feed>}:meta (epoch, seq, last_id, broker_seq), <prefix>:{<feed>}:msg:<id>
+(dedup); the feeds are execution and sport_event, dead letters go to feed dead_letter.
 
 Ops endpoints: /healthz /readyz /metrics on FANOUT_INGEST_HTTP.
 """

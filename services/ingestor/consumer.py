@@ -14,9 +14,16 @@ the stream or consumer must be set up again. A request that ends with no status 
 (NATS restarted, or the consumer vanished) is noticed by its deadline, and the consumer
 is checked.
 
-Acks (`+ACK` published to each message's reply subject, then one flush) go out only
-after Redis has answered for the whole batch. A crash before that means redelivery,
-and redelivery means no second entry (the Lua script's dedup keys).
+Batches are written in stream order, one at a time; while Redis runs batch k, batch
+k+1 is decoded and packed. Acks (`+ACK` published to each message's reply subject,
+then one flush, which overlaps the next write) go out only after Redis has answered
+for the whole batch. A crash before that means redelivery, and redelivery means no
+second entry (the Lua script's dedup keys).
+
+Redis that may have lost writes (at start, after an outage, after a reconnect) is
+compared with JetStream before anything else is written, and the gap is replayed
+(`replay.py`). SIGTERM: no new requests; what was requested is written and acked;
+then exit. Redis or NATS away: retried with backoff, logged once per outage.
 """
 
 from __future__ import annotations
