@@ -20,7 +20,7 @@ import asyncpg
 
 from services.archiver.service import Archiver
 from services.archiver.settings import ArchiverSettings
-from services.archiver.store import Store
+from services.archiver.store import APPLICATION_NAME, Store
 from shared import codec
 from shared.connections import redis_client
 from shared.feeds import EXECUTION, FEED_NAMES
@@ -104,13 +104,20 @@ async def bench(args: argparse.Namespace) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(archiver.run(stop))
         await archiver.ready.wait()
+        backends = await _backends(store)
         t0, cpu0 = time.perf_counter(), time.process_time()
+        sched0: dict[object, list[int]] = {pid: _schedstat(pid) for pid in ["self", *backends]}
         while sum(archiver.counts(name).rows for name in FEED_NAMES) < total:
             if task.done():
                 task.result()
                 raise RuntimeError("the archiver stopped early")
             await asyncio.sleep(0.02)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        backends = await _backends(store)  # the pool grew during the run: new ones count from 0
+        sched = {
+            pid: [b - a for a, b in zip(sched0.get(pid, [0, 0]), _schedstat(pid), strict=True)]
+            for pid in ["self", *backends]
+        }
         stop.set()
         await task
         rate = total / elapsed
@@ -119,8 +126,37 @@ async def bench(args: argparse.Namespace) -> None:
             f"(method={args.method}, batch={args.batch}, workers={args.workers}, 1 archiver; "
             f"archiver CPU {cpu / elapsed:.0%} of the time, {cpu / total * 1e6:.1f} us/row)"
         )
+        # Where the time went, from /proc/<pid>/schedstat: CPU used, and time spent
+        # runnable but waiting for a CPU (other processes on a shared machine).
+        pg_cpu = sum(v[0] for pid, v in sched.items() if pid != "self") / 1e9
+        pg_wait = sum(v[1] for pid, v in sched.items() if pid != "self") / 1e9
+        own_cpu, own_wait = sched["self"][0] / 1e9, sched["self"][1] / 1e9
+        print(
+            f"  archiver process: {own_cpu:.2f}s CPU, {own_wait:.2f}s waiting for a CPU; "
+            f"its {len(backends)} Postgres backends: {pg_cpu:.2f}s CPU, {pg_wait:.2f}s waiting for a CPU"
+        )
+        print(
+            f"  CPU per row: archiver {own_cpu / total * 1e6:.1f} us"
+            f" + Postgres {pg_cpu / total * 1e6:.1f} us;"
+            f" on 2 idle cores the bound is ~{total / max(own_cpu, (own_cpu + pg_cpu) / 2):,.0f} rows/s"
+        )
     finally:
         await cleanup(settings)
+
+
+async def _backends(store: Store) -> list[int]:
+    sql = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()"
+    return [r["pid"] for r in await store.pool.fetch(sql, APPLICATION_NAME)]
+
+
+def _schedstat(pid: object) -> list[int]:
+    """[CPU ns, runqueue wait ns] of a process, from /proc/<pid>/schedstat."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            cpu, wait, _ = f.read().split()
+        return [int(cpu), int(wait)]
+    except OSError:
+        return [0, 0]
 
 
 def main() -> None:

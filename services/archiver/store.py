@@ -88,6 +88,9 @@ CREATE INDEX dead_letter_archived_at_idx ON {s}.dead_letter (archived_at);
     ),
 ]
 
+# How the archiver's connections show in pg_stat_activity.
+APPLICATION_NAME: Final = "fanout-archiver"
+
 # Errors caused by the data of a row, not by the server: the row is poison. asyncpg
 # raises ValueError/OverflowError/TypeError when it cannot encode a value (COPY).
 DATA_ERRORS: Final = (
@@ -166,7 +169,12 @@ class Store:
         """Connect (raises if the server is unreachable) and migrate the schema."""
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
-                self.database_url, min_size=1, max_size=self.pool_size, command_timeout=60, timeout=10
+                self.database_url,
+                min_size=1,
+                max_size=self.pool_size,
+                command_timeout=60,
+                timeout=10,
+                server_settings={"application_name": APPLICATION_NAME},
             )
         async with self.pool.acquire() as conn:
             await migrate(conn, self.schema)
