@@ -462,3 +462,24 @@ def test_a_batch_is_split_by_feed_in_arrival_order() -> None:
     groups = _writer().build(batch, 1000, "2026-11-28T09:00:00.000Z")
     assert [(g.name, g.count) for g in groups] == [("execution", 2), ("sport_event", 1)]
     assert groups[0].keys[2:] == ["fanout:{execution}:msg:1000.1", "fanout:{execution}:msg:1000.3"]
+
+
+async def test_a_deleted_consumer_is_set_up_again_and_nothing_is_lost_or_repeated(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings)
+    keys = Keys(settings.key_prefix)
+    subject = settings.subject("execution")
+    async with running(settings, redis) as ingestor:
+        await publish(nats, subject, [execution(i).SerializeToString() for i in range(20)])
+        await read_stream(redis, keys.stream("execution"), 20)
+        created = ingestor.handle.created_ms if ingestor.handle else 0
+        await nats.jetstream().delete_consumer(settings.js_stream, settings.js_consumer)
+        await publish(nats, subject, [execution(i).SerializeToString() for i in range(20, 40)])
+        # The new consumer starts from the stream's first message: the first 20 are
+        # redelivered and dropped as duplicates, the next 20 appended once.
+        entries = await read_stream(redis, keys.stream("execution"), 40)
+        await until(lambda: _settled(ingestor, 60), what="the redelivered messages")
+    assert [e["message_id"] for e in entries] == [f"{created}.{s}" for s in range(1, 41)]
+    assert await redis.xlen(keys.stream("execution")) == 40
+    assert ingestor.stats.duplicates["execution"] == 20
