@@ -239,6 +239,7 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
     records: list[FaultRecord] = []
     started = time.monotonic()
     ok = False
+    reported = False
     try:
         await p.start_servers()
         await p.start_services()
@@ -316,6 +317,7 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
             extra,
         )
         (LAST_SOAK_RUN if soak else LAST_RUN).write_text(report)
+        reported = True
         print("\n" + report)
 
         assert counts.lost == 0, report
@@ -330,6 +332,25 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
         assert audit.returncode == 0, report
         assert all(code == 0 for code in codes.values()), f"not every service exited 0: {codes}\n{report}"
         ok = True
+    except BaseException as exc:
+        if records and not reported:
+            # Stopped by a fault the pipeline did not recover from: keep what happened.
+            lines = [
+                f"# Fault suite: FAILED run ({'soak' if soak else 'short'} mode)",
+                "",
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {(str(exc) or type(exc).__name__).splitlines()[0]}",
+                "",
+                "| # | fault | at (s) | duration (s) | recovery (s) | note |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for i, r in enumerate(records, 1):
+                rec = "-" if r.recovery is None else f"{r.recovery:.1f}"
+                lines.append(
+                    f"| {i} | {r.name} | {r.injected_at:.0f} | {r.healed_at - r.injected_at:.1f} | {rec} | "
+                    f"{r.note.strip()[:200]} |"
+                )
+            (LAST_SOAK_RUN if soak else LAST_RUN).write_text("\n".join(lines) + "\n")
+        raise
     finally:
         stop_subs.set()
         for t in tasks:
