@@ -335,10 +335,11 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
     except BaseException as exc:
         if records and not reported:
             # Stopped by a fault the pipeline did not recover from: keep what happened.
+            why = (str(exc) or type(exc).__name__).splitlines()[0]
             lines = [
                 f"# Fault suite: FAILED run ({'soak' if soak else 'short'} mode)",
                 "",
-                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {(str(exc) or type(exc).__name__).splitlines()[0]}",
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {why}",
                 "",
                 "| # | fault | at (s) | duration (s) | recovery (s) | note |",
                 "| --- | --- | --- | --- | --- | --- |",
