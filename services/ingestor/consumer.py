@@ -568,8 +568,15 @@ class Ingestor:
     async def _ack(self, batch: list[Delivery], result: BatchResult, started: float) -> None:
         """Ack a batch Redis has answered for; the flush overlaps the next batch's write."""
         assert self.nc is not None
-        for d in batch:
-            await self.nc.publish(d.reply, b"+ACK")
+        try:
+            for d in batch:
+                await self.nc.publish(d.reply, b"+ACK")
+        except nats.errors.Error as exc:  # closed, or the reconnect buffer is full
+            # Written but not acked: JetStream redelivers and the dedup keys drop them.
+            log.warning(
+                "could not ack a written batch; it will be redelivered and deduplicated",
+                extra={"error": str(exc) or type(exc).__name__, "batch": len(batch)},
+            )
         await self._wait_flushed()
         self._flushing = asyncio.create_task(self._flush(len(batch)))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
