@@ -189,7 +189,11 @@ class PullLoop:
             name = str(self._next_request)
             payload = json.dumps({"batch": self.batch, "expires": int(PULL_EXPIRES * 1e9)}).encode()
             self._requests[name] = _Request(self.batch, now + PULL_EXPIRES + PULL_GRACE)
-            await self.nc.publish(self.handle.next_subject, payload, reply=f"{self._inbox}.{name}")
+            try:
+                await self.nc.publish(self.handle.next_subject, payload, reply=f"{self._inbox}.{name}")
+            except nats.errors.Error:  # disconnected meanwhile: asked again after the reconnect
+                del self._requests[name]
+                return
 
     @property
     def waiting(self) -> bool:
