@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+from dataclasses import fields
 
 import asyncpg
 import pytest
@@ -15,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
 
+from fanout.status import StatusSettings, collect
 from services.archiver.service import Archiver
 from shared.settings import Settings
 from tests.integration.test_archiver import archiver_settings, count_rows, eventually, running
@@ -112,6 +114,14 @@ async def test_every_published_message_is_catalogued_exactly_once(
         assert dead, "the malformed share should have produced dead letters"
         assert {d["source"] for d in dead} == {"ingestor"}
         assert all(d["error"] and d["payload"] is not None for d in dead)
+
+        values = {f.name: getattr(base_settings, f.name) for f in fields(Settings)}
+        report = await collect(StatusSettings(**values))
+        assert report["unreachable"] == {}
+        assert report["jetstream"]["messages"] == published
+        assert report["jetstream"]["consumer"]["ack_floor"] == info.state.last_seq
+        rows = sum(report["feeds"][f]["rows"] for f in ("execution", "sport_event"))
+        assert rows + report["dead_letters"]["rows"]["ingestor"] == published
     finally:
         ingestor.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(ingestor.communicate(), 30)

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from services.archiver.consumer import FeedArchiver
@@ -364,6 +365,11 @@ async def test_archiver_trims_what_it_archived(
 
         await eventually(trimmed, what="archived entries trimmed")
     assert await count_rows(pg, settings.db_schema, "execution") == 20
+    samples = {
+        name: REGISTRY.get_sample_value(name, {"feed": "execution"})
+        for name in ("fanout_archiver_lag_entries", "fanout_archiver_lag_seconds")
+    }
+    assert samples == {"fanout_archiver_lag_entries": 0, "fanout_archiver_lag_seconds": 0}
 
 
 async def test_migrations_are_idempotent_and_safe_concurrently(
