@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -193,8 +194,6 @@ async def test_entries_become_typed_rows(
     assert row["stream_id"] == exec_ids[3]
     assert f"{row['entry_ms']}-{row['entry_n']}" == exec_ids[3]
     assert row["broker_time"] == codec.parse_iso(b3) and row["ingest_time"] == codec.parse_iso(i3)
-    import json
-
     entry = codec.entry_fields(message_id(3), execution_fields(3), b3, i3)
     as_dict = dict(zip(entry[::2], entry[1::2], strict=True)) | {"seq": "4"}
     assert json.loads(row["message"]) == codec.typed_message(EXECUTION, as_dict)
@@ -302,8 +301,6 @@ async def test_poison_entries_go_to_dead_letter_and_the_rest_is_stored(
     assert [d["stream_id"] for d in dead] == bad_ids
     assert {d["source"] for d in dead} == {"archiver"} and {d["feed"] for d in dead} == {"execution"}
     assert [d["message_id"] for d in dead] == [message_id(10), message_id(11), message_id(12)]
-    import json
-
     assert json.loads(dead[0]["fields"])["price"] == "12,5"
     assert "price" in dead[0]["error"] or "12,5" in dead[0]["error"]
     assert "out of float32 range" in dead[1]["error"]  # refused by the COPY, isolated row by row
@@ -398,3 +395,20 @@ async def test_migrations_are_idempotent_and_safe_concurrently(
 
 def test_environment_is_not_read_at_import() -> None:
     assert "FANOUT_ARCHIVE_GROUP" not in os.environ or ArchiverSettings.from_env({}).group == "archiver"
+
+
+async def test_a_bad_ingestor_dead_letter_is_kept_as_an_archiver_dead_letter(
+    base_settings: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = archiver_settings(base_settings, claim_idle=0.2, max_deliveries=1)
+    broker, ingest = times(1)
+    bad = ["message_id", message_id(1), "subject", "x", "broker_seq", "1", "error", "e", "payload_b64", "%%%"]
+    await append(
+        redis, settings, DEAD_LETTER, [(message_id(1), [*bad, "broker_time", broker, "ingest_time", ingest])]
+    )
+    async with running(Archiver(settings)):
+        await rows_reach(pg, settings.db_schema, "dead_letter", 1)
+    row = await pg.fetchrow(f'SELECT * FROM "{settings.db_schema}".dead_letter')
+    assert (row["source"], row["feed"], row["message_id"]) == ("archiver", DEAD_LETTER, message_id(1))
+    assert "bad field value" in row["error"] and json.loads(row["fields"])["payload_b64"] == "%%%"
+    assert await pending(redis, settings, DEAD_LETTER) == 0

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from fanout.servers import PostgresServer, RedisServer
+from fanout.servers import PostgresServer, RedisServer, free_port
 from services.archiver.service import Archiver
 from shared.connections import redis_client
 from shared.feeds import EXECUTION, SPORT_EVENT
@@ -236,3 +236,36 @@ async def test_redis_restarted_mid_run_loses_nothing(
         await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(1000)})
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def unstarted_postgres() -> Iterator[PostgresServer]:
+    root = Path(tempfile.mkdtemp(prefix="fanout-archiver-pg-late-", dir="/tmp"))
+    root.chmod(0o755)
+    server = PostgresServer(root / "pg", port=free_port(), database="test")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_archiver_started_before_postgres_waits_then_archives(
+    base_settings: Settings, redis: Redis, unstarted_postgres: PostgresServer
+) -> None:
+    server = unstarted_postgres
+    settings = archiver_settings(base_settings, database_url=server.url)
+    archiver = Archiver(settings)
+    await append_feed(redis, settings, EXECUTION, 0, 200)
+    async with running(archiver):
+        assert not await archiver.postgres_ok()  # not ready: /readyz says so
+        await asyncio.to_thread(server.start)
+        await asyncio.wait_for(archiver.ready.wait(), 60)
+        pg = await asyncpg.connect(server.url)
+        try:
+            await rows_reach(pg, settings.db_schema, "execution", 200)
+            await assert_exactly_once(
+                pg, settings.db_schema, "execution", {message_id(i) for i in range(200)}
+            )
+        finally:
+            await pg.close()
