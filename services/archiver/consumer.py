@@ -187,13 +187,17 @@ class StreamArchiver:
                     self._own_cursor = "0"
                 await self._backoff.wait(stop)
             except redis_errors.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The stream or the group vanished (e.g. a Redis restarted without persistence).
-                log.warning("consumer group missing, creating it again", extra={"feed": self.name})
-                self._group_ready = False
                 if self.primary:
                     self._own_cursor = "0"
+                if "NOGROUP" in str(exc):
+                    # The stream or the group vanished (e.g. a Redis restarted without persistence).
+                    log.warning("consumer group missing, creating it again", extra={"feed": self.name})
+                    self._group_ready = False
+                    continue
+                # OOM, READONLY (a failover), MISCONF...: the server refuses for now.
+                metrics.ERRORS.labels("redis").inc()
+                log.error("redis refused a command, retrying", extra={"feed": self.name, "error": str(exc)})
+                await self._backoff.wait(stop)
         log.info(
             "stopped archiving stream",
             extra={
