@@ -136,6 +136,8 @@ async def test_sigkill_mid_run_then_restart_stores_each_message_once(
     await asyncio.wait_for(second.wait(), 30)
     assert second.returncode == 0
     await assert_exactly_once(pg, base_settings.db_schema, "execution", {message_id(i) for i in range(total)})
+    keys = [k async for k in redis.scan_iter(match=f"{base_settings.key_prefix}:*", count=10_000)]
+    await redis.unlink(*keys)  # in bulk: the fixture deletes one key at a time
 
 
 @pytest.fixture
