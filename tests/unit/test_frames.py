@@ -1,0 +1,40 @@
+"""The gateway's hand-built frames are exactly what sse-starlette's ServerSentEvent encodes."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from sse_starlette import ServerSentEvent
+
+from services.sse_gateway import frames
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_cursor = st.from_regex(r"v1:[a-z_]+\.[0-9a-f]{8}\.[0-9]{1,13}-[0-9]{1,3}\.[0-9]{1,6}", fullmatch=True)
+
+
+@given(data=_json_values, cursor=_cursor, feed=st.sampled_from(["execution", "sport_event"]))
+def test_event_frame_is_what_sse_starlette_encodes(data: object, cursor: str, feed: str) -> None:
+    body = frames.dumps(data)
+    expected = ServerSentEvent(body.decode(), event=feed, id=cursor, sep="\n").encode()
+    assert frames.event(feed.encode(), body, cursor.encode()) == expected
+
+
+@given(cursor=_cursor)
+def test_id_only_frame_is_what_sse_starlette_encodes(cursor: str) -> None:
+    assert frames.id_only(cursor.encode()) == ServerSentEvent(id=cursor, sep="\n").encode()
+
+
+@given(text=st.text())
+def test_json_data_never_breaks_a_line(text: str) -> None:
+    # A raw CR or LF inside data would end the field early: JSON must escape them.
+    body = frames.dumps({"match_title": text})
+    assert b"\n" not in body and b"\r" not in body
+
+
+def test_notice_and_retry() -> None:
+    assert frames.notice("gap", {"missed": 3}) == b'event: gap\ndata: {"missed":3}\n\n'
+    assert frames.retry(2000) == b"retry: 2000\n\n"
