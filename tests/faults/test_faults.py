@@ -208,6 +208,13 @@ def faults(p: Pipeline, pause_seconds: float) -> dict[str, Callable[[], Awaitabl
     }
 
 
+def _together(faults: list[Callable[[], Awaitable[str]]]) -> Callable[[], Awaitable[str]]:
+    async def both() -> str:
+        return " ".join(await asyncio.gather(*(f() for f in faults)))
+
+    return both
+
+
 def _audit(p: Pipeline) -> subprocess.CompletedProcess[str]:
     env = p.env()
     return subprocess.run(
@@ -250,8 +257,19 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
 
         injectors = faults(p, pause_seconds)
         only = [x.strip() for x in os.environ.get("FANOUT_FAULTS_ONLY", "").split(",") if x.strip()]
-        if only:  # e.g. FANOUT_FAULTS_ONLY="restart Redis,pause Redis" to chase one failure
-            injectors = {k: v for k, v in injectors.items() if k in only}
+        if only:
+            # e.g. FANOUT_FAULTS_ONLY="restart Redis,pause Redis" to chase one failure; `a+b`
+            # injects two faults at once ("restart Redis+restart Postgres").
+            every = injectors
+            injectors = {}
+            for item in only:
+                parts = [x.strip() for x in item.split("+")]
+                unknown = [x for x in parts if x not in every]
+                assert not unknown, f"FANOUT_FAULTS_ONLY: unknown faults {unknown}; known: {list(every)}"
+                if len(parts) == 1:
+                    injectors[item] = every[item]
+                else:
+                    injectors[" + ".join(parts)] = _together([every[x] for x in parts])
 
         async def inject(name: str, *, together: tuple[str, ...] = ()) -> None:
             t0 = time.monotonic()
