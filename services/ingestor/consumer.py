@@ -518,6 +518,7 @@ class Ingestor:
         None if the ingestor was stopped and the grace period ran out first."""
         backoff = Backoff(cap=5.0)
         outage = False
+        reconnects = 0
         while True:
             try:
                 if self._redis_suspect:
@@ -525,9 +526,11 @@ class Ingestor:
                 result = await self.writer.send(prepared, meanwhile)
                 break
             except RedisReconnected:
-                log.info("Redis connection re-established; checking Redis against JetStream")
                 self._redis_suspect = True
-                continue
+                reconnects += 1
+                if reconnects == 1:
+                    log.info("Redis connection re-established; checking Redis against JetStream")
+                    continue  # check and write at once; a connection that keeps flapping backs off
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self._redis_suspect = True
                 if not outage:
