@@ -34,9 +34,11 @@ NO_EPOCH = "-"
 ORIGIN_ID = "0-0"
 MAX_LENGTH = 512
 
-_EPOCH = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
-_SEQ = re.compile(r"^\d{1,19}$")
+# ASCII digits only ([0-9], not \d, which takes any Unicode digit that int() reads too), and
+# fullmatch, not `^...$` (`$` also matches before a trailing newline).
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_SEQ = re.compile(r"[0-9]{1,19}")
 _U64 = 2**64 - 1
 
 
@@ -109,12 +111,12 @@ def parse(text: str) -> dict[str, Position]:
         if len(pieces) != 3:
             raise CursorError(f"expected `{feed}.<epoch>.<entry id>.<seq>`, got {_show(part)}")
         epoch, entry_id, seq = pieces
-        if epoch != NO_EPOCH and not _EPOCH.match(epoch):
+        if epoch != NO_EPOCH and not _EPOCH.fullmatch(epoch):
             raise CursorError(f"bad epoch {_show(epoch)} for {feed}: expected letters, digits, _ or -")
-        match = _ENTRY_ID.match(entry_id)
+        match = _ENTRY_ID.fullmatch(entry_id)
         if not match or int(match[1]) > _U64 or int(match[2]) > _U64:
             raise CursorError(f"bad stream entry id {_show(entry_id)} for {feed}: expected <ms>-<n>")
-        if not _SEQ.match(seq) or int(seq) >= 2**63:
+        if not _SEQ.fullmatch(seq) or int(seq) >= 2**63:
             raise CursorError(f"bad seq {_show(seq)} for {feed}: expected a non-negative integer")
         if epoch == NO_EPOCH and (int(seq) != 0 or entry_id != ORIGIN_ID):
             raise CursorError(f"{feed} has no epoch (`-`) yet names an entry: only `{feed}.-.0-0.0` is valid")

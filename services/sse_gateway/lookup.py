@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 # `<stream created unix ms>.<JetStream stream seq>`
-MESSAGE_ID = re.compile(r"^[0-9]{1,19}\.[0-9]{1,20}$")
+MESSAGE_ID = re.compile(r"[0-9]{1,19}\.[0-9]{1,20}")  # fullmatch: `$` would take a trailing newline
 
 _COMMON_COLUMNS = (
     "message_id, epoch, seq, stream_id, broker_time, ingest_time, archived_at, message"
@@ -180,7 +180,7 @@ def _catalogue_unavailable(exc: Exception) -> dict[str, Any]:
 async def get_message(request: Request) -> Response:
     """GET /v1/messages/{message_id}"""
     message_id: str = request.path_params["message_id"]
-    if not MESSAGE_ID.match(message_id):
+    if not MESSAGE_ID.fullmatch(message_id):
         return _error(
             400,
             "bad_message_id",

@@ -280,7 +280,9 @@ async def test_unknown_message_is_404_and_malformed_is_400(app: Starlette, pg: A
     assert reply.status == 404
     assert reply.json()["error"] == "not_found"
     assert "searched: execution, sport_event, dead_letter" in reply.json()["detail"]
-    for bad in ("abc", "123", "1.2.3", "1764321000123-4", "-1.2", "1." + "9" * 30):
+    bad_ids = ("abc", "123", "1.2.3", "1764321000123-4", "-1.2", "1." + "9" * 30)
+    unicode_digits = ("1764321000123.\u0664", "\uff11.2", "1.2%0A")  # Arabic-Indic 4, fullwidth 1, "1.2\n"
+    for bad in bad_ids + unicode_digits:
         reply = await call(app, "GET", f"/v1/messages/{bad}", headers=bearer("tok-all"))
         assert reply.status == 400, bad
         assert reply.json()["error"] == "bad_message_id"

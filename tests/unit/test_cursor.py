@@ -59,6 +59,15 @@ def test_documented_example_parses() -> None:
         ("v1:execution.ab.1-0.1,", "unknown feed"),
         ("v1:execution.-.5-0.3", "no epoch"),
         ("v1:" + "execution.ab.1-0.1," * 40, "longer than"),
+        # Unicode digits, which `\d` and int() accept: only ASCII 0-9 is a cursor digit
+        ("v1:execution.ab.1-0.\u0664\u0662", "bad seq"),  # Arabic-Indic 42
+        ("v1:execution.ab.\uff11-0.1", "bad stream entry id"),  # fullwidth 1
+        ("v1:execution.ab.1-\u0967.1", "bad stream entry id"),  # Devanagari 1
+        ("v1:execution.ab.1-0.\U0001d7d9", "bad seq"),  # mathematical double-struck 1
+        # a line break inside a part (`$` matches before a trailing newline)
+        ("v1:execution.ab\n.1-0.1,sport_event.cd.1-0.1", "bad epoch"),
+        ("v1:execution.ab.1-0\n.1,sport_event.cd.1-0.1", "bad stream entry id"),
+        ("v1:execution.ab.1-0.1\n,sport_event.cd.1-0.1", "bad seq"),
     ],
 )
 def test_malformed_cursors_are_rejected_with_a_reason(text: str, says: str) -> None:
