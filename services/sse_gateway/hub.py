@@ -38,6 +38,9 @@ from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
 
+CLOSE_MARGIN = 2.0  # seconds past one XREAD block for the readers to stop at close
+CLOSE_RECANCEL = 0.2  # seconds between cancellations of a reader that has not stopped
+
 
 class Member(Protocol):
     feeds: tuple[str, ...]
@@ -73,19 +76,37 @@ class Hub:
         self._ready = {f: asyncio.Event() for f in FEED_NAMES}
         self._moved = {f: asyncio.Event() for f in FEED_NAMES}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._closing = False
         self._tasks = [asyncio.create_task(self._run(f), name=f"hub-reader-{f}") for f in FEED_NAMES]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        """Stop the readers, within a bound. A reader is cancelled while it blocks in XREAD,
+        and redis-py 8.1 now and then swallows that cancellation (the XREAD just returns):
+        so the loop also checks `_closing` (and the app's stop event, set before this), and
+        a reader still running is cancelled again until the bound, then left behind with a
+        warning rather than hanging the shutdown."""
+        self._closing = True
+        tasks, self._tasks = self._tasks, []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.block_ms / 1000 + CLOSE_MARGIN
+        pending = {t for t in tasks if not t.done()}
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=min(CLOSE_RECANCEL, deadline - loop.time()))
+        if pending:
+            log.warning(
+                "feed readers did not stop in time; left behind",
+                extra={"readers": ",".join(t.get_name() for t in pending)},
+            )
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("feed reader failed", extra={"reader": task.get_name(), "error": repr(task.exception())})
 
     def ready(self, feed: str) -> bool:
         return self._ready[feed].is_set()
@@ -158,7 +179,7 @@ class Hub:
         stream = self.keys.stream(feed)
         synced = False
         warned = False
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not self._closing:
             try:
                 if not synced:
                     await self._sync(feed)
