@@ -106,7 +106,8 @@ class Hub:
             )
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("feed reader failed", extra={"reader": task.get_name(), "error": repr(task.exception())})
+                error = repr(task.exception())
+                log.error("feed reader failed", extra={"reader": task.get_name(), "error": error})
 
     def ready(self, feed: str) -> bool:
         return self._ready[feed].is_set()
