@@ -73,7 +73,7 @@ from services.sse_gateway.hub import Hub
 from services.sse_gateway.response import EventStream
 from services.sse_gateway.settings import GatewaySettings
 from services.sse_gateway.subscriber import Registry, Subscriber, start_positions
-from shared.connections import REDIS_SOCKET_TIMEOUT, redis_client
+from shared.connections import REDIS_SOCKET_TIMEOUT, read_retry, redis_client
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
 from shared.lifecycle import Backoff
@@ -291,7 +291,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = app.state
         state.stop.clear()
-        state.redis = redis_client(settings.redis_url, decode_responses=True)
+        # Both clients retry a command that met a stale pooled connection (Redis restarted
+        # since it was last used) on a fresh one: the gateway only reads (and sets/takes
+        # tickets), so a second send is safe, and a subscriber must not get an error
+        # because of a dead socket while Redis is back.
+        state.redis = redis_client(settings.redis_url, decode_responses=True, retry=read_retry())
         state.history_redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 settings.redis_url,
@@ -300,6 +304,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 decode_responses=True,
                 socket_timeout=REDIS_SOCKET_TIMEOUT,
                 socket_connect_timeout=5.0,
+                health_check_interval=15,
+                retry=read_retry(),
             )
         )
         state.archive = Archive(settings.database_url, settings.db_schema, settings.db_pool_size)

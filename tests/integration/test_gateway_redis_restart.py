@@ -100,3 +100,29 @@ async def test_redis_restarted_empty_sends_reset_to_live_subscribers(
         assert [e.json()["seq"] for e in named[5:]] == [1, 2, 3]
     finally:
         await redis.aclose()
+
+
+async def test_new_subscriber_right_after_a_redis_restart_gets_its_stream(
+    settings: GatewaySettings, private_redis: RedisServer
+) -> None:
+    """Pooled connections of the gateway went stale with the restart; Redis is back, so
+    the first new subscriber must get 200 and its events, not a 503 from a dead socket."""
+    redis: Any = redis_client(settings.redis_url)
+    try:
+        await Writer(redis, settings.key_prefix).append("execution", 5)
+        async with inprocess_gateway(settings) as app:
+            # Warm the history pool: a few streams at once, so several pooled connections exist.
+            warm = [await open_stream(app.state.port, "feeds=execution&from=earliest") for _ in range(3)]
+            for s in warm:
+                await s.collect(5)
+                s.close()
+            await asyncio.to_thread(private_redis.kill)
+            await asyncio.to_thread(private_redis.start)  # same port, same data (its AOF/RDB)
+            for attempt in range(3):  # each one on a different stale pooled connection
+                s = await open_stream(app.state.port, "feeds=execution&from=earliest")
+                assert s.status == 200, (attempt, s.body)
+                events = await s.collect(5, within=30)
+                s.close()
+                assert [e.json()["seq"] for e in events] == [1, 2, 3, 4, 5]
+    finally:
+        await redis.aclose()
