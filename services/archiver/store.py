@@ -10,9 +10,10 @@ skipped, so storing a batch twice leaves one row per message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import asyncpg
@@ -101,13 +102,31 @@ DATA_ERRORS: Final = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
 )
-# Errors that mean "the server is unreachable or restarting": retry later.
-TRANSIENT_ERRORS: Final = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError)
+# Errors that mean "the server is unreachable or restarting": retry later. asyncpg's
+# client-side errors belong here: InterfaceError and InternalClientError (not an
+# InterfaceError) are what a connection whose server went away mid-conversation raises,
+# e.g. "cannot switch to state 15; another operation (2) is in progress" when the
+# server's FATAL (shutdown, pg_terminate_backend) was read before the socket closed.
+TRANSIENT_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresError,
+)
 STORE_ERRORS: Final = (*DATA_ERRORS, *TRANSIENT_ERRORS)
 
 
 def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, DATA_ERRORS)
+
+
+def leaves_connection_clean(exc: BaseException) -> bool:
+    """True if a connection that raised `exc` is in a known state and can be reused: only
+    an error the server reported about the data (its transaction was rolled back by the
+    server's error and the `transaction()` block). Anything else (client-side errors, a
+    lost or half-read connection, a timeout, a cancellation) leaves it in an unknown state."""
+    return isinstance(exc, asyncpg.PostgresError) and is_data_error(exc)
 
 
 def quote_ident(name: str) -> str:
@@ -176,7 +195,7 @@ class Store:
                 timeout=10,
                 server_settings={"application_name": APPLICATION_NAME},
             )
-        async with self.pool.acquire() as conn:
+        async with self.connection() as conn:
             await migrate(conn, self.schema)
 
     @property
@@ -190,8 +209,37 @@ class Store:
             await self._pool.close()
             self._pool = None
 
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection that goes back to the pool only in a known state.
+
+        If the block raises anything but a data error reported by the server, the
+        connection is terminated, not reused: its protocol may be mid-way through a
+        statement or have read a FATAL from a server going away (asyncpg's pool would
+        hand it out again, and its next statement raises InternalClientError). If the
+        block succeeded, a failure to reset the connection on release (the pool then
+        terminates it) is logged, not raised: the work was committed.
+        """
+        conn = await self.pool.acquire()
+        try:
+            yield conn
+        except BaseException as exc:
+            if not leaves_connection_clean(exc):
+                conn.terminate()  # also hands its slot back to the pool
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)  # a no-op once terminated
+            raise
+        try:
+            await self.pool.release(conn)
+        except Exception as exc:  # noqa: BLE001 - the pool terminated it; the work is done
+            log.warning(
+                "postgres connection could not be reset after use; discarded",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+
     async def ping(self) -> bool:
-        return bool(await self.pool.fetchval("SELECT 1", timeout=2))
+        async with self.connection() as conn:
+            return bool(await conn.fetchval("SELECT 1", timeout=2))
 
     def _feed_insert_sql(self, feed: str) -> str:
         cols = columns(feed)
@@ -219,7 +267,7 @@ class Store:
             return 0
         if self.method == "copy":
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
+                async with self.connection() as conn, conn.transaction():
                     await conn.copy_records_to_table(
                         feed, records=rows, columns=columns(feed), schema_name=self.schema
                     )
@@ -227,7 +275,7 @@ class Store:
             except asyncpg.UniqueViolationError:
                 pass  # some are there already: skip those
         sql = self._insert_sql[feed]
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             if self.method in {"copy", "staged"}:
                 await conn.execute(
                     f"CREATE TEMP TABLE IF NOT EXISTS _archive_{feed} "
@@ -258,13 +306,14 @@ class Store:
             "ON CONFLICT (source, message_id) DO NOTHING"
         )
         inserted = 0
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             for row in rows:
                 inserted += _count(await conn.execute(sql, *row))
         return inserted
 
     async def count(self, table: str) -> int:
-        return int(await self.pool.fetchval(f"SELECT count(*) FROM {self._s}.{quote_ident(table)}"))
+        async with self.connection() as conn:
+            return int(await conn.fetchval(f"SELECT count(*) FROM {self._s}.{quote_ident(table)}"))
 
 
 _DEAD_LETTER_TYPES: Final = (
