@@ -31,8 +31,15 @@ unknown feed is a 404 naming the known ones), filters `symbol=`, `market=` (exec
 `?last_event_id=`, else `?lastEventID=`, else `?from=latest|earliest|<ISO time>` (the
 time of an entry is its Redis stream id's, i.e. ingest time). Errors are JSON
 `{"error": ..., "detail": ...}`: 400 bad cursor / filter / from / unknown parameter, 404
-unknown feed, 405 not GET, 431 headers over 16 KB, 503 past the subscriber limit (with
-Retry-After) or while Redis (or, for history, Postgres) is unreachable.
+unknown feed, 405 not GET, 431 headers over 16 KB, 503 (with Retry-After) past the
+subscriber limit, while stopping, or while Redis (or, for history, Postgres) is
+unreachable. An EventSource never retries after a 503 (only after a network error or
+the end of a 200 stream), so a request that asks for `Accept: text/event-stream` (every
+EventSource does) gets that refusal in-band instead: 200, `retry: <Retry-After in ms>`,
+the error as a comment `: unavailable {"error": ..., "detail": ...}`, and the end of the
+stream; it reconnects by itself with its Last-Event-ID. Other clients (curl, fetch,
+scripts: `Accept: */*`) get the 503 JSON and its Retry-After. Both count in
+`fanout_gateway_rejected_total{status="503"}`.
 
 The stream: `retry: <FANOUT_RETRY_MS>` and an `id:`-only frame with the start cursor,
 then per entry `event: <feed>` / `data: <codec.typed_message JSON>` / `id: <cursor>`
@@ -46,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -70,7 +78,7 @@ from services.sse_gateway.cursor import CursorError
 from services.sse_gateway.filters import FilterError
 from services.sse_gateway.history import Archive, ArchiveUnavailable
 from services.sse_gateway.hub import Hub
-from services.sse_gateway.response import EventStream
+from services.sse_gateway.response import EventStream, unavailable_stream, wants_event_stream
 from services.sse_gateway.settings import GatewaySettings
 from services.sse_gateway.subscriber import Registry, Subscriber, start_positions
 from shared.connections import REDIS_SOCKET_TIMEOUT, read_retry, redis_client
@@ -279,7 +287,26 @@ async def _stream_asgi(scope: Scope, receive: Receive, send: Send) -> None:
             handlers = request.app.exception_handlers
             handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), _http_exception)
             response = await handler(request, exc)
+    if (
+        isinstance(response, Response)
+        and response.status_code == 503
+        and wants_event_stream(request.headers.get("accept", ""))
+    ):
+        response = _in_band(response)
     await response(scope, receive, send)
+
+
+def _in_band(refusal: Response) -> Response:
+    """The 503 `refusal` as an EventSource gets it (see response.unavailable_stream)."""
+    try:
+        body = json.loads(bytes(refusal.body))
+    except ValueError:
+        body = {"error": "unavailable", "detail": bytes(refusal.body).decode(errors="replace")[:200]}
+    try:
+        retry_after = float(refusal.headers.get("retry-after", "") or 2)
+    except ValueError:
+        retry_after = 2.0
+    return unavailable_stream(body, retry_after)
 
 
 def create_app(settings: GatewaySettings) -> Starlette:

@@ -1,16 +1,21 @@
 """The event-stream response: a raw ASGI response that sends each chunk the subscriber
 hands it (everything pending, joined) as ONE body message, and ends the subscriber when
-the client disconnects, a write stalls past the slow-client timeout, or the app stops."""
+the client disconnects, a write stalls past the slow-client timeout, or the app stops.
+
+Also `unavailable_stream`: what an EventSource client gets instead of a 503."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
+from typing import Any
 
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from services.sse_gateway import metrics
+from services.sse_gateway import frames, metrics
 from services.sse_gateway.subscriber import Registry, Subscriber
 
 log = logging.getLogger(__name__)
@@ -20,6 +25,25 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+def wants_event_stream(accept: str) -> bool:
+    """Whether the client asked for an event stream: EventSource always sends
+    `Accept: text/event-stream`; curl, fetch() and most HTTP libraries send `*/*`."""
+    return "text/event-stream" in accept.lower()
+
+
+def unavailable_stream(error: Mapping[str, Any], retry_after: float) -> Response:
+    """For an EventSource client, what stands in for a 503: EventSource fails for good on
+    any status but 200 (it reconnects only after a network error or the end of a 200
+    stream). So: 200, `retry:` set to the Retry-After, the error as one comment line
+    (`: unavailable {"error": ..., "detail": ...}`; JSON holds no line break), and the
+    end of the stream. The browser reconnects after that delay with the Last-Event-ID it
+    had: nothing is lost or repeated. Clients that do not ask for text/event-stream keep
+    the 503 with Retry-After."""
+    body = frames.retry(max(0, int(retry_after * 1000))) + b": unavailable " + frames.dumps(error) + b"\n\n"
+    headers = {k.decode(): v.decode() for k, v in HEADERS if k != b"content-type"}
+    return Response(body, status_code=200, headers=headers, media_type="text/event-stream")
 
 
 class EventStream:

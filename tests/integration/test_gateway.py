@@ -392,10 +392,20 @@ async def test_past_the_subscriber_limit_is_a_503_with_retry_after(make_settings
         held = [await open_stream(app.state.port) for _ in range(2)]
         for h in held:
             await h.next()
-        refused = await open_stream(app.state.port)
+        refused = await open_stream(app.state.port, accept="*/*")  # curl, scripts
         assert refused.status == 503
         assert refused.headers["retry-after"].isdigit()
         assert json.loads(refused.body)["error"] == "too many subscribers"
+        # An EventSource would give up for good on a 503: it gets a 200 that says so and ends.
+        in_band = await open_stream(app.state.port)
+        assert in_band.status == 200
+        assert in_band.headers["content-type"].startswith("text/event-stream")
+        body = await in_band.rest()
+        retry, comment = body.decode().split("\n\n")[:2]
+        assert retry == f"retry: {int(refused.headers['retry-after']) * 1000}"
+        assert comment.startswith(": unavailable ")
+        assert json.loads(comment.removeprefix(": unavailable "))["error"] == "too many subscribers"
+        assert body.endswith(b"\n\n") and b"\nid:" not in body  # no id: the browser keeps its own
         for h in held:
             h.close()
         async with asyncio.timeout(10):
@@ -506,11 +516,16 @@ async def test_without_postgres_live_streaming_goes_on_and_a_history_resume_ends
                 raw += chunk
         live.close()
         behind.close()
-        earliest = await open_stream(app.state.port, "feeds=execution&from=earliest")
+        earliest = await open_stream(app.state.port, "feeds=execution&from=earliest", accept="*/*")
+        in_band = await open_stream(app.state.port, "feeds=execution&from=earliest")
+        in_band_body = await in_band.rest()
     assert b"history is unavailable" in raw
     assert b"event: execution" not in raw  # nothing skipped: it ends rather than jump the hole
     assert earliest.status == 503
     assert json.loads(earliest.body)["error"] == "history unavailable"
+    assert in_band.status == 200
+    assert in_band_body.startswith(b"retry: 5000\n\n: unavailable {")
+    assert b'"error":"history unavailable"' in in_band_body
 
 
 async def test_a_crowd_catching_up_at_once_shares_a_bounded_redis_pool(

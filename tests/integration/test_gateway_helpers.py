@@ -169,13 +169,30 @@ class Stream:
             if ev.has_id or data or ev.event:
                 self._pending.append(ev)
 
+    async def rest(self, within: float = 20.0) -> bytes:
+        """The body from here to its end (for a stream the server ends); then closes."""
+        out = b""
+        try:
+            async with asyncio.timeout(within):
+                while chunk := await self._read_body():
+                    out += chunk
+        finally:
+            self.close()
+        return self._buf + out
+
     def close(self) -> None:
         self.writer.transport.abort()
 
 
 async def open_stream(
-    port: int, query: str = "", headers: Mapping[str, str] | None = None, receive_buffer: int | None = None
+    port: int,
+    query: str = "",
+    headers: Mapping[str, str] | None = None,
+    receive_buffer: int | None = None,
+    accept: str = "text/event-stream",
 ) -> Stream:
+    """A GET /v1/stream. `accept`: text/event-stream as EventSource sends it (a refusal
+    503 then comes in-band, as a 200 that ends), or e.g. */* as curl sends it (a 503)."""
     if receive_buffer is None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     else:  # a small window: a client that does not read soon stalls the server's writes
@@ -185,7 +202,7 @@ async def open_stream(
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=receive_buffer)
     target = "/v1/stream" + ("?" + query if query else "")
-    head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+    head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
     for k, v in (headers or {}).items():
         head += f"{k}: {v}\r\n"
     writer.write((head + "\r\n").encode())

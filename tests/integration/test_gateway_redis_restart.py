@@ -5,6 +5,7 @@ restarted empty (data lost), they are told with `event: reset` and go on in the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -59,6 +60,14 @@ async def test_redis_killed_and_restarted_with_its_data_live_streams_go_on_exact
             await s.collect(5)
             await asyncio.to_thread(private_redis.kill)
             assert await ready(app.state.port) == 503
+            # Redis really down: curl gets a 503; an EventSource a 200 that says so and ends
+            # (after a 503 it would never reconnect).
+            down = await open_stream(app.state.port, "feeds=execution", accept="*/*")
+            assert (down.status, json.loads(down.body)["error"]) == (503, "redis unavailable")
+            assert down.headers["retry-after"] == "2"
+            es = await open_stream(app.state.port, "feeds=execution")
+            assert es.status == 200
+            assert (await es.rest()).startswith(b'retry: 2000\n\n: unavailable {"error":"redis unavailable"')
             await asyncio.to_thread(private_redis.start)
             await redis.aclose()
             redis = redis_client(settings.redis_url)
