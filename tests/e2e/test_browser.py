@@ -678,3 +678,64 @@ async def test_page_reports_an_access_error_instead_of_spinning(
     assert await browser.js(f"{STATS}.state") in {"closed", "reconnecting", "connecting"}
     assert await browser.js(f"{STATS}.received") == {"execution": 0, "sport_event": 0}
 
+
+
+async def test_eventsource_refused_for_capacity_reconnects_by_itself(
+    browser: Browser, base_settings: Settings, redis: Any
+) -> None:
+    """A refusal (here: past FANOUT_MAX_SUBSCRIBERS) must not end an EventSource for good,
+    as a 503 does: it comes in-band, a 200 with `retry:` that ends, and the browser keeps
+    reconnecting on its own until it is served, then gets exactly its events."""
+    gateway = Gateway(base_settings, FANOUT_TOKENS="page-token=*", FANOUT_MAX_SUBSCRIBERS="1")
+    relay = Relay(gateway.port)
+    await relay.start()
+    await gateway.start()
+    try:
+        feeds = Feeds(redis, base_settings.key_prefix)
+        await feeds.add("execution", 2)  # seq 1, 2
+        await browser.navigate(f"http://127.0.0.1:{relay.port}/healthz")
+        await browser.js(
+            """(() => {
+              const url = '/v1/stream?feeds=execution&from=earliest&access_token=page-token';
+              const open = name => {
+                const s = window[name] = {seqs: [], states: [], es: new EventSource(url)};
+                s.es.addEventListener('execution', e => s.seqs.push(JSON.parse(e.data).seq));
+                s.es.onerror = () => s.states.push(s.es.readyState);
+              };
+              window.openStream = open;
+              open('first');
+              return true;
+            })()"""
+        )
+        await eventually(lambda: browser.js("first.seqs.length === 2"), "the first stream's events")
+        await browser.js("openStream('second'), true")
+
+        def refusals() -> list[bytes]:
+            # a refusal has a length and keeps the connection: the retry may come on it
+            return [
+                b"retry:" + part.partition(b"\r\n\r\nretry:")[2]
+                for response in relay.responses
+                for part in bytes(response).split(b"HTTP/1.1 ")
+                if b": unavailable " in part
+            ]
+
+        async def refused_twice() -> bool:
+            return len(refusals()) >= 2  # refused, reconnected by itself, refused again
+
+        await eventually(refused_twice, "the second EventSource to be refused and to retry")
+        assert await browser.js("second.es.readyState") != 2  # not CLOSED: a 503 would close it
+        assert b'"error":"too many subscribers"' in refusals()[0]
+        assert refusals()[0].startswith(b"retry: 1000\n\n")
+        await browser.js("first.es.close(), true")  # a place frees up
+        await eventually(lambda: browser.js("second.seqs.length === 2"), "the second stream served")
+        await feeds.add("execution", 1)  # seq 3, live
+        await eventually(lambda: browser.js("second.seqs.length === 3"), "the live event")
+        assert await browser.js("second.seqs") == [1, 2, 3]
+        assert 2 not in await browser.js("second.states")  # it never gave up
+        assert browser.errors == []
+    finally:
+        await relay.close()
+        if gateway.proc is not None and gateway.proc.returncode is None:
+            gateway.proc.kill()
+            await gateway.proc.wait()
+        gateway.log.close()
