@@ -33,6 +33,7 @@ from tests.integration.test_archiver import (
     append_feed,
     archiver_settings,
     assert_exactly_once,
+    count_rows,
     execution_fields,
     message_id,
     rows_reach,
@@ -68,6 +69,7 @@ class PgProxy:
         self._url = parts
         self._server: asyncio.Server | None = None
         self._clients: list[asyncio.StreamWriter] = []
+        self._upstream: list[asyncio.StreamWriter] = []  # our sockets to the server
         self._tasks: set[asyncio.Task[None]] = set()
         self.fatal_after_commit = False  # append a FATAL to the next COMMIT's reply
         self.injected = 0
@@ -92,6 +94,11 @@ class PgProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def client_ports(self) -> list[int]:
+        """The local ports of our connections to the server: `client_port` in
+        pg_stat_activity, so that a test can terminate these backends and no others."""
+        return [w.get_extra_info("sockname")[1] for w in self._upstream if not w.is_closing()]
+
     def say_fatal(self) -> int:
         """Write a FATAL to every open client connection; returns how many."""
         n = 0
@@ -113,6 +120,7 @@ class PgProxy:
             self._tasks.discard(task)
             return
         self._clients.append(client_w)
+        self._upstream.append(server_w)
         try:
             await asyncio.gather(
                 self._pump(client_r, server_w, from_server=False),
@@ -121,6 +129,7 @@ class PgProxy:
             )
         finally:
             self._clients.remove(client_w)
+            self._upstream.remove(server_w)
             self._tasks.discard(task)
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, from_server: bool) -> None:
@@ -216,3 +225,32 @@ async def test_archiver_survives_fatals_on_its_idle_connections_and_stores_each_
     assert proxy.injected >= 4
     await assert_exactly_once(pg, schema, "execution", expected_exec)
     await assert_exactly_once(pg, schema, "sport_event", expected_sport)
+
+
+async def test_archiver_backends_terminated_while_storing_lose_and_repeat_nothing(
+    base_settings: Settings, proxy: PgProxy, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    """pg_terminate_backend on the archiver's own backends, again and again while it
+    stores (mid-COPY, mid-commit, idle): the real FATAL-then-close, at random points."""
+    settings = archiver_settings(base_settings, database_url=proxy.url, workers=2, batch=200)
+    schema = settings.db_schema
+    n = 3000
+    terminated = 0
+    async with running(Archiver(settings)):
+        await append_feed(redis, settings, EXECUTION, 0, n)
+        stored = 0
+        for _ in range(10):  # after each new commit, terminate every backend of the archiver
+            await rows_reach(pg, schema, "execution", min(stored + 1, n))  # fails if the archiver died
+            stored = await count_rows(pg, schema, "execution")
+            if stored >= n:
+                break
+            terminated += int(
+                await pg.fetchval(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE client_port = ANY($1::int[]) AND client_addr = '127.0.0.1'",
+                    proxy.client_ports(),
+                )
+            )
+        await rows_reach(pg, schema, "execution", n, within=120)
+    assert terminated >= 1, terminated
+    await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(n)})
