@@ -78,7 +78,12 @@ from services.sse_gateway.cursor import CursorError
 from services.sse_gateway.filters import FilterError
 from services.sse_gateway.history import Archive, ArchiveUnavailable
 from services.sse_gateway.hub import Hub
-from services.sse_gateway.response import EventStream, unavailable_stream, wants_event_stream
+from services.sse_gateway.response import (
+    EventStream,
+    ExpectedIncomplete,
+    unavailable_stream,
+    wants_event_stream,
+)
 from services.sse_gateway.settings import GatewaySettings
 from services.sse_gateway.subscriber import Registry, Subscriber, start_positions
 from shared.connections import REDIS_SOCKET_TIMEOUT, read_retry, redis_client
@@ -345,6 +350,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
         )
         if hasattr(access, "log_mode"):
             access.log_mode()
+        expected_incomplete = ExpectedIncomplete()
+        logging.getLogger("uvicorn.error").addFilter(expected_incomplete)
         await state.hub.start()
         state.pool = None
         closer = asyncio.create_task(_close_streams_on_stop(state))
@@ -369,6 +376,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await state.history_redis.aclose()
             await state.history_redis.connection_pool.disconnect()
             log.info("gateway stopped", extra={"subscribers_left": len(state.subscribers), **_totals()})
+            logging.getLogger("uvicorn.error").removeFilter(expected_incomplete)
 
     routes: list[BaseRoute] = [
         Route(STREAM_PATH, stream, methods=["GET"]),  # served by GatewayApp directly; listed for docs

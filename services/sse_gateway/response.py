@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from services.sse_gateway import frames, metrics
-from services.sse_gateway.subscriber import Registry, Subscriber
+from services.sse_gateway.subscriber import SLOW_CLIENT, Registry, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,28 @@ def unavailable_stream(error: Mapping[str, Any], retry_after: float) -> Response
     return Response(body, status_code=200, headers=headers, media_type="text/event-stream")
 
 
+# Set (in the request's own task context) when this response gives up on a stalled client.
+_GAVE_UP: ContextVar[bool] = ContextVar("fanout_gateway_gave_up_on_stalled_client", default=False)
+INCOMPLETE = "ASGI callable returned without completing response"
+
+
+class ExpectedIncomplete(logging.Filter):
+    """For the `uvicorn.error` logger: drops uvicorn's ERROR "ASGI callable returned without
+    completing response" for a stream this module ended on purpose (a stalled client),
+    and only for that; the gateway logs its own INFO line for it.
+
+    Why a log filter and not a completed response: completing one means sending the last
+    body message, and uvicorn's send first awaits the transport's drain, which a client
+    that stopped reading never allows; ASGI gives an app no way to abort the connection.
+    Returning with the response incomplete is what makes uvicorn close the connection, so
+    it is the right ending; only the log line is wrong for it. uvicorn runs each request
+    in a task of its own context, where EventStream sets `_GAVE_UP`, and logs that line
+    from the same task right after the app returns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_GAVE_UP.get() and str(record.msg).startswith(INCOMPLETE))
+
+
 class EventStream:
     def __init__(
         self,
@@ -59,7 +82,6 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.subscriber
-        loop = asyncio.get_running_loop()
         task = sub.task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(self._watch(receive))
@@ -69,33 +91,38 @@ class EventStream:
                 async for chunk in chunks:
                     if not chunk:
                         continue
-                    # No timer per write: the registry's watchdog cancels a write stalled
-                    # past the slow-client timeout (see Registry.tend).
-                    sub.sending_since = loop.time()
-                    try:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    except asyncio.CancelledError:
-                        if not sub.stalled:
-                            raise
-                        task.uncancel()  # our own watchdog's cancellation: handled here
-                        metrics.SLOW_DISCONNECTS.inc()
-                        log.info(
-                            "subscriber disconnected: a write stalled", extra={"feeds": ",".join(sub.feeds)}
-                        )
-                        break
-                    finally:
-                        sub.sending_since = 0.0
-                    if sub.closed:
+                    if not await self._write(send, task, chunk, more=True) or sub.closed:
                         break
             if not sub.stalled:
-                with contextlib.suppress(OSError):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._write(send, task, b"", more=False)
         except OSError:
             pass  # the client went away mid-write
         finally:
             sub.close()
             watcher.cancel()
             self.subscribers.discard(sub)
+
+    async def _write(self, send: Send, task: asyncio.Task[Any], body: bytes, *, more: bool) -> bool:
+        """Send one body message; False if the watchdog gave up on it (the client stopped
+        reading). No timer per write: the registry's watchdog cancels a write stalled past
+        the slow-client timeout (see Registry.tend), the last one (more=False) included,
+        which would otherwise wait forever on a client that never reads again."""
+        sub = self.subscriber
+        sub.sending_since = asyncio.get_running_loop().time()
+        try:
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+            return True
+        except asyncio.CancelledError:
+            if not sub.stalled:
+                raise
+            task.uncancel()  # our own watchdog's cancellation: handled here
+            _GAVE_UP.set(True)  # the response stays incomplete: see ExpectedIncomplete
+            if sub.close_reason != SLOW_CLIENT:  # counted and logged once, by the subscriber
+                metrics.SLOW_DISCONNECTS.inc()
+                log.info("subscriber disconnected: a write stalled", extra={"feeds": ",".join(sub.feeds)})
+            return False
+        finally:
+            sub.sending_since = 0.0
 
     async def _watch(self, receive: Receive) -> None:
         while True:

@@ -84,6 +84,7 @@ class Registry:
 
 
 RETRY_AFTER_REDIS_ERROR = 0.5
+SLOW_CLIENT = "too far behind for too long"  # the close reason of a SlowClient
 
 
 class SlowClient(Exception):
@@ -218,6 +219,7 @@ class Subscriber:
                     finally:
                         self._waiter = None
         except SlowClient:
+            self.close(SLOW_CLIENT)
             metrics.SLOW_DISCONNECTS.inc()
             log.info("slow subscriber disconnected", extra={"feeds": ",".join(self.feeds)})
             yield b": disconnected: too far behind for too long; reconnect with your last id\n\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -472,10 +473,11 @@ async def test_an_idle_stream_gets_heartbeat_comments_and_a_retry_hint(make_sett
 
 
 async def test_a_client_that_stops_reading_is_disconnected_and_resumes_exactly(
-    make_settings: Any, redis: Any, writer: Writer
+    make_settings: Any, redis: Any, writer: Writer, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(client_buffer=20, slow_client_timeout=0.5)
     disconnects = metric("fanout_gateway_slow_disconnects_total")
+    caplog.set_level(logging.INFO)
     async with inprocess_gateway(settings) as app:
         s = await open_stream(app.state.port, "feeds=execution", receive_buffer=4096)
         await s.next()
@@ -488,6 +490,12 @@ async def test_a_client_that_stops_reading_is_disconnected_and_resumes_exactly(
                 await s.next(within=60)
         s.close()
         assert metric("fanout_gateway_slow_disconnects_total") == disconnects + 1
+        # an expected event, logged once at INFO by the gateway; no ERROR from uvicorn for it
+        # (it stalled in a write, or stayed behind too long and then stalled or not)
+        assert caplog.text.count("subscriber disconnected: a write stalled") + caplog.text.count(
+            "slow subscriber disconnected"
+        ) == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         t = await open_stream(app.state.port, "feeds=execution", {"Last-Event-ID": s.last_id or ""})
         await t.collect(10_000 - len(feed_events(s)), within=60)
         t.close()
