@@ -68,11 +68,15 @@ class Settings:
     )
     key_prefix: str = setting("FANOUT_KEY_PREFIX", "fanout", "prefix of every Redis key")
     subject_prefix: str = setting(
-        "FANOUT_SUBJECT_PREFIX", "", "prefix of the NATS subjects (the feeds are <prefix>execution, <prefix>sport_event)"
+        "FANOUT_SUBJECT_PREFIX",
+        "",
+        "prefix of the NATS subjects (the feeds are <prefix>execution, <prefix>sport_event)",
     )
     js_stream: str = setting("FANOUT_JS_STREAM", "FEEDS", "JetStream stream that captures the feeds")
     db_schema: str = setting("FANOUT_DB_SCHEMA", "fanout", "PostgreSQL schema of the catalogue tables")
-    log_format: str = setting("FANOUT_LOG_FORMAT", "auto", "log format: json, text, or auto (text on a terminal)")
+    log_format: str = setting(
+        "FANOUT_LOG_FORMAT", "auto", "log format: json, text, or auto (text on a terminal)"
+    )
     log_level: str = setting("FANOUT_LOG_LEVEL", "INFO", "log level: DEBUG, INFO, WARNING, ERROR")
 
     def subject(self, feed: str) -> str:
@@ -96,7 +100,9 @@ class Settings:
             if f.name in overrides:
                 values[f.name] = overrides[f.name]
             elif f.metadata["env"] in environ:
-                values[f.name] = _parse(f.metadata, hints[f.name], environ[f.metadata["env"]], f.metadata["env"])
+                values[f.name] = _parse(
+                    f.metadata, hints[f.name], environ[f.metadata["env"]], f.metadata["env"]
+                )
         return cls(**values)
 
     @classmethod
@@ -132,5 +138,9 @@ def _parse(meta: Mapping[str, Any], kind: Any, raw: str, name: str) -> Any:
     try:
         return parse(raw)
     except ValueError as exc:
-        reason = str(exc) if parse not in (int, float) else f"expected a{'n integer' if parse is int else ' number'}"
+        reason = (
+            str(exc)
+            if parse not in (int, float)
+            else f"expected a{'n integer' if parse is int else ' number'}"
+        )
         raise SettingsError(f"{name}={raw!r}: {reason}") from None

@@ -38,20 +38,30 @@ def test_execution_bytes_from_an_independent_encoder_decode() -> None:
     payload = (
         _string(1, "AAPL")
         + _string(2, "NASDAQ")
-        + _varint(3 << 3 | 5) + struct.pack("<f", 189.25)
-        + _varint(4 << 3 | 5) + struct.pack("<f", 300.0)
-        + _varint(5 << 3 | 0) + _varint(1764321212345)
+        + _varint(3 << 3 | 5)
+        + struct.pack("<f", 189.25)
+        + _varint(4 << 3 | 5)
+        + struct.pack("<f", 300.0)
+        + _varint(5 << 3 | 0)
+        + _varint(1764321212345)
         + _string(6, "CA")
     )
     msg = execution_pb2.execution.FromString(payload)
     assert (msg.symbol, msg.market, msg.price, msg.quantity, msg.executionEpoch, msg.stateSymbol) == (
-        "AAPL", "NASDAQ", 189.25, 300.0, 1764321212345, "CA",
+        "AAPL",
+        "NASDAQ",
+        189.25,
+        300.0,
+        1764321212345,
+        "CA",
     )
     assert msg.SerializeToString() == payload
 
 
 def test_event_bytes_from_an_independent_encoder_decode() -> None:
-    payload = _varint(1 << 3 | 0) + _varint(2) + _string(2, "Lakers vs Celtics") + _string(3, "3-pointer by #23")
+    payload = (
+        _varint(1 << 3 | 0) + _varint(2) + _string(2, "Lakers vs Celtics") + _string(3, "3-pointer by #23")
+    )
     msg = event_pb2.event.FromString(payload)
     assert event_pb2.sport.Name(msg.sport) == "BASKETBALL"
     assert (msg.match_title, msg.data_event) == ("Lakers vs Celtics", "3-pointer by #23")
