@@ -71,3 +71,45 @@ async def test_close_is_bounded_even_if_a_reader_never_stops(caplog: pytest.LogC
     fake.release.set()  # let the stand-in return: the reader sees it is closing and ends
     await asyncio.wait(readers)
     assert all(t.done() and not t.cancelled() for t in readers)
+
+
+class SwallowingXread:
+    """The real client, except that XREAD swallows a cancellation (as redis-py 8.1 may)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.swallowed = 0
+        self.reading = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def xread(self, *args: Any, **kwargs: Any) -> Any:
+        self.reading.set()
+        try:
+            return await self.real.xread(*args, **kwargs)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+            return []
+
+
+async def test_the_app_lifespan_stops_when_the_readers_swallow_cancellation(base_settings: Any) -> None:
+    """The whole app shutdown (the lifespan: stop event set, then hub.close()) with readers
+    whose XREAD swallows the cancellation: each sees the stop at once and ends; no hang."""
+    import os
+
+    from services.sse_gateway.app import create_app
+    from services.sse_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env(
+        os.environ, key_prefix=base_settings.key_prefix, db_schema=base_settings.db_schema, tokens="",
+        reader_block=20.0,  # close to the 20 s bound: a reader that waited its block out fails it
+    )
+    app = create_app(settings)
+    async with asyncio.timeout(20):
+        async with app.router.lifespan_context(app):
+            hub = app.state.hub
+            proxy = hub.redis = SwallowingXread(hub.redis)
+            await proxy.reading.wait()
+        assert app.state.stop.is_set()
+    assert proxy.swallowed >= 1
