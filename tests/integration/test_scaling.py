@@ -1,0 +1,204 @@
+"""Scaling out on the existing engines, tested where it can run here (issue 5, item 5).
+
+- Several ingestors on ONE JetStream durable consumer: JetStream hands each message to
+  one of them; the Lua script's dedup keys and its per-feed counter keep every message
+  exactly once and `seq` contiguous, whichever ingestor wrote it.
+- Several gateways on one Redis, as behind a load balancer: a cursor from one gateway
+  resumes exactly on another (it names Redis entry ids and seqs, nothing local to a
+  gateway), and a single-use ticket issued by one is redeemed by another, once.
+
+Several archivers in one consumer group: tests/integration/test_archiver.py
+(test_two_archivers_racing_store_each_message_once). Redis Cluster and the `{feed}`
+hash tag: tests/integration/test_redis_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from services.ingestor.consumer import Ingestor
+from services.ingestor.settings import IngestorSettings
+from shared import codec
+from shared.connections import redis_client
+from shared.feeds import EXECUTION, FEED_NAMES, SPORT_EVENT
+from shared.keys import Keys
+from shared.settings import Settings
+from tests.integration.test_gateway_helpers import (
+    Event,
+    GatewayProcess,
+    Stream,
+    Writer,
+    open_stream,
+    xrange_all,
+)
+from tests.integration.test_ingestor import event, execution, ingestor_settings, running, until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+EPOCH = "5ca1e0ut"
+
+
+# -- several ingestors on one durable consumer ------------------------------------------
+
+
+async def _all_settled(nats: Any, settings: IngestorSettings, ingestors: list[Ingestor], total: int) -> bool:
+    """Every message written by some ingestor and acked: nothing pending on the consumer."""
+    done = sum(sum(i.stats.appended.values()) + sum(i.stats.duplicates.values()) for i in ingestors)
+    if done < total:
+        return False
+    info = await nats.jetstream().consumer_info(settings.js_stream, settings.js_consumer)
+    return not info.num_pending and not info.num_ack_pending
+
+
+async def test_two_ingestors_on_one_durable_consumer_append_each_message_once(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    # Small batches so that the work is spread over many pull requests of both.
+    settings = ingestor_settings(base_settings, batch=50)
+    keys = Keys(settings.key_prefix)
+    n = 5_000
+    # Alternating subjects on one connection: stream sequence s (1-based) is an
+    # execution when s is odd, a sport event when it is even.
+    payloads = [
+        (settings.subject(EXECUTION.name), execution(i).SerializeToString())
+        if i % 2 == 0
+        else (settings.subject(SPORT_EVENT.name), event(i).SerializeToString())
+        for i in range(n)
+    ]
+    second_redis = redis_client(settings.redis_url)  # its own pool, as a second process has
+    try:
+        async with running(settings, redis) as first:
+            # The first ingestor takes a share alone, then a second one joins under load,
+            # bound to the same durable consumer (same stream, same consumer name).
+            for subject, payload in payloads[: n // 5]:
+                await nats.publish(subject, payload)
+            await nats.flush()
+            async with running(settings, second_redis) as second:
+                for subject, payload in payloads[n // 5 :]:
+                    await nats.publish(subject, payload)
+                await nats.flush()
+                ingestors = [first, second]
+                await until(
+                    lambda: _all_settled(nats, settings, ingestors, n),
+                    within=60,
+                    what=f"{n} messages written and acked by the two ingestors",
+                )
+            assert first.handle is not None
+            created_ms = first.handle.created_ms
+    finally:
+        await second_redis.aclose()
+
+    assert second.handle is not None and second.handle.created_ms == created_ms  # one stream, one id space
+    expected = {
+        EXECUTION.name: [f"{created_ms}.{s}" for s in range(1, n + 1, 2)],
+        SPORT_EVENT.name: [f"{created_ms}.{s}" for s in range(2, n + 1, 2)],
+    }
+    for feed, ids in expected.items():
+        raw: Any = await redis.xrange(keys.stream(feed))
+        entries = [codec.str_entry(fields) for _, fields in raw]
+        got = [e["message_id"] for e in entries]
+        assert len(got) == len(ids), f"{feed}: {len(got)} entries for {len(ids)} messages"
+        assert len(set(got)) == len(got), f"{feed}: a message appended twice"
+        assert sorted(got) == sorted(ids), f"{feed}: messages missing"
+        # seq is contiguous in stream order whichever ingestor appended the entry (the
+        # two interleave their batches, so broker order within a feed is not promised).
+        assert [int(e["seq"]) for e in entries] == list(range(1, len(ids) + 1)), feed
+        meta = codec.str_entry(await redis.hgetall(keys.meta(feed)))
+        assert meta["seq"] == str(len(ids))
+        # Each appended by exactly one of the two: their counts add up to the feed's total.
+        assert first.stats.appended[feed] + second.stats.appended[feed] == len(ids), feed
+    assert await redis.xlen(keys.dead_letter_stream()) == 0
+    # Both did part of the work (JetStream serves the waiting pull requests of both).
+    assert sum(second.stats.appended.values()) > 0, second.stats.summary()
+    assert sum(first.stats.appended.values()) > 0, first.stats.summary()
+
+
+# -- several gateways on one Redis, as behind a load balancer ----------------------------
+
+
+@contextlib.asynccontextmanager
+async def two_gateways(
+    settings: Settings, **env: str
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+    """Two `fanout gateway` processes on free ports, sharing the test's Redis and schema."""
+    a, b = GatewayProcess(settings, None, **env), GatewayProcess(settings, None, **env)
+    try:
+        await asyncio.gather(a.start(), b.start())
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _feed_events(*streams: Stream) -> list[Event]:
+    return [e for s in streams for e in s.events if e.event in FEED_NAMES]
+
+
+async def test_a_cursor_from_one_gateway_resumes_exactly_on_another(
+    base_settings: Settings, redis: Redis
+) -> None:
+    writer = Writer(redis, base_settings.key_prefix, EPOCH)
+    await writer.append(EXECUTION.name, 30)
+    await writer.append(SPORT_EVENT.name, 20)
+    async with two_gateways(base_settings) as (a, b):
+        first = await open_stream(a.port, "from=earliest")
+        assert first.status == 200
+        await first.collect(17)
+        first.close()
+        assert first.last_id
+        # While the client is away (its connection to A gone, the balancer picks B):
+        await writer.append(SPORT_EVENT.name, 8)
+        await writer.append(EXECUTION.name, 9)
+        second = await open_stream(b.port, "", {"Last-Event-ID": first.last_id})
+        assert second.status == 200
+        await second.collect(30 + 20 + 8 + 9 - len(_feed_events(first)))
+        await writer.append(EXECUTION.name, 4)  # live, through B
+        await second.collect(4)
+        second.close()
+        # And back to A from B's cursor: nothing new yet, then exactly the next entries.
+        third = await open_stream(a.port, "", {"Last-Event-ID": second.last_id or ""})
+        assert third.status == 200
+        await writer.append(SPORT_EVENT.name, 3)
+        await third.collect(3)
+        third.close()
+
+    events = _feed_events(first, second, third)
+    assert len(events) == 30 + 20 + 8 + 9 + 4 + 3
+    for feed in FEED_NAMES:
+        want = [f["message_id"] for _, f in await xrange_all(redis, base_settings.key_prefix, feed)]
+        got = [e.json()["message_id"] for e in events if e.event == feed]
+        assert got == want, feed  # every entry, once, in stream order, across three connections
+        assert [e.json()["seq"] for e in events if e.event == feed] == list(range(1, len(want) + 1))
+    # Both gateways served part of it: the split is by construction here.
+    assert _feed_events(first) and _feed_events(second) and _feed_events(third)
+
+
+async def test_a_ticket_issued_by_one_gateway_is_redeemed_once_by_another(
+    base_settings: Settings, redis: Redis
+) -> None:
+    writer = Writer(redis, base_settings.key_prefix, EPOCH)
+    await writer.append(EXECUTION.name, 5)
+    async with two_gateways(base_settings, FANOUT_TOKENS="s3cret-token=execution") as (a, b):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{a.port}/v1/tickets", headers={"Authorization": "Bearer s3cret-token"}
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+                ticket = (await resp.json())["ticket"]
+        on_b = await open_stream(b.port, f"ticket={ticket}&feeds=execution&from=earliest")
+        assert on_b.status == 200, on_b.body
+        got = await on_b.collect(5)
+        on_b.close()
+        assert [e.json()["seq"] for e in got] == [1, 2, 3, 4, 5]
+        # Single use across the fleet: the same ticket is refused by A (and by B) afterwards.
+        for gw in (a, b):
+            again = await open_stream(gw.port, f"ticket={ticket}&feeds=execution", accept="*/*")
+            assert again.status == 401, again.body
+            assert b"already used" in again.body
