@@ -28,6 +28,7 @@ from shared.feeds import EXECUTION, SPORT_EVENT
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
 from shared.settings import Settings
+from tests.protowire import f_len, varint
 
 # -- helpers (also used by test_ingestor_process.py) -----------------------------------
 
@@ -190,22 +191,6 @@ async def _settled(ingestor: Ingestor, n: int) -> bool:
     return sum(stats.duplicates.values()) + sum(stats.appended.values()) + stats.dead_letters >= n
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if not n:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-def _field(number: int, raw: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(raw)) + raw
-
-
 async def test_malformed_payloads_are_dead_lettered_with_their_bytes_and_the_rest_flows(
     base_settings: Settings, redis: Redis, nats: Any
 ) -> None:
@@ -217,15 +202,15 @@ async def test_malformed_payloads_are_dead_lettered_with_their_bytes_and_the_res
         "truncated": good[: len(good) // 2],
         "missing": execution_pb2.execution(symbol="X", market="Y").SerializePartialToString(),
         "utf8": (
-            _field(1, b"\xc3\x28")
-            + _field(2, b"NASDAQ")
-            + _varint(3 << 3 | 5)
+            f_len(1, b"\xc3\x28")
+            + f_len(2, b"NASDAQ")
+            + varint(3 << 3 | 5)
             + struct.pack("<f", 1.0)
-            + _varint(4 << 3 | 5)
+            + varint(4 << 3 | 5)
             + struct.pack("<f", 1.0)
-            + _varint(5 << 3)
-            + _varint(1)
-            + _field(6, b"CA")
+            + varint(5 << 3)
+            + varint(1)
+            + f_len(6, b"CA")
         ),
         "oversized": execution_pb2.execution(
             symbol="A" * 300, market="M", price=1, quantity=1, executionEpoch=1, stateSymbol="CA"
@@ -280,18 +265,18 @@ async def test_bytes_from_an_independent_encoder_are_ingested_as_the_spec_says(
     keys = Keys(settings.key_prefix)
     # Hand-encoded per the protobuf wire format and the upstream spec, not by the library.
     exec_bytes = (
-        _field(1, b"AAPL")
-        + _field(2, b"NASDAQ")
-        + _varint(3 << 3 | 5)
+        f_len(1, b"AAPL")
+        + f_len(2, b"NASDAQ")
+        + varint(3 << 3 | 5)
         + struct.pack("<f", 189.25)
-        + _varint(4 << 3 | 5)
+        + varint(4 << 3 | 5)
         + struct.pack("<f", 0.1)
-        + _varint(5 << 3 | 0)
-        + _varint(1764321212345)
-        + _field(6, b"CA")
+        + varint(5 << 3 | 0)
+        + varint(1764321212345)
+        + f_len(6, b"CA")
     )
     title = "Nadal \u2013 Federer"
-    event_bytes = _varint(1 << 3 | 0) + _varint(7) + _field(2, title.encode()) + _field(3, b"ace")
+    event_bytes = varint(1 << 3 | 0) + varint(7) + f_len(2, title.encode()) + f_len(3, b"ace")
     async with running(settings, redis):
         await publish(nats, settings.subject("execution"), [exec_bytes])
         await publish(nats, settings.subject("sport_event"), [event_bytes])

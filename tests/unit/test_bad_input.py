@@ -26,44 +26,7 @@ from shared import codec
 from shared.codec import BadPayload
 from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed
 from shared.proto import event_pb2
-
-# --- a hand encoder of the protobuf wire format -------------------------------------
-
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def tag(field: int, wire: int) -> bytes:
-    return varint(field << 3 | wire)
-
-
-def f_len(field: int, raw: bytes) -> bytes:
-    return tag(field, LEN) + varint(len(raw)) + raw
-
-
-def f_str(field: int, text: str) -> bytes:
-    return f_len(field, text.encode())
-
-
-def f_varint(field: int, n: int) -> bytes:
-    return tag(field, VARINT) + varint(n)
-
-
-def f_float(field: int, x: float) -> bytes:
-    return tag(field, I32) + struct.pack("<f", x)
-
+from tests.protowire import I32, I64, LEN, VARINT, f_float, f_len, f_str, f_varint, tag
 
 # A field's number, its wire type, and how to encode a valid value of it.
 EXECUTION_FIELDS: dict[str, tuple[int, int]] = {
