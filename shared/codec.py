@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -128,14 +128,8 @@ def typed_message(feed: Feed, entry: Mapping[str, str]) -> dict[str, Any]:
     """An entry's fields with their proto types restored, for JSON and Postgres:
     the message's fields, then message_id, seq, broker_time and ingest_time."""
     out: dict[str, Any] = {}
-    for field in feed.message.DESCRIPTOR.fields:
-        text = entry[field.name]
-        if field.type == FieldDescriptor.TYPE_FLOAT:
-            out[field.name] = float(text)
-        elif field.type in _INT_TYPES:
-            out[field.name] = int(text)
-        else:
-            out[field.name] = text
+    for name, cast in field_casts(feed):
+        out[name] = entry[name] if cast is None else cast(entry[name])
     out["message_id"] = entry["message_id"]
     out["seq"] = int(entry["seq"])
     out["broker_time"] = entry["broker_time"]
@@ -153,6 +147,19 @@ _INT_TYPES = frozenset(
         FieldDescriptor.TYPE_SINT32,
     }
 )
+
+
+@cache
+def field_casts(feed: Feed) -> tuple[tuple[str, Callable[[str], Any] | None], ...]:
+    """Per field of a feed's message, in order: its name and how its entry text becomes
+    its typed value (`float`, `int`, or None: the text as it is). Worked out once."""
+    return tuple(
+        (
+            str(f.name),
+            float if f.type == FieldDescriptor.TYPE_FLOAT else int if f.type in _INT_TYPES else None,
+        )
+        for f in feed.message.DESCRIPTOR.fields
+    )
 
 
 def str_entry(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:

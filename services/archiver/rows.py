@@ -17,8 +17,7 @@ from datetime import datetime
 from json.encoder import encode_basestring
 from typing import Any, Final
 
-from google.protobuf.descriptor import FieldDescriptor
-
+from shared import codec
 from shared.codec import parse_iso
 from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed
 
@@ -89,59 +88,17 @@ def _time(entry: Mapping[str, str], name: str) -> datetime:
     return when
 
 
-_INT_TYPES: Final = frozenset(
-    {
-        FieldDescriptor.TYPE_INT64,
-        FieldDescriptor.TYPE_INT32,
-        FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_UINT32,
-        FieldDescriptor.TYPE_SINT64,
-        FieldDescriptor.TYPE_SINT32,
-    }
-)
-
-
-def _cast(field: Any) -> Callable[[str], Any] | None:
-    """How codec.typed_message restores a field: float, int, or the text as it is."""
-    if field.type == FieldDescriptor.TYPE_FLOAT:
-        return float
-    if field.type in _INT_TYPES:
-        return int
-    return None
-
-
 def _kinds(feed: Feed) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """The feed's proto field names by the checks their values need: (text, float, int)."""
     text: list[str] = []
     floats: list[str] = []
     ints: list[str] = []
-    for field in feed.message.DESCRIPTOR.fields:
-        cast = _cast(field)
-        (floats if cast is float else ints if cast is int else text).append(field.name)
+    for name, cast in codec.field_casts(feed):
+        (floats if cast is float else ints if cast is int else text).append(name)
     return (*text, "message_id"), tuple(floats), tuple(ints)
 
 
 _KINDS: Final = {name: _kinds(feed) for name, feed in FEEDS.items()}
-
-
-def _casts(feed: Feed) -> tuple[tuple[str, Callable[[str], Any] | None], ...]:
-    return tuple((field.name, _cast(field)) for field in feed.message.DESCRIPTOR.fields)
-
-
-_CASTS: Final = {name: _casts(feed) for name, feed in FEEDS.items()}
-
-
-def typed_message(feed: Feed, entry: Mapping[str, str]) -> dict[str, Any]:
-    """Exactly `codec.typed_message(feed, entry)` (the contract; a unit test compares
-    them), with the per-field casts worked out once per feed instead of per entry."""
-    message: dict[str, Any] = {}
-    for name, cast in _CASTS[feed.name]:
-        message[name] = entry[name] if cast is None else cast(entry[name])
-    message["message_id"] = entry["message_id"]
-    message["seq"] = int(entry["seq"])
-    message["broker_time"] = entry["broker_time"]
-    message["ingest_time"] = entry["ingest_time"]
-    return message
 
 
 _INT64: Final = range(-(2**63), 2**63)
@@ -150,7 +107,7 @@ _INT64: Final = range(-(2**63), 2**63)
 def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str], epoch: str) -> Row:
     """One row of `feed`'s table, in `columns(feed.name)` order."""
     try:
-        message = typed_message(feed, entry)
+        message = codec.typed_message(feed, entry)
     except KeyError as exc:
         raise BadEntry(f"missing field {exc.args[0]}") from None
     except ValueError as exc:
@@ -185,7 +142,7 @@ def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str], epoch: str) -
 def _json_plan(feed: Feed) -> tuple[tuple[str, str, Callable[[Any], str]], ...]:
     """Per key of typed_message, in order: (key, `"key":`, how json.dumps writes its value)."""
     plan: list[tuple[str, str, Callable[[Any], str]]] = []
-    for name, cast in (*_CASTS[feed.name], ("message_id", None), ("seq", int), ("broker_time", None)):
+    for name, cast in (*codec.field_casts(feed), ("message_id", None), ("seq", int), ("broker_time", None)):
         plan.append((name, encode_basestring(name) + ":", _JSON_VALUE[cast]))
     plan.append(("ingest_time", '"ingest_time":', encode_basestring))
     return tuple(plan)

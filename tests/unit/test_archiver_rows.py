@@ -15,7 +15,6 @@ from services.archiver.rows import (
     feed_row,
     ingestor_dead_letter_row,
     poison_row,
-    typed_message,
 )
 from services.archiver.settings import ArchiverSettings
 from shared import codec
@@ -40,13 +39,6 @@ EXEC = {
     "stateSymbol": "FILLED",
 }
 SPORT = {"sport": "GOLF", "match_title": "Open — round 2", "data_event": "birdie"}
-
-
-@pytest.mark.parametrize(("feed", "fields"), [(EXECUTION, EXEC), (SPORT_EVENT, SPORT)])
-def test_typed_message_is_the_codec_contract(feed: object, fields: dict[str, str]) -> None:
-    entry = _entry(fields)
-    assert typed_message(feed, entry) == codec.typed_message(feed, entry)  # type: ignore[arg-type]
-    assert list(typed_message(feed, entry)) == list(codec.typed_message(feed, entry))  # type: ignore[arg-type]
 
 
 def test_execution_row_has_typed_columns_in_order() -> None:
