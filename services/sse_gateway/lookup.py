@@ -197,7 +197,11 @@ async def get_message(request: Request) -> Response:
     if set(FEED_NAMES) <= grant.feeds:
         feeds.append(DEAD_LETTER)
     try:
-        ids = [_s(v) for v in await redis.mget([keys.dedup(f, message_id) for f in feeds])]
+        # One GET per feed, not MGET: each feed's keys live in their own cluster slot.
+        async with redis.pipeline(transaction=False) as pipe:
+            for f in feeds:
+                pipe.get(keys.dedup(f, message_id))
+            ids = [_s(v) for v in await pipe.execute()]
         found = next(((f, i) for f, i in zip(feeds, ids, strict=True) if i is not None), None)
         entry: dict[str, Any] | None = None
         if found is not None:
