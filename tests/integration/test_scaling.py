@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+import nats as nats_py
 import pytest
 from redis.asyncio import Redis
 
@@ -39,10 +44,19 @@ from tests.integration.test_gateway_helpers import (
     GatewayProcess,
     Stream,
     Writer,
+    free_port,
     open_stream,
     xrange_all,
 )
-from tests.integration.test_ingestor import event, execution, ingestor_settings, publish, running, until
+from tests.integration.test_ingestor import (
+    event,
+    execution,
+    ingestor_settings,
+    publish,
+    read_stream,
+    running,
+    until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -161,6 +175,129 @@ async def test_redis_losing_one_ingestors_batch_but_not_the_others_is_replayed(
     raw: Any = await redis.xrange(keys.stream(EXECUTION.name))
     got = [codec.str_entry(f)["message_id"] for _, f in raw]
     assert sorted(got) == sorted(f"{handle.created_ms}.{s}" for s in range(1, 101))
+
+
+# -- a NATS cluster with a replicated JetStream stream -----------------------------------
+
+
+@contextlib.contextmanager
+def nats_cluster(size: int = 3) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    """`size` nats-server processes with JetStream, routed into one cluster, each with
+    its own store under a temporary folder; yields (client URL, process) per node."""
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("nats-server is not on the PATH")
+    ports = [(free_port(), free_port()) for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{route}" for _, route in ports)
+    nodes: list[tuple[str, subprocess.Popen[bytes]]] = []
+    with tempfile.TemporaryDirectory(prefix="fanout-nats-cluster-") as store:
+        try:
+            for i, (client, route) in enumerate(ports):
+                args = [binary, "-a", "127.0.0.1", "-p", str(client), "-n", f"n{i}", "-js"]
+                args += ["-sd", f"{store}/n{i}", "--cluster_name", "fanout"]
+                args += ["--cluster", f"nats://127.0.0.1:{route}", "--routes", routes]
+                proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                nodes.append((f"nats://127.0.0.1:{client}", proc))
+            yield nodes
+        finally:
+            for _, proc in nodes:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+
+
+async def _add_replicated_stream(url: str, settings: IngestorSettings, **config: Any) -> None:
+    """What an operator does before the first deploy: the feeds' stream with 3 replicas
+    (retried while the cluster elects its JetStream meta leader)."""
+    nc = await nats_py.connect(url)
+    try:
+        wanted = jetstream.stream_config(settings)
+        wanted.num_replicas = 3
+        for name, value in config.items():
+            setattr(wanted, name, value)
+        deadline = time.monotonic() + 30
+        while True:  # nothing to await: the cluster forms on its own
+            try:
+                await nc.jetstream(timeout=2).add_stream(wanted)
+                return
+            except (nats_py.errors.Error, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+async def test_an_ingestor_on_a_nats_cluster_loses_nothing_when_its_server_dies(
+    base_settings: Settings, redis: Redis
+) -> None:
+    with nats_cluster() as nodes:
+        settings = ingestor_settings(base_settings, nats_url=nodes[0][0])
+        keys = Keys(settings.key_prefix)
+        await _add_replicated_stream(nodes[0][0], settings)
+        publisher = await nats_py.connect(nodes[2][0])
+        js = publisher.jetstream(timeout=5)
+
+        async def publish_acked(numbers: range) -> None:
+            """JetStream publishes, retried until acked; the Nats-Msg-Id makes a retry of a
+            stored message a duplicate JetStream drops (not a second stream message)."""
+            for i in numbers:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        await js.publish(
+                            settings.subject(EXECUTION.name),
+                            execution(i).SerializeToString(),
+                            headers={"Nats-Msg-Id": f"m{i}"},
+                        )
+                        break
+                    except (nats_py.errors.Error, TimeoutError):  # a leader election under way
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+
+        try:
+            async with running(settings, redis) as ingestor:
+                await publish_acked(range(300))
+                await read_stream(redis, keys.stream(EXECUTION.name), 300)
+                # The server the ingestor is connected to dies; the stream keeps a quorum
+                # (2 of 3) and the ingestor reconnects to a server it learnt from the cluster.
+                nodes[0][1].kill()
+                await publish_acked(range(300, 600))
+                entries = await read_stream(redis, keys.stream(EXECUTION.name), 600, within=60)
+                assert ingestor.handle is not None
+                assert ingestor.stats.nats_reconnects >= 1  # it did move to another server
+                created_ms = ingestor.handle.created_ms
+                info = await js.stream_info(settings.js_stream)
+        finally:
+            await publisher.close()
+
+    assert info.state.messages == 600 and info.config.num_replicas == 3
+    assert sorted(e["message_id"] for e in entries) == sorted(f"{created_ms}.{s}" for s in range(1, 601))
+    assert [int(e["seq"]) for e in entries] == list(range(1, 601))
+    assert await redis.xlen(keys.stream(EXECUTION.name)) == 600
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="services/ingestor/jetstream.setup() updates the stream with a config that has no "
+    "num_replicas when subjects or max_age differ: NATS then makes a replicated stream R1",
+)
+async def test_the_ingestors_setup_keeps_an_operators_replicated_stream_replicated(
+    base_settings: Settings,
+) -> None:
+    with nats_cluster() as nodes:
+        settings = ingestor_settings(base_settings, nats_url=nodes[0][0])
+        # The operator made it R3; the ingestor is deployed with a different FANOUT_JS_MAX_AGE.
+        await _add_replicated_stream(nodes[0][0], settings, max_age=settings.js_max_age / 2)
+        nc = await nats_py.connect(nodes[0][0])
+        try:
+            await jetstream.setup(nc, settings)
+            info = await nc.jetstream(timeout=5).stream_info(settings.js_stream)
+        finally:
+            await nc.close()
+    assert info.config.max_age == settings.js_max_age
+    assert info.config.num_replicas == 3
 
 
 # -- several gateways on one Redis, as behind a load balancer ----------------------------
