@@ -6,6 +6,12 @@
 - Several gateways on one Redis, as behind a load balancer: a cursor from one gateway
   resumes exactly on another (it names Redis entry ids and seqs, nothing local to a
   gateway), and a single-use ticket issued by one is redeemed by another, once.
+- A NATS cluster (3 nats-server processes started here) with an R3 stream: the ingestor
+  loses and repeats nothing when the server it is connected to dies.
+
+Two strict xfails hold evidence of what does not scale yet (see their reasons): the
+Redis-behind-JetStream replay with several ingestors, and the stream's replicas being
+reset to 1 by the ingestor's setup.
 
 Several archivers in one consumer group: tests/integration/test_archiver.py
 (test_two_archivers_racing_store_each_message_once). Redis Cluster and the `{feed}`
