@@ -6,6 +6,7 @@ import base64
 import json
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
 
 from services.archiver.progress import Progress, min_id, next_id
@@ -17,6 +18,7 @@ from services.archiver.rows import (
     poison_row,
 )
 from services.archiver.settings import ArchiverSettings
+from services.archiver.store import STORE_ERRORS, TRANSIENT_ERRORS, is_data_error, leaves_connection_clean
 from shared import codec
 from shared.connections import MAX_BLOCK_MS
 from shared.feeds import EXECUTION, SPORT_EVENT
@@ -203,3 +205,43 @@ def test_message_json_is_what_json_dumps_writes(title: str) -> None:
     exec_entry = _entry(EXEC | {"price": "3.4028235e+38", "quantity": "1e-45"})
     row = dict(zip(columns("execution"), feed_row(EXECUTION, "1-0", exec_entry, "e"), strict=True))
     assert row["message"] == _dumps(codec.typed_message(EXECUTION, exec_entry))
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient", "data", "clean"),
+    [
+        # asyncpg's client side after the server went away: retry, never a crash.
+        (
+            asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+            True,
+            False,
+            False,
+        ),
+        (asyncpg.exceptions.ProtocolError("unexpected message"), True, False, False),
+        (asyncpg.InterfaceError("connection is closed"), True, False, False),
+        (
+            asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+            True,
+            False,
+            False,
+        ),
+        (
+            asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+            True,
+            False,
+            False,
+        ),
+        (ConnectionResetError(), True, False, False),
+        (TimeoutError(), True, False, False),
+        # A row's data: the poison path; a server-reported one leaves the connection usable.
+        (asyncpg.UniqueViolationError("duplicate key"), True, True, True),
+        (asyncpg.exceptions.NumericValueOutOfRangeError("out of range"), True, True, True),
+        (ValueError("cannot encode"), False, True, False),  # client-side, mid-COPY: discard it
+        (asyncpg.exceptions._base.DataError("invalid input for query argument"), True, True, False),
+    ],
+)
+def test_store_errors_are_classified(exc: BaseException, transient: bool, data: bool, clean: bool) -> None:
+    assert isinstance(exc, TRANSIENT_ERRORS) == transient
+    assert isinstance(exc, STORE_ERRORS)
+    assert is_data_error(exc) == data
+    assert leaves_connection_clean(exc) == clean
