@@ -57,12 +57,28 @@ def parse_ack_subject(reply: str) -> tuple[int, int, int]:
 
 
 def stream_config(settings: IngestorSettings) -> StreamConfig:
+    """The stream as the ingestor creates it when it does not exist yet."""
     return StreamConfig(
         name=settings.js_stream,
         subjects=[settings.subject(feed) for feed in FEED_NAMES],
         storage=StorageType.FILE,
         max_age=settings.js_max_age,
+        num_replicas=settings.js_replicas,
     )
+
+
+def updated_stream_config(current: StreamConfig, settings: IngestorSettings) -> StreamConfig | None:
+    """The existing stream's config with what the ingestor owns (subjects, max_age) set
+    from the settings, every other field (replicas, placement, limits, ...) carried over
+    as the operator set it; None when nothing the ingestor owns differs.
+
+    Sent whole because a stream update replaces the config: a field left out takes its
+    default, and on NATS 2.9 a missing num_replicas turns an R3 stream into R1.
+    """
+    wanted = stream_config(settings)
+    if sorted(current.subjects or []) == sorted(wanted.subjects or []) and current.max_age == wanted.max_age:
+        return None
+    return current.evolve(subjects=wanted.subjects, max_age=wanted.max_age)
 
 
 def consumer_config(settings: IngestorSettings) -> ConsumerConfig:
@@ -91,13 +107,18 @@ async def setup(nc: NATS, settings: IngestorSettings) -> StreamHandle:
                 "created JetStream stream", extra={"stream": settings.js_stream, "subjects": config.subjects}
             )
         else:
-            current = info.config
-            if (
-                sorted(current.subjects or []) != sorted(config.subjects or [])
-                or current.max_age != config.max_age
-            ):
-                info = await js.update_stream(config)
-                log.info("updated JetStream stream", extra={"stream": settings.js_stream})
+            update = updated_stream_config(info.config, settings)
+            if update is not None:
+                info = await js.update_stream(update)
+                log.info(
+                    "updated JetStream stream",
+                    extra={
+                        "stream": settings.js_stream,
+                        "subjects": update.subjects,
+                        "max_age_s": update.max_age,
+                        "replicas": info.config.num_replicas,
+                    },
+                )
         await js.add_consumer(settings.js_stream, consumer_config(settings))
     except (NoRespondersError, ServiceUnavailableError) as exc:
         raise JetStreamUnavailable(

@@ -24,6 +24,13 @@ class IngestorSettings(Settings):
     js_max_age: float = setting(
         "FANOUT_JS_MAX_AGE", 24 * 3600.0, "how long JetStream keeps a message (e.g. 24h)", parse_duration
     )
+    js_replicas: int = setting(
+        "FANOUT_JS_REPLICAS",
+        1,
+        "replicas of the JetStream stream, used only when the ingestor creates it; an existing "
+        "stream keeps its replica count (change it with `nats stream edit`)",
+        _positive_int,
+    )
     js_ack_wait: float = setting(
         "FANOUT_JS_ACK_WAIT", 30.0, "how long JetStream waits for an ack before redelivering", parse_duration
     )

@@ -284,11 +284,6 @@ async def test_an_ingestor_on_a_nats_cluster_loses_nothing_when_its_server_dies(
     assert await redis.xlen(keys.stream(EXECUTION.name)) == 600
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/ingestor/jetstream.setup() updates the stream with a config that has no "
-    "num_replicas when subjects or max_age differ: NATS then makes a replicated stream R1",
-)
 async def test_the_ingestors_setup_keeps_an_operators_replicated_stream_replicated(
     base_settings: Settings,
 ) -> None:
