@@ -565,7 +565,13 @@ class Ingestor:
         assert self.nc is not None and self.handle is not None
         self.writer.forget_reconnects()
         result = await replay.replay_if_behind(
-            self.nc, self.redis, self.writer, self.handle, self._keys, self.settings.batch
+            self.nc,
+            self.redis,
+            self.writer,
+            self.handle,
+            self._keys,
+            self.settings.batch,
+            margin=self.settings.replay_margin,
         )
         self.stats.replayed += result.appended
         if result.appended:

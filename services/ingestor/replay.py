@@ -2,16 +2,30 @@
 
 Redis may come back empty or behind (started without persistence, or it lost its last
 writes) after the ingestor acked messages to NATS, so JetStream will not deliver them
-again. Each feed's meta hash keeps, atomically with each XADD, the highest broker
-(stream) sequence ingested; the highest over the feeds and the dead letters is where
-Redis stands. Redis persists a prefix of what it was sent, and the ingestor sends in
-stream order, so everything after that point (less one batch: a batch's feeds are
-separate script calls) is replayed from JetStream, up to the last sequence the
-durable consumer delivered, through the same writer. Messages Redis still has are
-duplicates by their dedup keys and are not appended again; the lost ones are
-appended again (with a new epoch if the meta hash was lost, which tells readers).
+again. Run at start and after every Redis outage, before the batch in flight is written.
 
-Run at start and after every Redis outage, before the batch in flight is written.
+Replaying a message Redis still holds is harmless: its dedup key answers with the
+original entry and nothing is appended (Redis loses an entry and its dedup key together:
+one atomic script writes both). Replaying too little loses acked messages for good. So
+the window is chosen wide, and independent of how many ingestors write:
+
+- Redis holds nothing (no entry in any feed stream nor the dead letters): everything
+  JetStream retains, up to the durable consumer's delivered sequence.
+- Otherwise from the EARLIER of
+  - the first JetStream message whose broker time is at or after the newest broker time
+    Redis still holds minus FANOUT_REPLAY_MARGIN. With several ingestors on one durable
+    consumer their batches reach Redis out of stream order, so Redis can keep ingestor
+    B's later batch and lose A's earlier one: the highest broker sequence Redis holds
+    proves nothing below it. A batch is written within the ack wait of its delivery (or
+    it is redelivered), and Redis loses only its last persistence window of writes, so a
+    margin of at least the ack wait plus that window reaches back past any lost batch.
+  - the highest broker sequence Redis holds less one batch (one ingestor writes in stream
+    order and Redis keeps a prefix of its writes; a batch's feeds are separate script
+    calls), which also covers a single ingestor catching up a backlog of old messages.
+
+  up to the last sequence the durable consumer delivered, through the same writer. The
+  lost messages are appended again (with a new epoch if the meta hash was lost, which
+  tells readers).
 """
 
 from __future__ import annotations
@@ -19,10 +33,12 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
 
@@ -33,6 +49,8 @@ from shared.keys import Keys
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MARGIN = 60.0  # seconds; FANOUT_REPLAY_MARGIN
+
 
 @dataclass(frozen=True, slots=True)
 class ReplayResult:
@@ -40,15 +58,53 @@ class ReplayResult:
     delivered_stream_seq: int  # the last the durable consumer delivered
     read: int  # messages read again from JetStream
     appended: int  # of which Redis had lost (appended again)
+    from_seq: int = 0  # where the replay started (0: nothing replayed)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    high_water: int  # the highest broker sequence in the meta hashes (0: none)
+    newest_broker_time: datetime | None  # of the newest entry held (None: no entry at all)
 
 
 async def redis_high_water(redis: Redis, keys: Keys) -> int:
     """The highest broker sequence Redis holds, over the feeds and the dead letters (0: none)."""
+    return (await redis_state(redis, keys)).high_water
+
+
+async def redis_state(redis: Redis, keys: Keys) -> RedisState:
+    """Where Redis stands: its highest broker sequence and the newest broker time it holds."""
+    names = (*FEED_NAMES, DEAD_LETTER)
     async with redis.pipeline(transaction=False) as pipe:
-        for name in (*FEED_NAMES, DEAD_LETTER):
+        for name in names:
             pipe.hget(keys.meta(name), "broker_seq")
+        for name in names:
+            pipe.xrevrange(keys.stream(name), "+", "-", count=1)
         values = await pipe.execute()
-    return max((int(v) for v in values if v is not None), default=0)
+    seqs, lasts = values[: len(names)], values[len(names) :]
+    newest: datetime | None = None
+    for last in lasts:
+        for _, fields in last or ():
+            raw = fields.get(b"broker_time", fields.get("broker_time"))
+            when = _parse_time(raw)
+            if when is not None and (newest is None or when > newest):
+                newest = when
+    return RedisState(max((int(v) for v in seqs if v is not None), default=0), newest)
+
+
+def _parse_time(raw: object) -> datetime | None:
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        log.warning(
+            "an entry's broker_time is not a timestamp; replaying from its sequence",
+            extra={"broker_time": raw},
+        )
+        return None
 
 
 async def delivered_high_water(nc: NATS, handle: StreamHandle) -> int:
@@ -58,24 +114,81 @@ async def delivered_high_water(nc: NATS, handle: StreamHandle) -> int:
 
 
 async def replay_if_behind(
-    nc: NATS, redis: Redis, writer: Writer, handle: StreamHandle, keys: Keys, batch: int
+    nc: NATS,
+    redis: Redis,
+    writer: Writer,
+    handle: StreamHandle,
+    keys: Keys,
+    batch: int,
+    margin: float = DEFAULT_MARGIN,
 ) -> ReplayResult:
-    """Compare Redis with the consumer and replay the gap; what was found and done."""
+    """Replay from JetStream what Redis may have lost (see the module docstring); what was
+    found and done. Messages Redis still holds are read again and not appended."""
     delivered = await delivered_high_water(nc, handle)
-    in_redis = await redis_high_water(redis, keys)
-    if in_redis >= delivered:
-        return ReplayResult(in_redis, delivered, 0, 0)
-    start = max(1, in_redis - batch + 1)
-    log.warning(
-        "Redis is behind what JetStream delivered; replaying the gap from JetStream",
-        extra={"redis_broker_seq": in_redis, "delivered_stream_seq": delivered, "from_seq": start},
+    state = await redis_state(redis, keys)
+    if delivered == 0:
+        return ReplayResult(state.high_water, delivered, 0, 0)
+    js = nc.jetstream(timeout=5.0)
+    if state.newest_broker_time is None and state.high_water == 0:
+        start = 1  # Redis holds nothing: the first retained message on
+    else:
+        start = max(1, state.high_water - batch + 1)
+        if state.newest_broker_time is not None:
+            since = state.newest_broker_time - timedelta(seconds=margin)
+            by_time = await _first_seq_since(js, handle, since)
+            if by_time is not None:
+                start = min(start, by_time)
+    if start > delivered:
+        return ReplayResult(state.high_water, delivered, 0, 0)
+    behind = state.high_water < delivered
+    (log.warning if behind else log.info)(
+        "checking Redis against JetStream: replaying what Redis may have lost",
+        extra={
+            "redis_broker_seq": state.high_water,
+            "redis_newest_broker_time": state.newest_broker_time.isoformat()
+            if state.newest_broker_time
+            else None,
+            "delivered_stream_seq": delivered,
+            "from_seq": start,
+            "margin_s": margin,
+        },
     )
     appended, seen = await _replay(nc, writer, handle, start, delivered, batch)
-    log.warning(
+    (log.warning if appended else log.info)(
         "replay done",
         extra={"from_seq": start, "to_seq": delivered, "read": seen, "appended_again": appended},
     )
-    return ReplayResult(in_redis, delivered, seen, appended)
+    return ReplayResult(state.high_water, delivered, seen, appended, start)
+
+
+async def _first_seq_since(js: JetStreamContext, handle: StreamHandle, since: datetime) -> int | None:
+    """The stream sequence of the first retained message stored at or after `since`
+    (None: none is)."""
+    name = f"replay-probe-{secrets.token_hex(4)}"
+    await js.add_consumer(
+        handle.stream,
+        ConsumerConfig(
+            name=name,
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=since,
+            inactive_threshold=60.0,
+        ),
+    )
+    try:
+        sub = await js.pull_subscribe_bind(name, stream=handle.stream)
+        try:
+            msgs = await sub.fetch(1, timeout=2)
+        except nats.errors.TimeoutError:
+            return None
+        finally:
+            await sub.unsubscribe()
+        return int(msgs[0].metadata.sequence.stream) if msgs else None
+    finally:
+        try:
+            await js.delete_consumer(handle.stream, name)
+        except NotFoundError:
+            pass
 
 
 async def _replay(

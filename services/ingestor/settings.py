@@ -34,6 +34,13 @@ class IngestorSettings(Settings):
     js_ack_wait: float = setting(
         "FANOUT_JS_ACK_WAIT", 30.0, "how long JetStream waits for an ack before redelivering", parse_duration
     )
+    replay_margin: float = setting(
+        "FANOUT_REPLAY_MARGIN",
+        60.0,
+        "after Redis lost writes, replay JetStream from the newest broker time Redis holds minus this; "
+        "at least FANOUT_JS_ACK_WAIT plus Redis's persistence window (appendfsync everysec: 1s)",
+        parse_duration,
+    )
     dedup_ttl: float = setting(
         "FANOUT_DEDUP_TTL",
         25 * 3600.0,
@@ -57,6 +64,12 @@ class IngestorSettings(Settings):
             raise SettingsError(f"FANOUT_JS_MAX_AGE={self.js_max_age}s: expected a positive duration")
         if self.js_ack_wait <= 0:
             raise SettingsError(f"FANOUT_JS_ACK_WAIT={self.js_ack_wait}s: expected a positive duration")
+        if self.replay_margin < self.js_ack_wait:
+            raise SettingsError(
+                f"FANOUT_REPLAY_MARGIN ({self.replay_margin:g}s) is shorter than FANOUT_JS_ACK_WAIT "
+                f"({self.js_ack_wait:g}s): a batch Redis lost could lie before the replay window; set "
+                "FANOUT_REPLAY_MARGIN >= FANOUT_JS_ACK_WAIT plus Redis's persistence window"
+            )
         if self.dedup_ttl < self.js_max_age:
             raise SettingsError(
                 f"FANOUT_DEDUP_TTL ({self.dedup_ttl:g}s) is shorter than FANOUT_JS_MAX_AGE "

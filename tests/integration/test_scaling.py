@@ -144,12 +144,6 @@ async def test_two_ingestors_on_one_durable_consumer_append_each_message_once(
     assert sum(first.stats.appended.values()) > 0, first.stats.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay.py assumes ONE ingestor writing in stream order (Redis keeps a prefix, "
-    "so its highest broker_seq bounds the loss to one batch); with several ingestors the "
-    "batches reach Redis out of stream order and a lost batch can lie below that high water",
-)
 async def test_redis_losing_one_ingestors_batch_but_not_the_others_is_replayed(
     base_settings: Settings, redis: Redis, nats: Any
 ) -> None:
