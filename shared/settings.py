@@ -20,6 +20,18 @@ class SettingsError(ValueError):
     """A setting whose value cannot be used; the message names it."""
 
 
+def nats_servers(url: str) -> list[str]:
+    """NATS_URL as nats-py's `servers` list: one URL, or several comma-separated
+    (`nats://a:4222,nats://b:4222`, the servers of one cluster); blanks around commas
+    are ignored. ValueError if no server is named."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(
+            f"NATS_URL={url!r}: expected a URL such as nats://127.0.0.1:4222, or several comma-separated"
+        )
+    return servers
+
+
 def setting(env: str, default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
     """A settings field read from `env` (and the matching flag)."""
     return field(default=default, metadata={"env": env, "help": help, "parse": parse})
@@ -61,7 +73,11 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {str: str, int: int, float: float, b
 class Settings:
     """What every process needs: where the servers are, how keys are named, how to log."""
 
-    nats_url: str = setting("NATS_URL", "nats://127.0.0.1:4222", "NATS server URL")
+    nats_url: str = setting(
+        "NATS_URL",
+        "nats://127.0.0.1:4222",
+        "NATS server URL; several comma-separated for a cluster (nats://a:4222,nats://b:4222)",
+    )
     redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis server URL")
     database_url: str = setting(
         "DATABASE_URL", "postgresql://127.0.0.1:5432/test", "PostgreSQL URL of the catalogue"
@@ -89,6 +105,10 @@ class Settings:
         """Checks across fields; subclasses extend it and raise SettingsError."""
         if self.log_format not in {"auto", "json", "text"}:
             raise SettingsError(f"FANOUT_LOG_FORMAT={self.log_format!r}: expected json, text or auto")
+        try:
+            nats_servers(self.nats_url)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
