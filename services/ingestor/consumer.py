@@ -51,6 +51,7 @@ from services.ingestor.settings import IngestorSettings
 from services.ingestor.writer import BatchResult, Delivery, Prepared, RedisReconnected, Writer
 from shared.keys import Keys
 from shared.lifecycle import Backoff, wait_or_stop
+from shared.settings import nats_servers
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class Ingestor:
         while not self.stop.is_set():
             try:
                 self.nc = await nats.connect(
-                    self.settings.nats_url,
+                    servers=nats_servers(self.settings.nats_url),
                     name="fanout-ingestor",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from services.ingestor import jetstream
+from services.ingestor import jetstream, replay
 from services.ingestor.consumer import Ingestor
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.writer import Delivery, Writer
@@ -28,6 +28,7 @@ from shared.feeds import EXECUTION, SPORT_EVENT
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
 from shared.settings import Settings
+from tests.integration.test_gateway_helpers import free_port
 from tests.protowire import f_len, varint
 
 # -- helpers (also used by test_ingestor_process.py) -----------------------------------
@@ -336,6 +337,77 @@ async def test_setup_is_idempotent_and_updates_max_age(base_settings: Settings, 
     consumer = await nats.jetstream().consumer_info(settings.js_stream, settings.js_consumer)
     assert consumer.config.ack_policy == "explicit"
     assert consumer.config.max_ack_pending and consumer.config.max_ack_pending > 0
+
+
+async def test_setup_updates_only_subjects_and_max_age_and_keeps_what_the_operator_set(
+    base_settings: Settings, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings)
+    js = nats.jetstream()
+    # The operator created the stream with limits of their own and an old subject list.
+    operator = jetstream.stream_config(settings)
+    operator.subjects = [settings.subject("execution")]
+    operator.max_age = 3600.0
+    operator.max_msgs = 123_456
+    operator.max_bytes = 512 * 1024 * 1024
+    operator.duplicate_window = 90.0
+    operator.description = "feeds, sized by ops"
+    await js.add_stream(operator)
+    await jetstream.setup(nats, settings)
+    info = await js.stream_info(settings.js_stream)
+    assert info.config.max_age == settings.js_max_age
+    assert sorted(info.config.subjects) == sorted(settings.subject(f) for f in ("execution", "sport_event"))
+    kept = (
+        info.config.max_msgs,
+        info.config.max_bytes,
+        info.config.duplicate_window,
+        info.config.description,
+    )
+    assert kept == (123_456, 512 * 1024 * 1024, 90.0, "feeds, sized by ops")
+    assert info.config.num_replicas == 1
+
+
+async def test_a_new_stream_gets_the_configured_replicas(base_settings: Settings, nats: Any) -> None:
+    settings = ingestor_settings(base_settings, js_replicas=1)
+    assert jetstream.stream_config(settings).num_replicas == 1
+    assert jetstream.stream_config(ingestor_settings(base_settings, js_replicas=3)).num_replicas == 3
+    await jetstream.setup(nats, settings)
+    assert (await nats.jetstream().stream_info(settings.js_stream)).config.num_replicas == 1
+
+
+async def test_nats_url_may_list_several_servers_one_of_them_down(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    settings = ingestor_settings(base_settings, nats_url=f"{dead}, {base_settings.nats_url}")
+    keys = Keys(settings.key_prefix)
+    async with running(settings, redis) as ingestor:
+        await publish(
+            nats, settings.subject("execution"), [execution(i).SerializeToString() for i in range(20)]
+        )
+        entries = await read_stream(redis, keys.stream("execution"), 20)
+        assert ingestor.nc is not None and ingestor.nc.connected_url is not None
+        assert ingestor.nc.connected_url.netloc == base_settings.nats_url.split("://", 1)[1]
+    assert [e["symbol"] for e in entries] == [execution(i).symbol for i in range(20)]
+
+
+async def test_the_replay_of_an_intact_redis_reads_the_margin_and_appends_nothing(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings, batch=10)
+    keys = Keys(settings.key_prefix)
+    async with running(settings, redis) as ingestor:
+        await publish(
+            nats, settings.subject("execution"), [execution(i).SerializeToString() for i in range(30)]
+        )
+        before = await read_stream(redis, keys.stream("execution"), 30)
+        assert ingestor.handle is not None
+        handle = ingestor.handle
+    result = await replay.replay_if_behind(nats, redis, Writer(redis, settings), handle, keys, settings.batch)
+    # All 30 are within the margin of the newest: read again, none appended a second time.
+    assert (result.read, result.appended, result.from_seq) == (30, 0, 1)
+    assert await read_stream(redis, keys.stream("execution"), 30) == before
+    assert await redis.xlen(keys.stream("execution")) == 30
 
 
 @pytest.mark.parametrize("batch", [1, 7])
