@@ -46,7 +46,7 @@ from shared.connections import redis_client
 from shared.feeds import DEAD_LETTER, FEED_NAMES
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
-from shared.settings import Settings, parse_duration, parse_host_port, setting
+from shared.settings import Settings, nats_servers, parse_duration, parse_host_port, setting
 
 DESCRIPTION = __doc__
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ async def _jetstream(settings: AuditSettings, report: Report, stack: contextlib.
     out = _JetStream()
     try:
         nc = await nats.connect(
-            settings.nats_url,
+            servers=nats_servers(settings.nats_url),
             connect_timeout=3,
             allow_reconnect=False,
             max_reconnect_attempts=1,  # 0 would mean "forever" in nats-py's server selection

@@ -23,7 +23,7 @@ from services.archiver.progress import read_progress
 from shared.connections import redis_client
 from shared.feeds import DEAD_LETTER, FEED_NAMES
 from shared.keys import Keys
-from shared.settings import Settings, setting
+from shared.settings import Settings, nats_servers, setting
 
 DESCRIPTION = __doc__
 _TIMEOUT = 5.0
@@ -134,7 +134,7 @@ async def _nats(settings: StatusSettings, report: dict[str, Any]) -> None:
         return None
 
     nc = await nats.connect(
-        settings.nats_url,
+        servers=nats_servers(settings.nats_url),
         connect_timeout=_TIMEOUT,
         allow_reconnect=False,
         max_reconnect_attempts=1,  # 0 means "forever" in nats-py's server selection

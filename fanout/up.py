@@ -36,7 +36,7 @@ from fanout.servers import (
 from shared import logs
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
-from shared.settings import Settings, parse_duration, setting
+from shared.settings import Settings, nats_servers, parse_duration, setting
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class Up:
         from nats.js.errors import NotFoundError
 
         deadline = time.monotonic() + within
-        nc = await nats.connect(self.urls["nats"], max_reconnect_attempts=-1)
+        nc = await nats.connect(servers=nats_servers(self.urls["nats"]), max_reconnect_attempts=-1)
         try:
             js = nc.jetstream()
             while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from shared import logs
 from shared.feeds import FEED_NAMES
 from shared.lifecycle import install_stop_signals
 from shared.monitoring import OpsServer
-from shared.settings import Settings, SettingsError, parse_host_port, setting
+from shared.settings import Settings, SettingsError, nats_servers, parse_host_port, setting
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ async def connect(url: str, stop: asyncio.Event) -> NATS | None:
         log.warning("NATS connection error", extra={"url": url, "error": str(exc) or repr(exc)})
 
     connecting = asyncio.ensure_future(
-        nats.connect(url, error_cb=error_cb, max_reconnect_attempts=-1, reconnect_time_wait=1,
-                     connect_timeout=2, name="fanout-feeds")
+        nats.connect(servers=nats_servers(url), error_cb=error_cb, max_reconnect_attempts=-1,
+                     reconnect_time_wait=1, connect_timeout=2, name="fanout-feeds")
     )
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
