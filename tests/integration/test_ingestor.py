@@ -27,7 +27,7 @@ from shared import codec
 from shared.feeds import EXECUTION, SPORT_EVENT
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 from tests.integration.test_gateway_helpers import free_port
 from tests.protowire import f_len, varint
 
@@ -426,6 +426,17 @@ async def test_small_batches_keep_order_and_seq(
 
 
 # -- pure helpers of the pull loop and the writer (no servers) ----------------------------
+
+
+def test_replicas_and_replay_margin_settings_are_read_and_checked() -> None:
+    s = IngestorSettings.from_env({"FANOUT_JS_REPLICAS": "3", "FANOUT_REPLAY_MARGIN": "2m"})
+    assert (s.js_replicas, s.replay_margin) == (3, 120.0)
+    defaults = IngestorSettings.from_env({})
+    assert (defaults.js_replicas, defaults.replay_margin) == (1, 60.0)
+    with pytest.raises(SettingsError, match="FANOUT_JS_REPLICAS"):
+        IngestorSettings.from_env({"FANOUT_JS_REPLICAS": "0"})
+    with pytest.raises(SettingsError, match=r"FANOUT_REPLAY_MARGIN .* shorter than FANOUT_JS_ACK_WAIT"):
+        IngestorSettings.from_env({"FANOUT_REPLAY_MARGIN": "10s", "FANOUT_JS_ACK_WAIT": "30s"})
 
 
 def test_ack_subjects_of_both_formats_parse() -> None:

@@ -287,14 +287,26 @@ async def test_the_ingestors_setup_keeps_an_operators_replicated_stream_replicat
         settings = ingestor_settings(base_settings, nats_url=nodes[0][0])
         # The operator made it R3; the ingestor is deployed with a different FANOUT_JS_MAX_AGE.
         await _add_replicated_stream(nodes[0][0], settings, max_age=settings.js_max_age / 2)
+        # And a stream the ingestor creates itself gets FANOUT_JS_REPLICAS (here on the
+        # same cluster, under other names, so as not to start a second cluster).
+        fresh = ingestor_settings(
+            base_settings,
+            nats_url=nodes[0][0],
+            js_stream=f"{settings.js_stream}R3",
+            subject_prefix=f"{settings.subject_prefix}r3.",
+            js_replicas=3,
+        )
         nc = await nats_py.connect(nodes[0][0])
         try:
             await jetstream.setup(nc, settings)
             info = await nc.jetstream(timeout=5).stream_info(settings.js_stream)
+            await jetstream.setup(nc, fresh)
+            created = await nc.jetstream(timeout=5).stream_info(fresh.js_stream)
         finally:
             await nc.close()
     assert info.config.max_age == settings.js_max_age
     assert info.config.num_replicas == 3
+    assert created.config.num_replicas == 3
 
 
 # -- several gateways on one Redis, as behind a load balancer ----------------------------
