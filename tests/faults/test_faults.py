@@ -155,8 +155,25 @@ async def caught_up(probe: Probe, subs: list[Subscriber], within: float, fast_on
         return delivered_up_to(subs, heads, fast_only)
 
     left = max(1.0, within - (time.monotonic() - started))
-    await until("the subscribers to catch up", delivered, left)
+    try:
+        await until("the subscribers to catch up", delivered, left)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; behind: {_behind(subs, heads, fast_only)}") from None
     return time.monotonic() - started
+
+
+def _behind(subs: list[Subscriber], heads: dict[str, tuple[str, int]], fast_only: bool) -> str:
+    """Which subscribers are behind the heads, and how far (for a failure message)."""
+    out = []
+    for s in subs:
+        if fast_only and s.slow:
+            continue
+        lag = {f: heads[f][1] - s.last_seq(f) for f in s.feeds if s.last_seq(f) < heads[f][1]}
+        if lag:
+            errors = dict(s.errors.most_common(3))
+            slow = " (slow)" if s.slow else ""
+            out.append(f"{s.name}{slow} lag {lag}, {s.connects} connects, errors {errors}")
+    return "; ".join(out) or "none"
 
 
 async def _retry(fn: Callable[[], Awaitable[Any]], within: float) -> Any:
