@@ -7,6 +7,9 @@ Per feed (and for the dead letters), with the default prefix `fanout`:
     fanout:{execution}:msg:<msg id>  dedup key: the entry id a message id was appended as
     fanout:ticket:<digest>           an SSE gateway's single-use ticket (JSON, with a TTL),
                                      named by a digest of the ticket, never the ticket itself
+    fanout:ingest:redis_run_id       the Redis run_id (INFO server) under which the ingestors
+                                     last checked Redis against JetStream; equal to the
+                                     current run_id: Redis has not restarted since, skip the replay
 
 The `{feed}` hash tag puts all of a feed's keys in one Redis Cluster slot, so a Lua
 script touching the stream, the meta and the dedup keys runs unchanged on a cluster.
@@ -41,3 +44,7 @@ class Keys:
     def ticket(self, digest: str) -> str:
         """A gateway ticket, shared by every gateway behind a load balancer."""
         return f"{self.prefix}:ticket:{digest}"
+
+    def ingest_run_id(self) -> str:
+        """The run_id of the Redis the ingestors last verified against JetStream."""
+        return f"{self.prefix}:ingest:redis_run_id"
