@@ -22,8 +22,9 @@ second entry (the Lua script's dedup keys).
 
 Redis that may have lost writes (at start, after an outage, after a reconnect) is
 compared with JetStream before anything else is written, and the gap is replayed
-(`replay.py`). SIGTERM: no new requests; what was requested is written and acked;
-then exit. Redis or NATS away: retried with backoff, logged once per outage.
+(`replay.py`); skipped when Redis has not restarted since the last completed check.
+SIGTERM: no new requests; what was requested is written and acked; then exit.
+Redis or NATS away: retried with backoff, logged once per outage.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class Stats:
     redis_outages: int = 0
     nats_reconnects: int = 0
     replayed: int = 0  # messages Redis had lost, appended again from JetStream
+    redis_checks: int = 0  # checks of Redis against JetStream
+    replays: int = 0  # of which replayed (Redis new, emptied or restarted since the last)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -99,6 +102,8 @@ class Stats:
             "redis_outages": self.redis_outages,
             "nats_reconnects": self.nats_reconnects,
             "replayed": self.replayed,
+            "redis_checks": self.redis_checks,
+            "replays": self.replays,
         }
 
 
@@ -565,7 +570,7 @@ class Ingestor:
     async def _replay_if_behind(self) -> None:
         assert self.nc is not None and self.handle is not None
         self.writer.forget_reconnects()
-        result = await replay.replay_if_behind(
+        result = await replay.check_redis(
             self.nc,
             self.redis,
             self.writer,
@@ -574,6 +579,9 @@ class Ingestor:
             self.settings.batch,
             margin=self.settings.replay_margin,
         )
+        self.stats.redis_checks += 1
+        self.stats.replays += len(result.replays)
+        metrics.REDIS_CHECKS.labels(result="skipped" if result.skipped else "replayed").inc()
         self.stats.replayed += result.appended
         if result.appended:
             metrics.REPLAYED.inc(result.appended)

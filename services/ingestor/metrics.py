@@ -30,6 +30,12 @@ REPLAYED = Counter(
     "fanout_ingestor_replayed_total",
     "messages Redis had lost after they were acked, appended again from JetStream",
 )
+REDIS_CHECKS = Counter(
+    "fanout_ingestor_redis_checks_total",
+    "checks of Redis against JetStream (at start, after a reconnect): replayed, or skipped "
+    "because Redis had not restarted since the last completed check (same run_id)",
+    ["result"],
+)
 CONSUMER_PENDING = Gauge(
     "fanout_ingestor_consumer_pending_messages",
     "messages in JetStream not yet delivered to the ingestor's consumer (the backlog)",

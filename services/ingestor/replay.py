@@ -26,6 +26,27 @@ the window is chosen wide, and independent of how many ingestors write:
   up to the last sequence the durable consumer delivered, through the same writer. The
   lost messages are appended again (with a new epoch if the meta hash was lost, which
   tells readers).
+
+Skipped when Redis has not restarted since a completed check (`check_redis`): a running
+Redis loses no write it answered for; only a restart (or a failover to a replica) can,
+and each Redis process has its own `run_id` (INFO server), new at every start. The key
+`Keys.ingest_run_id()` holds the run_id under which a check last completed:
+
+- equal to the current run_id: the same Redis process has held every write answered
+  since that check (which restored what was lost before it): nothing to replay;
+- missing (a new or emptied Redis: the marker is lost with the data, as FLUSHALL or a
+  restart without persistence lose it) or different (a restart that kept a snapshot, a
+  promoted replica): replay as above, then write the run_id read BEFORE the replay, and
+  only if Redis still reports it after the replay. A restart during the replay changes it:
+  the check runs again. A restart between that last read and the write leaves the old
+  run_id in the new Redis: different, so the next check (the ingestor checks after every
+  reconnect) replays. A crash mid-replay writes nothing: the next start replays.
+- several ingestors may replay at once (each replay is harmless); any one completing
+  makes the others' later checks cheap.
+
+Not covered: keys removed by hand (DEL) or evicted from a running Redis (run Redis with
+`maxmemory-policy noeviction`); delete the marker too, and the next start replays. On a
+Redis Cluster the marker would be needed per node (the ingestor talks to one Redis).
 """
 
 from __future__ import annotations
@@ -41,6 +62,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.writer import Delivery, Writer
@@ -59,6 +81,74 @@ class ReplayResult:
     read: int  # messages read again from JetStream
     appended: int  # of which Redis had lost (appended again)
     from_seq: int = 0  # where the replay started (0: nothing replayed)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    run_id: str | None  # the Redis process checked (None: INFO server did not say)
+    skipped: bool  # Redis had not restarted since a completed check: nothing replayed
+    replays: tuple[ReplayResult, ...] = ()  # more than one if Redis restarted meanwhile
+
+    @property
+    def read(self) -> int:
+        return sum(r.read for r in self.replays)
+
+    @property
+    def appended(self) -> int:
+        return sum(r.appended for r in self.replays)
+
+
+async def redis_run_id(redis: Redis) -> str | None:
+    """The run_id of the Redis process answering (new at every start); None if INFO
+    server is refused (a managed Redis may disable it) or does not name one."""
+    try:
+        info = await redis.info("server")
+    except ResponseError as exc:
+        log.warning(
+            "Redis refuses INFO server: cannot tell whether it restarted; replaying at every check",
+            extra={"error": str(exc)},
+        )
+        return None
+    run_id = info.get("run_id")
+    return str(run_id) if run_id else None
+
+
+async def check_redis(
+    nc: NATS,
+    redis: Redis,
+    writer: Writer,
+    handle: StreamHandle,
+    keys: Keys,
+    batch: int,
+    margin: float = DEFAULT_MARGIN,
+) -> CheckResult:
+    """Replay what Redis may have lost unless it has not restarted since a completed
+    check (see the module docstring)."""
+    marker = keys.ingest_run_id()
+    replays: list[ReplayResult] = []
+    while True:
+        run_id = await redis_run_id(redis)
+        verified = await redis.get(marker)
+        if run_id is not None and verified is not None and _text(verified) == run_id:
+            if not replays:
+                log.info("Redis has not restarted since its last check: no replay", extra={"run_id": run_id})
+            return CheckResult(run_id, not replays, tuple(replays))
+        if replays or verified is not None:
+            log.warning(
+                "Redis restarted since its last check against JetStream",
+                extra={"run_id": run_id, "checked_run_id": _text(verified) if verified else None},
+            )
+        replays.append(await replay_if_behind(nc, redis, writer, handle, keys, batch, margin))
+        if run_id is None:
+            return CheckResult(None, False, tuple(replays))
+        if await redis_run_id(redis) != run_id:
+            continue  # restarted during the replay: what it wrote may be lost too
+        await redis.set(marker, run_id)
+        return CheckResult(run_id, False, tuple(replays))
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
