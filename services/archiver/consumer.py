@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -393,6 +393,22 @@ class StreamArchiver:
 
     async def convert(self, entries: list[Entry]) -> tuple[list[Row], list[Entry], list[tuple[Entry, str]]]:
         """(rows, the entries they came from, [(entry, error)] that cannot convert)."""
+        to_row = await self.row_maker()
+        rows: list[Row] = []
+        ok: list[Entry] = []
+        failed: list[tuple[Entry, str]] = []
+        for entry in entries:
+            try:
+                if not entry.fields:
+                    raise BadEntry("entry was deleted from the stream before it was archived")
+                rows.append(to_row(entry))
+                ok.append(entry)
+            except BadEntry as exc:
+                failed.append((entry, str(exc)))
+        return rows, ok, failed
+
+    async def row_maker(self) -> Callable[[Entry], Row]:
+        """How this batch's entries become rows (raising BadEntry for one that cannot)."""
         raise NotImplementedError
 
     async def store_rows(self, rows: list[Row]) -> int:
@@ -409,20 +425,9 @@ class FeedArchiver(StreamArchiver):
         self.feed = FEEDS[name]
         self.meta = self.keys.meta(name)
 
-    async def convert(self, entries: list[Entry]) -> tuple[list[Row], list[Entry], list[tuple[Entry, str]]]:
+    async def row_maker(self) -> Callable[[Entry], Row]:
         epoch = _text(await self.redis.hget(self.meta, "epoch") or _MISSING_EPOCH)
-        rows: list[Row] = []
-        ok: list[Entry] = []
-        failed: list[tuple[Entry, str]] = []
-        for entry in entries:
-            try:
-                if not entry.fields:
-                    raise BadEntry("entry was deleted from the stream before it was archived")
-                rows.append(feed_row(self.feed, entry.id, entry.fields, epoch))
-                ok.append(entry)
-            except BadEntry as exc:
-                failed.append((entry, str(exc)))
-        return rows, ok, failed
+        return lambda entry: feed_row(self.feed, entry.id, entry.fields, epoch)
 
     async def store_rows(self, rows: list[Row]) -> int:
         return await self.store.insert_feed(self.name, rows)
@@ -431,19 +436,9 @@ class FeedArchiver(StreamArchiver):
 class DeadLetterArchiver(StreamArchiver):
     """The ingestor's dead-letter stream -> the dead_letter table (source 'ingestor')."""
 
-    async def convert(self, entries: list[Entry]) -> tuple[list[Row], list[Entry], list[tuple[Entry, str]]]:
-        rows: list[Row] = []
-        ok: list[Entry] = []
-        failed: list[tuple[Entry, str]] = []
-        for entry in entries:
-            try:
-                if not entry.fields:
-                    raise BadEntry("entry was deleted from the stream before it was archived")
-                rows.append(ingestor_dead_letter_row(entry.id, entry.fields, self.settings.subject_prefix))
-                ok.append(entry)
-            except BadEntry as exc:
-                failed.append((entry, str(exc)))
-        return rows, ok, failed
+    async def row_maker(self) -> Callable[[Entry], Row]:
+        prefix = self.settings.subject_prefix
+        return lambda entry: ingestor_dead_letter_row(entry.id, entry.fields, prefix)
 
     async def store_rows(self, rows: list[Row]) -> int:
         return await self.store.insert_dead_letters(rows)
