@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,17 +38,6 @@ from shared.feeds import EXECUTION
 from shared.keys import Keys
 
 TARGET_P99_MS = 100.0
-
-
-async def poll(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
-    """Poll a condition nothing can await (another process's state), with a deadline."""
-    deadline = time.monotonic() + within_s
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {within_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,27 +77,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         redis = redis_client(redis_url)
         stack.push_async_callback(redis.aclose)
-        meta = Keys(tag).meta(EXECUTION.name)
-
-        async def seq() -> int:
-            raw = await redis.hget(meta, "seq")
-            return int(raw) if raw else 0
-
+        seq = harness.feed_seq(redis, Keys(tag).meta(EXECUTION.name))
         publisher = await stack.enter_async_context(NatsPublisher(nats_url, f"{tag}.{EXECUTION.name}"))
-
-        async def stream_ready() -> bool:
-            if ingest.poll() is not None:
-                raise BenchError(f"fanout ingest exited with {ingest.returncode}; log: {log_dir}/ingest.log")
-            return await publisher.stream_exists(tag.upper())
-
-        await poll(stream_ready, 30, "the ingestor to create its JetStream stream")
-        # One message through the whole pipeline, so the feed's stream exists.
-        await publisher.publish(1)
-
-        async def ingested() -> bool:
-            return await seq() >= 1
-
-        await poll(ingested, 30, "the first message to reach Redis")
+        await harness.carry_first_message(publisher, ingest, tag.upper(), seq, f"{log_dir}/ingest.log", 30)
 
         print(f"connecting {args.clients} clients", flush=True)
         pool = LoadClients(

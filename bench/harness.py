@@ -8,6 +8,7 @@ stopped (SIGTERM, then SIGKILL after a grace period) when its context exits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -18,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -313,3 +315,46 @@ def log_errors(path: Path) -> list[str]:
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     errors = [line for line in lines if '"ERROR"' in line or "Traceback" in line]
     return [f"{path.stem} logged {len(errors)} errors ({path}); first: {errors[0][:300]}"] if errors else []
+
+
+async def poll(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
+    """Poll a condition nothing can await (another process's state), with a deadline."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {within_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def feed_seq(redis: Any, meta_key: str) -> Callable[[], Awaitable[int]]:
+    """The feed's last seq, read from its meta hash."""
+
+    async def seq() -> int:
+        raw = await redis.hget(meta_key, "seq")
+        return int(raw) if raw else 0
+
+    return seq
+
+
+async def carry_first_message(
+    publisher: Any,
+    ingest: subprocess.Popen[bytes],
+    stream: str,
+    seq: Callable[[], Awaitable[int]],
+    log_path: str,
+    within_s: float,
+) -> None:
+    """Wait for `fanout ingest` to create its JetStream stream, then publish one message
+    and wait until it reached Redis, so the feed's stream exists before clients connect."""
+
+    async def stream_ready() -> bool:
+        if ingest.poll() is not None:
+            raise BenchError(f"fanout ingest exited with {ingest.returncode}; log: {log_path}")
+        return bool(await publisher.stream_exists(stream))
+
+    async def first() -> bool:
+        return await seq() >= 1
+
+    await poll(stream_ready, within_s, "the ingestor to create its JetStream stream")
+    await publisher.publish(1)
+    await poll(first, within_s, "the first message to reach Redis")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness
-from bench.harness import BenchError, percentile_ms, usage
+from bench.harness import BenchError, percentile_ms, poll, usage
 from bench.loadclient import LoadClients
 from bench.publishers import NatsPublisher, pace
 from fanout.servers import PostgresServer
@@ -46,15 +46,6 @@ MIB = 1024 * 1024
 # Servers warm their caches (PostgreSQL's shared buffers, JetStream's store): their RSS is
 # reported, the bound applies to our processes.
 SERVERS = ("nats-server", "redis", "postgres")
-
-
-async def poll(check: Any, within_s: float, what: str) -> None:
-    """Poll another process's state (nothing to await) with a deadline."""
-    deadline = time.monotonic() + within_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {within_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def archive_lag_ms(pg: Any, schema: str, lo: int, hi: int) -> tuple[float | None, float | None, int]:
@@ -114,26 +105,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         redis = redis_client(redis_url)
         stack.push_async_callback(redis.aclose)
-        meta = Keys(tag).meta(EXECUTION.name)
-
-        async def seq() -> int:
-            raw = await redis.hget(meta, "seq")
-            return int(raw) if raw else 0
-
+        seq = harness.feed_seq(redis, Keys(tag).meta(EXECUTION.name))
         publisher = await stack.enter_async_context(NatsPublisher(nats_url, f"{tag}.{EXECUTION.name}"))
-
-        async def stream_ready() -> bool:
-            if ingest.poll() is not None:
-                raise BenchError(f"fanout ingest exited with {ingest.returncode}; log: {root}/ingest.log")
-            return await publisher.stream_exists(tag.upper())
-
-        await poll(stream_ready, 60, "the ingestor to create its JetStream stream")
-        await publisher.publish(1)
-
-        async def first() -> bool:
-            return await seq() >= 1
-
-        await poll(first, 60, "the first message to reach Redis")
+        await harness.carry_first_message(publisher, ingest, tag.upper(), seq, f"{root}/ingest.log", 60)
         pg = await asyncpg.connect(postgres.url)
         stack.push_async_callback(pg.close)
 
