@@ -53,6 +53,15 @@ class Delivery:
     reply: str  # where the ack goes
 
 
+@dataclass(frozen=True, slots=True)
+class _Rejected:
+    """Why a delivery goes to the dead letters: its feed (or "unknown"), a reason label, the error."""
+
+    feed: str
+    reason: str
+    error: str
+
+
 @dataclass(slots=True)
 class BatchResult:
     appended: dict[str, int] = field(default_factory=dict)
@@ -153,57 +162,35 @@ class Writer:
         for d in batch:
             message_id = f"{created_ms}.{d.stream_seq}"
             broker_time = self._clock.iso_ms(d.timestamp_ns)
-            feed = self._feed_of_subject.get(d.subject)
-            if feed is None:
-                self._dead_letter(
-                    groups,
-                    d,
-                    message_id,
-                    broker_time,
-                    ingest_time,
-                    "unknown",
-                    "unknown_subject",
-                    f"no feed is published on subject {d.subject!r}",
-                )
+            outcome = self._decode(d)
+            if isinstance(outcome, _Rejected):
+                self._dead_letter(groups, d, message_id, broker_time, ingest_time, outcome)
                 continue
-            if len(d.payload) > self.max_payload:
-                self._dead_letter(
-                    groups,
-                    d,
-                    message_id,
-                    broker_time,
-                    ingest_time,
-                    feed.name,
-                    "too_large",
-                    f"payload of {len(d.payload)} bytes exceeds FANOUT_MAX_PAYLOAD "
-                    f"({self.max_payload} bytes)",
-                )
-                continue
-            try:
-                decoded = codec.decode(feed, d.payload)
-            except codec.BadPayload as exc:
-                self._dead_letter(
-                    groups, d, message_id, broker_time, ingest_time, feed.name, "bad_payload", str(exc)
-                )
-                continue
-            except Exception as exc:  # one payload must never stop the pipeline
-                log.exception("the decoder failed unexpectedly; dead-lettering the payload")
-                self._dead_letter(
-                    groups,
-                    d,
-                    message_id,
-                    broker_time,
-                    ingest_time,
-                    feed.name,
-                    "decoder_error",
-                    f"the decoder failed: {type(exc).__name__}: {exc}",
-                )
-                continue
+            feed, decoded = outcome
             fields = codec.entry_fields(message_id, decoded, broker_time, ingest_time)
             self._group(groups, feed.name).add(
                 self.keys.dedup(feed.name, message_id), d.stream_seq, fields, self._names
             )
         return list(groups.values())
+
+    def _decode(self, d: Delivery) -> tuple[Feed, dict[str, str]] | _Rejected:
+        """The delivery's feed and decoded fields, or why it goes to the dead letters."""
+        feed = self._feed_of_subject.get(d.subject)
+        if feed is None:
+            return _Rejected("unknown", "unknown_subject", f"no feed is published on subject {d.subject!r}")
+        if len(d.payload) > self.max_payload:
+            return _Rejected(
+                feed.name,
+                "too_large",
+                f"payload of {len(d.payload)} bytes exceeds FANOUT_MAX_PAYLOAD ({self.max_payload} bytes)",
+            )
+        try:
+            return feed, codec.decode(feed, d.payload)
+        except codec.BadPayload as exc:
+            return _Rejected(feed.name, "bad_payload", str(exc))
+        except Exception as exc:  # one payload must never stop the pipeline
+            log.exception("the decoder failed unexpectedly; dead-lettering the payload")
+            return _Rejected(feed.name, "decoder_error", f"the decoder failed: {type(exc).__name__}: {exc}")
 
     def _dead_letter(
         self,
@@ -212,10 +199,9 @@ class Writer:
         message_id: str,
         broker_time: str,
         ingest_time: str,
-        feed: str,
-        reason: str,
-        error: str,
+        rejected: _Rejected,
     ) -> None:
+        feed, reason, error = rejected.feed, rejected.reason, rejected.error
         fields = [
             "message_id",
             message_id,
