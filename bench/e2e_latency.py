@@ -223,24 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=str(harness.BENCH_DIR / "results" / "e2e_latency.md"))
     args = p.parse_args(argv)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        result = asyncio.run(run(args))
-    except BenchError as exc:
-        print(f"bench.e2e_latency: {exc}", file=sys.stderr)
+    result = harness.run_and_report("e2e_latency", lambda: run(args), markdown, args.out)
+    if result is None:
         return 1
-    text = markdown(result)
-    print()
-    print(text)
-    if args.out != "-":
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"written to {args.out}")
     return 0
 
 

@@ -19,10 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -358,3 +358,32 @@ async def carry_first_message(
     await poll(stream_ready, within_s, "the ingestor to create its JetStream stream")
     await publisher.publish(1)
     await poll(first, within_s, "the first message to reach Redis")
+
+
+R = TypeVar("R")
+
+
+def run_and_report(
+    name: str, main: Callable[[], Coroutine[Any, Any, R]], markdown: Callable[[R], str], out: str
+) -> R | None:
+    """Run a bench (on uvloop when installed), print its table and write it to `out`
+    (`-`: print only). None when it failed with a BenchError, which is printed."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        result = asyncio.run(main())
+    except BenchError as exc:
+        print(f"bench.{name}: {exc}", file=sys.stderr)
+        return None
+    text = markdown(result)
+    print()
+    print(text)
+    if out != "-":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"written to {out}")
+    return result

@@ -577,24 +577,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        result = asyncio.run(run(args))
-    except BenchError as exc:
-        print(f"bench.sse_fanout: {exc}", file=sys.stderr)
+    result = harness.run_and_report("sse_fanout", lambda: run(args), markdown, args.out)
+    if result is None:
         return 1
-    text = markdown(result)
-    print()
-    print(text)
     if args.out != "-":
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
         out.with_suffix(".json").write_text(
             json.dumps(
                 {
@@ -610,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
             )
         )
-        print(f"written to {out} and {out.with_suffix('.json')}")
+        print(f"written to {out.with_suffix('.json')}")
     return 0
 
 
