@@ -51,10 +51,13 @@ Redis Cluster the marker would be needed per node (the ingestor talks to one Red
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -251,54 +254,48 @@ async def replay_if_behind(
     return ReplayResult(state.high_water, delivered, seen, appended, start)
 
 
+@contextlib.asynccontextmanager
+async def _reader(js: JetStreamContext, stream: str, purpose: str, **start: Any) -> AsyncIterator[Any]:
+    """A short-lived, unacked pull consumer on `stream` from `start` (deliver policy and its
+    option), bound for reading; deleted on the way out."""
+    name = f"{purpose}-{secrets.token_hex(4)}"
+    await js.add_consumer(
+        stream, ConsumerConfig(name=name, ack_policy=AckPolicy.NONE, inactive_threshold=60.0, **start)
+    )
+    try:
+        sub = await js.pull_subscribe_bind(name, stream=stream)
+        try:
+            yield sub
+        finally:
+            await sub.unsubscribe()
+    finally:
+        try:
+            await js.delete_consumer(stream, name)
+        except NotFoundError:
+            pass
+
+
 async def _first_seq_since(js: JetStreamContext, handle: StreamHandle, since: datetime) -> int | None:
     """The stream sequence of the first retained message stored at or after `since`
     (None: none is)."""
-    name = f"replay-probe-{secrets.token_hex(4)}"
-    await js.add_consumer(
-        handle.stream,
-        ConsumerConfig(
-            name=name,
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=since,
-            inactive_threshold=60.0,
-        ),
-    )
-    try:
-        sub = await js.pull_subscribe_bind(name, stream=handle.stream)
+    async with _reader(
+        js, handle.stream, "replay-probe", deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since
+    ) as sub:
         try:
             msgs = await sub.fetch(1, timeout=2)
         except nats.errors.TimeoutError:
             return None
-        finally:
-            await sub.unsubscribe()
         return int(msgs[0].metadata.sequence.stream) if msgs else None
-    finally:
-        try:
-            await js.delete_consumer(handle.stream, name)
-        except NotFoundError:
-            pass
 
 
 async def _replay(
     nc: NATS, writer: Writer, handle: StreamHandle, start: int, upto: int, batch: int
 ) -> tuple[int, int]:
     js = nc.jetstream(timeout=5.0)
-    name = f"replay-{secrets.token_hex(4)}"
-    await js.add_consumer(
-        handle.stream,
-        ConsumerConfig(
-            name=name,
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-            inactive_threshold=60.0,
-        ),
-    )
     appended = seen = 0
-    try:
-        sub = await js.pull_subscribe_bind(name, stream=handle.stream)
+    async with _reader(
+        js, handle.stream, "replay", deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+    ) as sub:
         done = False
         while not done:
             try:
@@ -318,12 +315,6 @@ async def _replay(
                 result = await writer.write(deliveries, handle.created_ms, watch=False)
                 appended += sum(result.appended.values()) + result.dead_letters
                 seen += len(deliveries)
-        await sub.unsubscribe()
-    finally:
-        try:
-            await js.delete_consumer(handle.stream, name)
-        except NotFoundError:
-            pass
     return appended, seen
 
 
