@@ -5,13 +5,16 @@ readable with `redis-cli XRANGE`, in this order:
 
     seq, message_id, <the message's fields by proto name>, broker_time, ingest_time
 
-`seq` is added by the Lua script; the rest comes from `entry_fields`. Enums are
+`seq` is added by the Lua script; the rest comes from `entry_fields`. A payload that
+cannot be decoded keeps its place (its seq) as `seq, message_id, error, payload_b64,
+broker_time, ingest_time` (`malformed_fields`). Enums are
 written by name (`BASKETBALL`), floats in their shortest text that reads back as the
 same 32-bit float, times as UTC ISO 8601 with milliseconds.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from collections.abc import Callable, Mapping
@@ -122,6 +125,30 @@ def entry_fields(message_id: str, fields: Mapping[str, str], broker_time: str, i
         out += (name, value)
     out += ("broker_time", broker_time, "ingest_time", ingest_time)
     return out
+
+
+def malformed_fields(
+    message_id: str, error: str, payload: bytes, broker_time: str, ingest_time: str
+) -> list[str]:
+    """The entry of a payload that is not a valid message of its feed: it keeps its seq
+    in the feed's stream (so a reader sees no gap) and carries the error and the raw bytes."""
+    return [
+        "message_id",
+        message_id,
+        "error",
+        error,
+        "payload_b64",
+        base64.b64encode(payload).decode("ascii"),
+        "broker_time",
+        broker_time,
+        "ingest_time",
+        ingest_time,
+    ]
+
+
+def is_malformed(entry: Mapping[str, str]) -> bool:
+    """An entry `malformed_fields` made (sent as `event: malformed`, archived as a dead letter)."""
+    return "error" in entry
 
 
 def typed_message(feed: Feed, entry: Mapping[str, str]) -> dict[str, Any]:

@@ -1,49 +1,111 @@
--- Append a batch of messages to one feed's stream, each exactly once.
+-- Append a batch of one feed's messages at the positions JetStream gave them, each once.
 --
--- KEYS[1]      the feed's stream
--- KEYS[2]      the feed's meta hash (epoch, seq, last_id, broker_seq)
+-- KEYS[1]      the feed's stream (entry id `<seq>-0`: the JetStream stream sequence)
+-- KEYS[2]      the feed's meta hash (epoch, seq, first_seq, last_id)
 -- KEYS[3..n]   one dedup key per message, in the order of the messages in ARGV
--- ARGV[1]      dedup key TTL in seconds (longer than any redelivery window)
--- ARGV[2]      epoch to record if the feed has none yet (a new or reset stream)
--- ARGV[3..]    per message: broker_seq, field count N, then N field/value strings
+-- ARGV[1]      dedup key TTL in seconds (the redelivery window)
+-- ARGV[2]      epoch: the feed's JetStream stream creation time in ms
+-- ARGV[3]      start: 0, or the seq at which a missing or empty stream may begin (a
+--              rebuild after Redis lost the stream: what lies below is in PostgreSQL)
+-- ARGV[4..]    per message, in seq order: seq, field count N, then N field/value strings
 --
--- A message whose dedup key is unset is XADDed with `seq` (the feed's counter + 1) in
--- front of its fields; a message seen before is not appended again. Returns, per
--- message, {entry id, 1 if appended now or 0 if it was a duplicate}.
+-- The stream is contiguous: seq N is appended only right after seq N-1 (the top is the
+-- stream's last-generated id, which trimming does not lower). A message is a duplicate
+-- when its dedup key is set (SET NX, kept for the redelivery window) or its seq is at or
+-- below the top (the second guard, which holds after the key expired or was evicted).
+-- Returns, per message, {entry id, status}: 1 appended now, 0 a duplicate, -1 not
+-- appended because seq N-1 is missing (a hole the caller fills from JetStream first; the
+-- entry id is then the top's, `<top>-0`, and every later message of the batch is -1 too).
+-- A newer epoch (the JetStream stream was recreated) deletes the old stream and meta; an
+-- older one is refused with the error `STALE_EPOCH <current epoch>`.
 local stream = KEYS[1]
 local meta = KEYS[2]
 local ttl = ARGV[1]
-local new_epoch = ARGV[2]
+local epoch = ARGV[2]
+local start = tonumber(ARGV[3])
 
-redis.call('HSETNX', meta, 'epoch', new_epoch)
-local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
-local top = tonumber(redis.call('HGET', meta, 'broker_seq') or '0')
+local function top_of(key)
+    if redis.call('EXISTS', key) == 0 then
+        return 0
+    end
+    local info = redis.call('XINFO', 'STREAM', key)
+    for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then
+            return tonumber(string.match(info[i + 1], '^(%d+)-'))
+        end
+    end
+    return 0
+end
+
+local current = redis.call('HGET', meta, 'epoch')
+if not current then
+    -- The meta hash was lost (evicted): the newest entry's message id names its epoch.
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #last > 0 then
+        local fields = last[1][2]
+        for i = 1, #fields, 2 do
+            if fields[i] == 'message_id' then
+                current = string.match(fields[i + 1], '^(.*)%.%d+$')
+            end
+        end
+    end
+end
+if current and current ~= epoch then
+    if tonumber(current) and tonumber(epoch) and tonumber(current) > tonumber(epoch) then
+        return redis.error_reply('STALE_EPOCH ' .. current)
+    end
+    redis.call('DEL', stream, meta)
+end
+
+local top = top_of(stream)
+if top == 0 then
+    -- A new stream, or one Redis lost: it begins at `start` (or 1).
+    if start > 0 then
+        top = start - 1
+    end
+    redis.call('HSET', meta, 'first_seq', top + 1)
+elseif redis.call('HEXISTS', meta, 'first_seq') == 0 then
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    if #first > 0 then
+        redis.call('HSET', meta, 'first_seq', string.match(first[1][1], '^(%d+)-'))
+    else
+        redis.call('HSET', meta, 'first_seq', top + 1)
+    end
+end
 
 local results = {}
-local arg = 3
+local arg = 4
+local hole = false
 for i = 3, #KEYS do
     local dedup = KEYS[i]
-    local broker_seq = tonumber(ARGV[arg])
+    local seq = tonumber(ARGV[arg])
     local count = tonumber(ARGV[arg + 1])
     local existing = redis.call('GET', dedup)
+    if existing and seq > top then
+        -- The key outlived its entry (the stream was lost or evicted, the key was not):
+        -- the entry is not there, so the message is not a duplicate.
+        redis.call('DEL', dedup)
+        existing = false
+    end
     if existing then
         results[#results + 1] = {existing, 0}
+    elseif seq <= top then
+        results[#results + 1] = {seq .. '-0', 0}
+    elseif hole or seq ~= top + 1 then
+        hole = true
+        results[#results + 1] = {top .. '-0', -1}
     else
-        local fields = {'seq', seq + 1}
+        local fields = {'seq', seq}
         for j = arg + 2, arg + 1 + count do
             fields[#fields + 1] = ARGV[j]
         end
-        -- XADD first: if it fails the script stops before this message is marked
-        -- as seen or counted, so its redelivery appends it with no gap in seq.
-        local id = redis.call('XADD', stream, '*', unpack(fields))
-        seq = seq + 1
-        if broker_seq > top then
-            top = broker_seq
-        end
+        -- XADD first: if it fails the script stops before the message is marked as seen.
+        local id = redis.call('XADD', stream, seq .. '-0', unpack(fields))
+        top = seq
         redis.call('SET', dedup, id, 'NX', 'EX', ttl)
-        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'broker_seq', top)
         results[#results + 1] = {id, 1}
     end
     arg = arg + 2 + count
 end
+redis.call('HSET', meta, 'epoch', epoch, 'seq', top, 'last_id', top .. '-0')
 return results
