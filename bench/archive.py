@@ -25,7 +25,7 @@ from shared import codec
 from shared.connections import redis_client
 from shared.feeds import EXECUTION, FEED_NAMES
 from shared.keys import Keys
-from shared.scripts import register
+from shared.scripts import ingest_append_call, register
 
 
 def _fields(feed: str, i: int) -> dict[str, str]:
@@ -50,16 +50,14 @@ async def fill(settings: ArchiverSettings, entries: int) -> None:
     n = 0
     for feed in FEED_NAMES:
         for chunk in range(0, per_feed, 1000):
-            argv: list[str | int] = [3600, "bench"]
-            dedup = []
+            messages = []
             for i in range(chunk, min(per_feed, chunk + 1000)):
                 n += 1
-                mid = f"1795000000000.{n}"
+                mid = f"1795000000000.{i + 1}"
                 when = codec.iso_ms(start + timedelta(microseconds=n))
-                entry = codec.entry_fields(mid, _fields(feed, i), when, when)
-                argv += [n, len(entry), *entry]
-                dedup.append(keys.dedup(feed, mid))
-            await script(keys=[keys.stream(feed), keys.meta(feed), *dedup], args=argv)
+                messages.append((i + 1, mid, codec.entry_fields(mid, _fields(feed, i), when, when)))
+            call_keys, argv = ingest_append_call(keys, feed, "1795000000000", messages, 3600)
+            await script(keys=call_keys, args=argv)
     await redis.aclose()
 
 

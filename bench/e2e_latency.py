@@ -34,7 +34,7 @@ from bench.loadclient import LoadClients
 from bench.publishers import NatsPublisher, pace
 from shared.codec import parse_iso
 from shared.connections import redis_client
-from shared.feeds import EXECUTION
+from shared.feeds import EXECUTION, js_stream_name
 from shared.keys import Keys
 
 TARGET_P99_MS = 100.0
@@ -79,7 +79,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.push_async_callback(redis.aclose)
         seq = harness.feed_seq(redis, Keys(tag).meta(EXECUTION.name))
         publisher = await stack.enter_async_context(NatsPublisher(nats_url, f"{tag}.{EXECUTION.name}"))
-        await harness.carry_first_message(publisher, ingest, tag.upper(), seq, f"{log_dir}/ingest.log", 30)
+        js_stream = js_stream_name(tag.upper(), EXECUTION.name)
+        await harness.carry_first_message(publisher, ingest, js_stream, seq, f"{log_dir}/ingest.log", 30)
 
         print(f"connecting {args.clients} clients", flush=True)
         pool = LoadClients(

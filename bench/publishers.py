@@ -188,17 +188,18 @@ class StreamPublisher:
         return int(raw) if raw else 0
 
     async def publish(self, count: int) -> None:
-        keys = [self.stream, self.meta]
-        argv: list[str | int] = [DEDUP_TTL_S, str(time.time_ns())]
         iso = codec.iso_ms(datetime.now(UTC))
+        messages = []
         for _ in range(count):
             self._broker_seq += 1
             message_id = f"{self._created_ms}.{self._broker_seq}"
-            keys.append(self.keys.dedup(EXECUTION.name, message_id))
             fields = codec.entry_fields(
                 message_id, execution_fields(time.time_ns(), self._broker_seq), iso, iso
             )
-            argv += [self._broker_seq, len(fields), *fields]
+            messages.append((self._broker_seq, message_id, fields))
+        keys, argv = scripts.ingest_append_call(
+            self.keys, EXECUTION.name, str(self._created_ms), messages, DEDUP_TTL_S
+        )
         await self.script(keys=keys, args=argv)
         self.sent += count
 

@@ -39,7 +39,7 @@ from bench.loadclient import LoadClients
 from bench.publishers import NatsPublisher, pace
 from fanout.servers import PostgresServer
 from shared.connections import redis_client
-from shared.feeds import EXECUTION
+from shared.feeds import EXECUTION, js_stream_name
 from shared.keys import Keys
 
 MIB = 1024 * 1024
@@ -76,6 +76,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "FANOUT_ARCHIVE_HTTP": "127.0.0.1:0",
         "FANOUT_LOG_LEVEL": "WARNING",
     }
+    if args.retention:  # the hot window: how long Redis keeps archived entries and dedup keys
+        env |= {
+            "FANOUT_RETENTION": args.retention,
+            "FANOUT_DEDUP_TTL": args.retention,
+            "FANOUT_ARCHIVE_TRIM_INTERVAL": "5s",
+        }
     windows: list[dict[str, Any]] = []
     memory: dict[str, tuple[int, int]] = {}
     async with AsyncExitStack() as stack:
@@ -107,7 +113,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.push_async_callback(redis.aclose)
         seq = harness.feed_seq(redis, Keys(tag).meta(EXECUTION.name))
         publisher = await stack.enter_async_context(NatsPublisher(nats_url, f"{tag}.{EXECUTION.name}"))
-        await harness.carry_first_message(publisher, ingest, tag.upper(), seq, f"{root}/ingest.log", 60)
+        js_stream = js_stream_name(tag.upper(), EXECUTION.name)
+        await harness.carry_first_message(publisher, ingest, js_stream, seq, f"{root}/ingest.log", 60)
         pg = await asyncpg.connect(postgres.url)
         stack.push_async_callback(pg.close)
 
@@ -157,6 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             except BenchError:
                 pass
             a50, a99, rows = await archive_lag_ms(pg, tag, base + 1, base + total)
+            redis_info = await redis.info("memory")
             w = {
                 "window": n,
                 "at_s": round(time.monotonic() - started),
@@ -175,6 +183,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "archive_p99_ms": a99,
                 "archived": rows,
                 "drained": drained,
+                "redis_mib": int(redis_info["used_memory"]) / MIB,
+                "stream_length": int(await redis.xlen(Keys(tag).stream(EXECUTION.name))),
+                "redis_keys": int(await redis.dbsize()),
                 "hist": rep["hist"],
             }
             windows.append(w)
@@ -182,7 +193,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  window {n} at {w['at_s']} s: {w['delivered_per_s']:,.0f} ev/s to "
                 f"{rep['connections']} clients, "
                 f"lag p50 {_ms(w['p50_ms'])} p99 {_ms(w['p99_ms'])} ms, archive lag p50 {_ms(a50)} "
-                f"p99 {_ms(a99)} ms, lost {w['lost']}, dup {w['duplicated']}, missing {w['missing']}",
+                f"p99 {_ms(a99)} ms, lost {w['lost']}, dup {w['duplicated']}, missing {w['missing']}, "
+                f"Redis {w['redis_mib']:.0f} MiB ({w['stream_length']:,} entries, {w['redis_keys']:,} keys)",
                 flush=True,
             )
         end_rss = {k: usage(p).rss_bytes for k, p in procs.items()}
@@ -226,7 +238,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Soak: {a['duration']:g} s at {a['rate']:g} msg/s, {a['clients']} SSE subscribers",
         "",
         f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, `python -m bench.soak "
-        f"--duration {a['duration']:g} --rate {a['rate']:g} --clients {a['clients']}`, "
+        f"--duration {a['duration']:g} --rate {a['rate']:g} --clients {a['clients']}"
+        f"{' --retention ' + a['retention'] if a['retention'] else ''} --window {a['window']:g}`, "
         f"{os.cpu_count()} cores "
         f"shared by everything (load average at the end {result['load']:.2f}).",
         "",
@@ -262,14 +275,15 @@ def markdown(result: dict[str, Any]) -> str:
         "## Per window",
         "",
         "| window | at s | msg/s | delivered ev/s | lag p50 / p99 / max ms | archive lag p50 / p99 ms "
-        "| lost | dup | missing |",
-        "|---:|---:|---:|---:|---|---|---:|---:|---:|",
+        "| lost | dup | missing | Redis MiB | stream entries | Redis keys |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for w in ws:
         lines.append(
             f"| {w['window']} | {w['at_s']} | {w['rate']:,.0f} | {w['delivered_per_s']:,.0f} | "
             f"{_ms(w['p50_ms'])} / {_ms(w['p99_ms'])} / {_ms(w['max_ms'])} | {_ms(w['archive_p50_ms'])} / "
-            f"{_ms(w['archive_p99_ms'])} | {w['lost']} | {w['duplicated']} | {w['missing']} |"
+            f"{_ms(w['archive_p99_ms'])} | {w['lost']} | {w['duplicated']} | {w['missing']} | "
+            f"{w['redis_mib']:.1f} | {w['stream_length']:,} | {w['redis_keys']:,} |"
         )
     lines += [
         "",
@@ -313,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=60, help="seconds per measurement window (default 60)")
     p.add_argument("--drain", type=float, default=30, help="seconds to wait for stragglers per window")
     p.add_argument("--rss-bound", type=float, default=64, help="MiB of RSS growth allowed per process")
+    p.add_argument(
+        "--retention",
+        default="",
+        help="hot window for the run (FANOUT_RETENTION and FANOUT_DEDUP_TTL, e.g. 2m): Redis memory "
+        "should level off once the run is longer than it (default: the services' defaults)",
+    )
     p.add_argument("--out", default=str(harness.BENCH_DIR / "results" / "soak.md"))
     args = p.parse_args(argv)
     result = harness.run_and_report("soak", lambda: run(args), markdown, args.out)
