@@ -9,11 +9,15 @@ error naming the variable or flag and what was expected.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
+import shlex
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Self, get_type_hints
+from pathlib import Path
+from typing import Any, ClassVar, Self, get_type_hints
 
 
 class SettingsError(ValueError):
@@ -49,6 +53,18 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * _UNIT_SECONDS[match[2]]
 
 
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration, in the largest unit (up to hours) that is whole: 86400 -> `24h`,
+    90 -> `90s`, 0.5 -> `500ms`."""
+    for unit in ("h", "m", "s"):
+        count = seconds / _UNIT_SECONDS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    if seconds < 1 and round(seconds * 1000, 6) == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -69,6 +85,106 @@ def parse_host_port(text: str) -> tuple[str, int]:
 _PARSERS: dict[Any, Callable[[str], Any]] = {str: str, int: int, float: float, bool: parse_bool}
 
 
+def _show(meta: Mapping[str, Any], value: Any) -> str:
+    """A default as the user would write it: `30s`, `127.0.0.1:9101`, `fanout`."""
+    if value is None:
+        return "unset"
+    if meta["parse"] is parse_duration:
+        return format_duration(value)
+    if meta["parse"] is parse_host_port or isinstance(value, tuple):
+        host, port = value
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if value == "":
+        return "empty"
+    return str(value)
+
+
+# --- the servers of `fanout up` -------------------------------------------------------------
+# `fanout up` writes the URLs of the servers it uses to <FANOUT_DATA_DIR>/urls.env (a file a
+# shell can also source); every other command run in that folder with none of these
+# variables set reads them from there, so `fanout status` finds `./dev run`'s servers.
+
+SERVER_URL_VARIABLES = ("NATS_URL", "REDIS_URL", "DATABASE_URL")
+UP_PID_VARIABLE = "FANOUT_UP_PID"
+DEFAULT_DATA_DIR = ".fanout"
+
+log = logging.getLogger(__name__)
+
+
+def urls_file(environ: Mapping[str, str]) -> Path:
+    """Where `fanout up` writes its servers' URLs: <FANOUT_DATA_DIR, default .fanout>/urls.env."""
+    return Path(environ.get("FANOUT_DATA_DIR") or DEFAULT_DATA_DIR) / "urls.env"
+
+
+def write_urls_file(path: Path, urls: Mapping[str, str], pid: int) -> None:
+    """Replace `path` (atomically) with one `VARIABLE=value` line per URL and the writer's pid."""
+    lines = ["# written by `fanout up`; the fanout commands run in this folder read it", ""]
+    lines += [f"{name}={shlex.quote(value)}" for name, value in urls.items()]
+    lines.append(f"{UP_PID_VARIABLE}={pid}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(path)
+
+
+def read_urls_file(path: Path) -> dict[str, str]:
+    """The `VARIABLE=value` lines of a urls.env (comments and blank lines skipped)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        name, sep, raw = line.partition("=")
+        if not sep or line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(raw)
+        values[name.strip()] = words[0] if words else ""
+    return values
+
+
+def with_up_urls(
+    environ: Mapping[str, str], skip: frozenset[str] = frozenset()
+) -> tuple[Mapping[str, str], str]:
+    """`environ` plus the server URLs of `fanout up`'s urls.env for the variables that
+    `environ` lacks (and that are not in `skip`, given as flags), and a sentence saying
+    which came from where ("" if none did)."""
+    missing = [name for name in SERVER_URL_VARIABLES if name not in environ and name not in skip]
+    path = urls_file(environ)
+    if not missing or not path.is_file():
+        return environ, ""
+    try:
+        found = read_urls_file(path)
+    except (OSError, ValueError) as exc:
+        return environ, f"cannot read {path} ({exc}); using the default server URLs"
+    taken = {name: found[name] for name in missing if found.get(name)}
+    if not taken:
+        return environ, ""
+    note = f"server URLs of `fanout up` from {path.resolve()}: " + ", ".join(
+        f"{name}={value}" for name, value in taken.items()
+    )
+    pid = found.get(UP_PID_VARIABLE, "")
+    if pid.isdigit() and not _alive(int(pid)):
+        note += f" (its `fanout up`, pid {pid}, is no longer running)"
+    return {**environ, **taken}, note
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _announce(note: str, log_format: str) -> None:
+    """One line on stderr, in the log format, before the command configures its logging."""
+    from shared import logs
+
+    record = logging.LogRecord(log.name, logging.INFO, __file__, 0, note, None, None)
+    fmt = ("text" if sys.stderr.isatty() else "json") if log_format == "auto" else log_format
+    formatter = logs.JsonFormatter("fanout") if fmt == "json" else logs.TextFormatter("fanout")
+    print(formatter.format(record), file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every process needs: where the servers are, how keys are named, how to log."""
@@ -80,7 +196,9 @@ class Settings:
     )
     redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis server URL")
     database_url: str = setting(
-        "DATABASE_URL", "postgresql://127.0.0.1:5432/test", "PostgreSQL URL of the catalogue"
+        "DATABASE_URL",
+        "postgresql://127.0.0.1:5432/fanout",
+        "PostgreSQL URL of the catalogue (the database is created if missing)",
     )
     key_prefix: str = setting("FANOUT_KEY_PREFIX", "fanout", "prefix of every Redis key")
     subject_prefix: str = setting(
@@ -94,6 +212,9 @@ class Settings:
         "FANOUT_LOG_FORMAT", "auto", "log format: json, text, or auto (text on a terminal)"
     )
     log_level: str = setting("FANOUT_LOG_LEVEL", "INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+
+    # Whether from_args() fills unset server URLs from `fanout up`'s urls.env (`up` writes it).
+    reads_up_urls: ClassVar[bool] = True
 
     def subject(self, feed: str) -> str:
         return f"{self.subject_prefix}{feed}"
@@ -136,19 +257,28 @@ class Settings:
                 dest=f.name,
                 default=None,
                 metavar=f.metadata["env"],
-                help=f"{f.metadata['help']} (default: {default!r})",
+                help=f"{f.metadata['help']} (default: {_show(f.metadata, default)})",
             )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Self:
-        """Settings from parsed flags (those given) over the environment."""
+        """Settings from parsed flags (those given) over the environment. A command's own
+        environment (`environ` None) lacking a server URL takes it from `fanout up`'s
+        urls.env, if there is one, and says so on stderr."""
         hints = get_type_hints(cls)
         overrides = {
             f.name: _parse(f.metadata, hints[f.name], getattr(args, f.name), "--" + f.name.replace("_", "-"))
             for f in fields(cls)
             if getattr(args, f.name, None) is not None
         }
-        return cls.from_env(environ, **overrides)
+        note = ""
+        if environ is None and cls.reads_up_urls:
+            flagged = frozenset(f.metadata["env"] for f in fields(cls) if f.name in overrides)
+            environ, note = with_up_urls(os.environ, flagged)
+        settings = cls.from_env(environ, **overrides)
+        if note:
+            _announce(note, settings.log_format)
+        return settings
 
 
 def _parse(meta: Mapping[str, Any], kind: Any, raw: str, name: str) -> Any:

@@ -1,0 +1,114 @@
+"""shared/settings.py: defaults shown the way they are written, and the server URLs that
+`fanout up` leaves in its urls.env for the other commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.settings import (
+    Settings,
+    format_duration,
+    parse_duration,
+    read_urls_file,
+    urls_file,
+    with_up_urls,
+    write_urls_file,
+)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(86400, "24h"), (90000, "25h"), (60, "1m"), (90, "90s"), (30, "30s"), (0.5, "500ms"), (2.5, "2.5s")],
+)
+def test_format_duration_writes_what_parse_duration_reads(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_help_shows_defaults_as_they_are_written() -> None:
+    from services.ingestor.settings import IngestorSettings
+
+    parser = argparse.ArgumentParser()
+    IngestorSettings.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "(default: 24h)" in text  # FANOUT_JS_MAX_AGE, not 86400.0
+    assert "(default: 127.0.0.1:9101)" in text  # FANOUT_INGEST_HTTP, not a tuple
+    assert "(default: postgresql://127.0.0.1:5432/fanout)" in text
+
+
+def test_the_default_database_is_fanout() -> None:
+    assert Settings.from_env({}).database_url.endswith("/fanout")
+
+
+URLS = {
+    "NATS_URL": "nats://127.0.0.1:41001",
+    "REDIS_URL": "redis://127.0.0.1:41002/0",
+    "DATABASE_URL": "postgresql://me@127.0.0.1:41003/fanout",
+}
+
+
+def test_urls_file_round_trip_and_location(tmp_path: Path) -> None:
+    assert urls_file({}) == Path(".fanout/urls.env")
+    path = urls_file({"FANOUT_DATA_DIR": str(tmp_path / "data")})
+    assert path == tmp_path / "data" / "urls.env"
+    write_urls_file(path, URLS, pid=os.getpid())
+    assert read_urls_file(path) == {**URLS, "FANOUT_UP_PID": str(os.getpid())}
+
+
+def test_unset_urls_come_from_the_file_and_say_so(tmp_path: Path) -> None:
+    env = {"FANOUT_DATA_DIR": str(tmp_path)}
+    write_urls_file(urls_file(env), URLS, pid=os.getpid())
+    merged, note = with_up_urls(env)
+    assert {k: merged[k] for k in URLS} == URLS
+    assert str(tmp_path / "urls.env") in note and "REDIS_URL=redis://127.0.0.1:41002/0" in note
+    assert "no longer running" not in note
+
+
+def test_the_environment_and_flags_win_over_the_file(tmp_path: Path) -> None:
+    env = {"FANOUT_DATA_DIR": str(tmp_path), "NATS_URL": "nats://elsewhere:4222"}
+    write_urls_file(urls_file(env), URLS, pid=os.getpid())
+    merged, note = with_up_urls(env, skip=frozenset({"DATABASE_URL"}))
+    assert merged["NATS_URL"] == "nats://elsewhere:4222"
+    assert "DATABASE_URL" not in merged
+    assert merged["REDIS_URL"] == URLS["REDIS_URL"]
+    assert "NATS_URL" not in note and "DATABASE_URL" not in note
+
+
+def test_no_file_or_nothing_missing_changes_nothing(tmp_path: Path) -> None:
+    env = {"FANOUT_DATA_DIR": str(tmp_path)}
+    assert with_up_urls(env) == (env, "")
+    write_urls_file(urls_file(env), URLS, pid=os.getpid())
+    full = {**env, **{k: "x://y" for k in URLS}}
+    assert with_up_urls(full) == (full, "")
+
+
+def test_a_file_left_by_a_stopped_up_says_so(tmp_path: Path) -> None:
+    env = {"FANOUT_DATA_DIR": str(tmp_path)}
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    write_urls_file(urls_file(env), URLS, pid=dead)
+    _, note = with_up_urls(env)
+    assert f"pid {dead}, is no longer running" in note
+
+
+def test_from_args_reads_the_file_only_for_the_commands_own_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in URLS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FANOUT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FANOUT_LOG_FORMAT", "text")
+    write_urls_file(urls_file(os.environ), URLS, pid=os.getpid())
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    args = parser.parse_args(["--redis-url", "redis://flag:1/0"])
+    settings = Settings.from_args(args)
+    assert (settings.nats_url, settings.redis_url, settings.database_url) == (
+        URLS["NATS_URL"], "redis://flag:1/0", URLS["DATABASE_URL"],
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "server URLs of `fanout up` from" in err and "REDIS_URL" not in err
+    assert Settings.from_args(args, {}).nats_url == "nats://127.0.0.1:4222"  # an explicit environ: no file
