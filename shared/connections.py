@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -42,3 +43,30 @@ def redis_client(url: str, *, decode_responses: bool = False, retry: Retry | Non
         health_check_interval=15,
         **options,
     )
+
+
+async def create_database_if_missing(url: str, *, connect_timeout: float = 10.0) -> bool:
+    """Create the database that the PostgreSQL `url` names if the server lacks it, through
+    the server's maintenance database `postgres`; True if it was created here. Whoever needs
+    the catalogue first (the archiver, `fanout up`, the test session) calls it, so a fresh
+    server works with the default URL. Connection errors propagate."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(url, timeout=connect_timeout)
+    except asyncpg.InvalidCatalogNameError:
+        pass  # the database does not exist: create it below
+    else:
+        await conn.close()
+        return False
+    name = unquote(urlsplit(url).path.lstrip("/"))
+    if not name:
+        return False  # no database named: the server's default (the user's name) is used
+    admin = await asyncpg.connect(url, database="postgres", timeout=connect_timeout)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
+    except asyncpg.DuplicateDatabaseError:
+        return False  # another process created it meanwhile
+    finally:
+        await admin.close()
+    return True
