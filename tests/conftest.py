@@ -17,6 +17,8 @@ import pytest
 from shared.connections import redis_client
 from shared.settings import Settings
 
+pytest_plugins = ["tests.servers"]  # the servers: found, else started privately
+
 
 @pytest.fixture
 def test_id() -> str:
