@@ -1,6 +1,6 @@
-"""Redis stream -> catalogue: consumer-group readers per stream.
+"""Redis stream -> catalogue: consumer-group readers per feed stream.
 
-Per stream (each feed, and the ingestor's dead-letter stream) the loop is:
+Per feed stream the loop is:
 
 1. at start, drain this consumer's own pending entries (XREADGROUP from id 0);
 2. every `claim_idle / 2`, XAUTOCLAIM entries pending longer than `claim_idle` (left
@@ -12,7 +12,15 @@ step 3 side by side, so one batch is read and converted while another is stored.
 each batch: convert the entries to rows, store them in ONE transaction, commit, and
 only THEN XACK. A crash anywhere before the XACK leaves the entries pending, so they
 are delivered again; the insert skips rows already there (ON CONFLICT on the message
-id), so a redelivery never makes a second row.
+id or the position (epoch, seq)), so a redelivery never makes a second row. An entry
+the ingestor marked malformed (`error` field) becomes a `dead_letter` row in the same
+transaction as the batch's feed rows.
+
+The stream (and so the group) can vanish: Redis restarted empty, a failover, eviction,
+or the ingestor replacing it for a new epoch. A read then fails with NOGROUP (or
+UNBLOCKED for a blocked read); the reader creates the group again from id 0 (MKSTREAM)
+and carries on: entries the ingestor appends again under the same ids are stored once
+(the rows are there: duplicates), the others are new rows.
 
 An entry that cannot be converted or stored (a poison entry, isolated by retrying the
 batch row by row) stays pending and is retried via XAUTOCLAIM; once it has been
@@ -34,17 +42,20 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from services.archiver import metrics
-from services.archiver.rows import BadEntry, Row, feed_row, ingestor_dead_letter_row, poison_row
+from services.archiver.rows import BadEntry, DeadLetterRow, Row, feed_row, malformed_row, poison_row
 from services.archiver.settings import ArchiverSettings
 from services.archiver.store import STORE_ERRORS, TRANSIENT_ERRORS, Store, is_data_error
-from shared.feeds import DEAD_LETTER, FEEDS
+from shared import codec
+from shared.feeds import FEEDS
 from shared.keys import Keys
 from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-_MISSING_EPOCH = "unknown"
+# Replies meaning the stream or its group is gone: a blocked XREADGROUP whose key was
+# deleted gets UNBLOCKED, any later command NOGROUP.
+_GROUP_GONE = ("NOGROUP", "UNBLOCKED")
 
 
 @dataclass(slots=True)
@@ -55,10 +66,12 @@ class Entry:
 
 @dataclass(slots=True)
 class Counts:
-    rows: int = 0
-    duplicates: int = 0
-    dead_letters: int = 0
+    rows: int = 0  # new rows in the feed's table
+    malformed: int = 0  # new dead_letter rows for the ingestor's malformed entries
+    duplicates: int = 0  # entries already stored (redeliveries)
+    dead_letters: int = 0  # poison entries the archiver gave up on
     batches: int = 0
+    groups_created: int = 0  # consumer group (re)created by this reader
 
 
 def _text(value: bytes | str) -> str:
@@ -141,7 +154,7 @@ class StreamArchiver:
     """Archives one stream through the consumer group. Subclasses say how an entry
     becomes a row and where rows go."""
 
-    name: str  # the feed, or DEAD_LETTER
+    name: str  # the feed
 
     def __init__(
         self, name: str, settings: ArchiverSettings, redis: Redis, store: Store, *, primary: bool = True
@@ -163,6 +176,7 @@ class StreamArchiver:
         self._next_claim = 0.0 if primary else float("inf")
         self._group_ready = False
         self._rows = metrics.ROWS.labels(name)
+        self._malformed = metrics.MALFORMED.labels(name)
         self._duplicates = metrics.DUPLICATES.labels(name)
 
     # -- the loop ---------------------------------------------------------------------
@@ -189,10 +203,15 @@ class StreamArchiver:
             except redis_errors.ResponseError as exc:
                 if self.primary:
                     self._own_cursor = "0"
-                if "NOGROUP" in str(exc):
-                    # The stream or the group vanished (e.g. a Redis restarted without persistence).
-                    log.warning("consumer group missing, creating it again", extra={"feed": self.name})
+                if str(exc).startswith(_GROUP_GONE):
+                    # The stream or the group vanished (Redis restarted empty, a failover,
+                    # eviction, a new epoch): create it again, from the stream's start.
+                    log.warning(
+                        "consumer group missing, creating it again",
+                        extra={"feed": self.name, "error": str(exc)},
+                    )
                     self._group_ready = False
+                    self._claim_cursor = "0-0"
                     continue
                 # OOM, READONLY (a failover), MISCONF...: the server refuses for now.
                 metrics.ERRORS.labels("redis").inc()
@@ -213,6 +232,7 @@ class StreamArchiver:
         """Create the group from the stream's first entry (idempotent, MKSTREAM)."""
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            self.counts.groups_created += 1
             log.info("created consumer group", extra={"feed": self.name, "group": self.group})
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -271,7 +291,7 @@ class StreamArchiver:
         rows, stored, failed = await self.convert(entries)
         while True:
             try:
-                inserted, row_failures = await self._store_isolating(rows, stored)
+                inserted, malformed, row_failures = await self._store_isolating(rows, stored)
                 break
             except TRANSIENT_ERRORS as exc:
                 if is_data_error(exc):
@@ -291,7 +311,7 @@ class StreamArchiver:
         await self.after_commit(done)
         if done:
             await self.redis.xack(self.stream, self.group, *done)
-        self._counted(len(done), inserted)
+        self._counted(len(done), inserted, malformed)
         if failed:
             await self.settle_poison(failed, stop)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -300,33 +320,39 @@ class StreamArchiver:
     async def after_commit(self, ids: list[str]) -> None:
         """Called between the commit and the XACK (a seam for crash tests)."""
 
-    def _counted(self, stored: int, inserted: int) -> None:
+    def _counted(self, stored: int, inserted: int, malformed: int) -> None:
         self.counts.rows += inserted
-        self.counts.duplicates += stored - inserted
+        self.counts.malformed += malformed
+        self.counts.duplicates += stored - inserted - malformed
         self._rows.inc(inserted)
-        self._duplicates.inc(stored - inserted)
+        self._malformed.inc(malformed)
+        self._duplicates.inc(stored - inserted - malformed)
 
     async def _store_isolating(
         self, rows: list[Row], entries: list[Entry]
-    ) -> tuple[int, list[tuple[Entry, str]]]:
+    ) -> tuple[int, int, list[tuple[Entry, str]]]:
         """Store all rows at once; if a row's data is refused, store them one by one to
-        find which. Returns (rows inserted, [(entry, error)] refused)."""
+        find which. Returns (feed rows inserted, dead-letter rows inserted, [(entry,
+        error)] refused)."""
         try:
-            return await self.store_rows(rows), []
+            return (*await self.store_rows(rows), [])
         except STORE_ERRORS as exc:
             if not is_data_error(exc):
                 raise
             log.warning("batch refused, storing it row by row", extra={"feed": self.name, "error": str(exc)})
-        inserted = 0
+        inserted = malformed = 0
         failures: list[tuple[Entry, str]] = []
         for row, entry in zip(rows, entries, strict=True):
             try:
-                inserted += await self.store_rows([row])
+                new_rows, new_dead = await self.store_rows([row])
             except STORE_ERRORS as exc:
                 if not is_data_error(exc):
                     raise
                 failures.append((entry, f"{type(exc).__name__}: {exc}"))
-        return inserted, failures
+            else:
+                inserted += new_rows
+                malformed += new_dead
+        return inserted, malformed, failures
 
     async def _reopen_if_schema_missing(self, exc: BaseException) -> None:
         import asyncpg
@@ -411,38 +437,30 @@ class StreamArchiver:
         """How this batch's entries become rows (raising BadEntry for one that cannot)."""
         raise NotImplementedError
 
-    async def store_rows(self, rows: list[Row]) -> int:
+    async def store_rows(self, rows: list[Row]) -> tuple[int, int]:
+        """Store rows; returns how many were new: (feed rows, dead-letter rows)."""
         raise NotImplementedError
 
 
 class FeedArchiver(StreamArchiver):
-    """A feed's stream -> its table."""
+    """A feed's stream -> its table, and its malformed entries -> dead_letter."""
 
     def __init__(
         self, name: str, settings: ArchiverSettings, redis: Redis, store: Store, *, primary: bool = True
     ) -> None:
         super().__init__(name, settings, redis, store, primary=primary)
         self.feed = FEEDS[name]
-        self.meta = self.keys.meta(name)
+        self.subject = settings.subject(name)
 
     async def row_maker(self) -> Callable[[Entry], Row]:
-        epoch = _text(await self.redis.hget(self.meta, "epoch") or _MISSING_EPOCH)
-        return lambda entry: feed_row(self.feed, entry.id, entry.fields, epoch)
+        return self._row
 
-    async def store_rows(self, rows: list[Row]) -> int:
-        return await self.store.insert_feed(self.name, rows)
+    def _row(self, entry: Entry) -> Row:
+        if codec.is_malformed(entry.fields):
+            return malformed_row(self.name, self.subject, entry.id, entry.fields)
+        return feed_row(self.feed, entry.id, entry.fields)
 
-
-class DeadLetterArchiver(StreamArchiver):
-    """The ingestor's dead-letter stream -> the dead_letter table (source 'ingestor')."""
-
-    async def row_maker(self) -> Callable[[Entry], Row]:
-        prefix = self.settings.subject_prefix
-        return lambda entry: ingestor_dead_letter_row(entry.id, entry.fields, prefix)
-
-    async def store_rows(self, rows: list[Row]) -> int:
-        return await self.store.insert_dead_letters(rows)
-
-
-def stream_names() -> list[str]:
-    return [*FEEDS, DEAD_LETTER]
+    async def store_rows(self, rows: list[Row]) -> tuple[int, int]:
+        feed_rows = [r for r in rows if not isinstance(r, DeadLetterRow)]
+        dead = [r for r in rows if isinstance(r, DeadLetterRow)] if len(feed_rows) < len(rows) else []
+        return await self.store.insert_entries(self.name, feed_rows, dead)

@@ -1,8 +1,11 @@
 """Stream entries -> catalogue rows (pure functions, no I/O).
 
-A feed entry becomes one row of its feed's table: the common columns, the message's
-fields as typed columns, and the whole typed message as jsonb (`codec.typed_message`,
-the same dict the SSE gateway sends). An entry that cannot be converted raises
+A feed entry (id `<seq>-0`, contract v2) becomes one row of its feed's table: the common
+columns, the message's fields as typed columns, and the whole typed message as jsonb
+(`codec.typed_message`, the same dict the SSE gateway sends). Its epoch is the prefix
+of its message id (`<epoch>.<seq>`). A malformed entry (the ingestor could not decode
+the payload: fields `error`, `payload_b64`) becomes a `dead_letter` row (source
+`ingestor`) at the same epoch and seq. An entry that cannot be converted raises
 `BadEntry` naming what is wrong.
 """
 
@@ -64,7 +67,15 @@ DEAD_LETTER_COLUMNS: Final = (
     "fields",
     "broker_time",
     "ingest_time",
+    "epoch",
+    "seq",
 )
+
+
+class DeadLetterRow(tuple[Any, ...]):
+    """A row of `dead_letter` (in `DEAD_LETTER_COLUMNS` order) among a feed's rows."""
+
+    __slots__ = ()
 
 
 class BadEntry(ValueError):
@@ -74,6 +85,14 @@ class BadEntry(ValueError):
 def split_id(stream_id: str) -> tuple[int, int]:
     ms, _, n = stream_id.partition("-")
     return int(ms), int(n)
+
+
+def epoch_of(message_id: str) -> str:
+    """The epoch of a message id `<epoch>.<seq>`: everything before the last dot."""
+    epoch, dot, _ = message_id.rpartition(".")
+    if not dot or not epoch:
+        raise BadEntry(f"message_id {message_id!r} is not <epoch>.<seq>")
+    return epoch
 
 
 def _time(entry: Mapping[str, str], name: str) -> datetime:
@@ -104,8 +123,9 @@ _KINDS: Final = {name: _kinds(feed) for name, feed in FEEDS.items()}
 _INT64: Final = range(-(2**63), 2**63)
 
 
-def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str], epoch: str) -> Row:
-    """One row of `feed`'s table, in `columns(feed.name)` order."""
+def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str]) -> Row:
+    """One row of `feed`'s table, in `columns(feed.name)` order. `entry_ms`/`entry_n` are
+    the two halves of the stream id (`<seq>`, 0 in contract v2)."""
     try:
         message = codec.typed_message(feed, entry)
     except KeyError as exc:
@@ -124,6 +144,7 @@ def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str], epoch: str) -
             raise BadEntry(f"field {name} does not fit in 64 bits: {message[name]}")
     if not message["message_id"]:
         raise BadEntry("empty message_id")
+    epoch = epoch_of(message["message_id"])
     ms, _, n = stream_id.partition("-")
     return (
         message["message_id"],
@@ -163,42 +184,51 @@ def _json(feed: Feed, message: Mapping[str, Any]) -> str:
     return "{" + ",".join([key + write(message[name]) for name, key, write in _JSON_PLANS[feed.name]]) + "}"
 
 
-def _feed_of_subject(subject: str, subject_prefix: str) -> str | None:
-    if subject.startswith(subject_prefix) and subject[len(subject_prefix) :] in FEEDS:
-        return subject[len(subject_prefix) :]
-    return None
-
-
-def ingestor_dead_letter_row(stream_id: str, entry: Mapping[str, str], subject_prefix: str) -> Row:
-    """A row of `dead_letter` from an entry of the ingestor's dead-letter stream."""
+def malformed_row(feed: str, subject: str, stream_id: str, entry: Mapping[str, str]) -> DeadLetterRow:
+    """A row of `dead_letter` (source `ingestor`) from a feed entry the ingestor made for
+    a payload it could not decode (`codec.malformed_fields`): at its epoch and seq."""
     try:
-        message_id, subject, error = entry["message_id"], entry["subject"], entry["error"]
-        broker_seq = int(entry["broker_seq"])
+        message_id, error = entry["message_id"], entry["error"]
+        seq = int(entry["seq"])
         payload = base64.b64decode(entry["payload_b64"], validate=True)
     except KeyError as exc:
         raise BadEntry(f"missing field {exc.args[0]}") from None
     except (ValueError, binascii.Error) as exc:
         raise BadEntry(f"bad field value: {exc}") from None
-    if "\x00" in message_id + subject + error:
+    if "\x00" in message_id + error:
         raise BadEntry("a text field contains a NUL character")
-    return (
-        "ingestor",
-        _feed_of_subject(subject, subject_prefix),
-        message_id,
-        subject,
-        broker_seq,
-        stream_id,
-        error,
-        payload,
-        None,
-        _time(entry, "broker_time"),
-        _time(entry, "ingest_time"),
+    if seq not in _INT64:
+        raise BadEntry(f"field seq does not fit in 64 bits: {seq}")
+    return DeadLetterRow(
+        (
+            "ingestor",
+            feed,
+            message_id,
+            subject,
+            seq,
+            stream_id,
+            error,
+            payload,
+            None,
+            _time(entry, "broker_time"),
+            _time(entry, "ingest_time"),
+            epoch_of(message_id),
+            seq,
+        )
     )
+
+
+def _seq_of_id(stream_id: str) -> int | None:
+    ms, dash, n = stream_id.partition("-")
+    if dash and ms.isdigit() and n == "0" and int(ms) in _INT64:
+        return int(ms)
+    return None
 
 
 def poison_row(feed: str, stream_id: str, entry: Mapping[str, str], error: str) -> Row:
     """A row of `dead_letter` for an entry the archiver could not store: the error and
-    the raw fields, as they were, so nothing is lost."""
+    the raw fields, as they were, so nothing is lost; at its epoch (from the message id,
+    if it has one) and seq (its position: the stream id `<seq>-0`, else its seq field)."""
 
     def clean(text: str) -> str:  # Postgres text and jsonb refuse NUL
         return text.replace("\x00", "\\u0000")
@@ -217,6 +247,8 @@ def poison_row(feed: str, stream_id: str, entry: Mapping[str, str], error: str) 
         return value if -(2**63) <= value < 2**63 else None
 
     message_id = entry.get("message_id") or None
+    epoch, dot, _ = (message_id or "").rpartition(".")
+    seq = _seq_of_id(stream_id)
     return (
         "archiver",
         feed,
@@ -229,4 +261,6 @@ def poison_row(feed: str, stream_id: str, entry: Mapping[str, str], error: str) 
         json.dumps({clean(k): clean(v) for k, v in entry.items()}, ensure_ascii=False),
         maybe_time("broker_time"),
         maybe_time("ingest_time"),
+        clean(epoch) if dot and epoch else None,
+        seq if seq is not None else maybe_int("seq"),
     )

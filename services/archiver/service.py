@@ -1,5 +1,6 @@
-"""The archiver process: connect, migrate, then one reader per stream and the trimmer,
-until the stop event is set."""
+"""The archiver process: connect, migrate, then `workers` readers per feed stream and the
+trimmer, until the stop event is set. (The ingestor's separate dead-letter stream of
+contract v1 is retired: malformed payloads are entries of their feed's stream.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from redis.asyncio import Redis
 from services.archiver.consumer import (
     REDIS_ERRORS,
     Counts,
-    DeadLetterArchiver,
     FeedArchiver,
     StreamArchiver,
     raise_if_cancelled,
@@ -22,7 +22,7 @@ from services.archiver.settings import ArchiverSettings
 from services.archiver.store import TRANSIENT_ERRORS, Store
 from services.archiver.trim import Trimmer
 from shared.connections import redis_client
-from shared.feeds import DEAD_LETTER, FEED_NAMES
+from shared.feeds import FEED_NAMES
 from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ class Archiver:
     feed stream is archived (the crash tests do)."""
 
     feed_class: type[StreamArchiver] = FeedArchiver
-    dead_letter_class: type[StreamArchiver] = DeadLetterArchiver
 
     def __init__(self, settings: ArchiverSettings, *, store: Store | None = None) -> None:
         self.settings = settings
@@ -51,8 +50,7 @@ class Archiver:
             for name in FEED_NAMES
             for worker in range(settings.workers)
         ]
-        self.readers.append(self.dead_letter_class(DEAD_LETTER, settings, self.redis, self.store))
-        self.trimmer = Trimmer(settings, self.redis, [*FEED_NAMES, DEAD_LETTER])
+        self.trimmer = Trimmer(settings, self.redis, list(FEED_NAMES))
         self.ready = asyncio.Event()  # set once connected and migrated
 
     def counts(self, name: str) -> Counts:

@@ -37,12 +37,14 @@ class ArchiverSettings(Settings):
     )
     retention: float = setting(
         "FANOUT_RETENTION",
-        86400.0,
-        "keep archived stream entries this long before trimming them",
+        900.0,
+        "the hot window: keep archived stream entries this long (by broker_time) before trimming them",
         parse_duration,
     )
     maxlen: int = setting(
-        "FANOUT_STREAM_MAXLEN", 0, "also trim archived entries beyond this stream length (0: no length limit)"
+        "FANOUT_STREAM_MAXLEN",
+        1_000_000,
+        "also trim archived entries beyond this stream length (0: no length limit)",
     )
     trim_interval: float = setting(
         "FANOUT_ARCHIVE_TRIM_INTERVAL",

@@ -4,8 +4,15 @@ Tables (in the schema `Settings.db_schema`): `execution` and `sport_event` (one 
 per message, keyed by message id), `dead_letter` (what could not be decoded or stored)
 and `schema_migrations`. See `MIGRATIONS` for the columns and indexes.
 
-Every insert is idempotent: a redelivered entry conflicts on its message id and is
-skipped, so storing a batch twice leaves one row per message.
+Every insert is idempotent: a redelivered entry conflicts on its message id (or on its
+position, (epoch, seq)) and is skipped, so storing a batch twice leaves one row per
+message.
+
+Contract v2 (migration 2): a feed row's position is its JetStream (epoch, seq), unique
+together; `entry_ms`/`entry_n` (the stream id `<seq>-0` split) are kept as plain
+columns, no longer unique (a new epoch restarts the seqs). `dead_letter` rows carry the
+`epoch` and `seq` of the entry they stand for, so every seq of an epoch is in exactly
+one of the feed's table or `dead_letter` (`shared/catalogue.py` reads it that way).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Final
 import asyncpg
 
 from services.archiver.rows import DEAD_LETTER_COLUMNS, Row, columns
+from shared.catalogue import quote_ident
 from shared.feeds import FEED_NAMES
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,23 @@ CREATE INDEX dead_letter_stream_idx ON {s}.dead_letter (feed, stream_id);
 CREATE INDEX dead_letter_archived_at_idx ON {s}.dead_letter (archived_at);
 """,
     ),
+    (
+        2,
+        # Contract v2: positions come from JetStream. Fails (and the archiver keeps
+        # retrying, logging the error) if old rows hold the same (epoch, seq) twice.
+        "".join(
+            f"""
+DROP INDEX {{s}}.{name}_entry_idx;
+DROP INDEX {{s}}.{name}_epoch_seq_idx;
+CREATE UNIQUE INDEX {name}_epoch_seq_key ON {{s}}.{name} (epoch, seq);
+"""
+            for name in ("execution", "sport_event")
+        )
+        + """
+ALTER TABLE {s}.dead_letter ADD COLUMN epoch text NULL, ADD COLUMN seq bigint NULL;
+CREATE INDEX dead_letter_position_idx ON {s}.dead_letter (feed, epoch, seq);
+""",
+    ),
 ]
 
 # How the archiver's connections show in pg_stat_activity.
@@ -127,10 +152,6 @@ def leaves_connection_clean(exc: BaseException) -> bool:
     server's error and the `transaction()` block). Anything else (client-side errors, a
     lost or half-read connection, a timeout, a cancellation) leaves it in an unknown state."""
     return isinstance(exc, asyncpg.PostgresError) and is_data_error(exc)
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _lock_key(schema: str) -> int:
@@ -252,49 +273,93 @@ class Store:
             source = f"SELECT * FROM unnest({arrays})"
         else:
             source = "VALUES (" + ", ".join(f"${i}" for i in range(1, len(cols) + 1)) + ")"
-        return f"INSERT INTO {self._s}.{feed} ({names}) {source} ON CONFLICT (message_id) DO NOTHING"
+        # No conflict target: a row already there by message id (a redelivery) or by
+        # position (epoch, seq) is skipped alike; the second is logged (_seq_conflicts).
+        return f"INSERT INTO {self._s}.{feed} ({names}) {source} ON CONFLICT DO NOTHING"
 
     async def insert_feed(self, feed: str, rows: Sequence[Row]) -> int:
-        """Insert rows of `feed` in one transaction; returns how many were new (the
-        others were already there). Raises a DATA_ERRORS error if a row is bad.
+        """Insert rows of `feed` in one transaction; returns how many were new."""
+        return (await self.insert_entries(feed, rows, ()))[0]
+
+    async def insert_entries(
+        self, feed: str, rows: Sequence[Row], dead_letters: Sequence[Row]
+    ) -> tuple[int, int]:
+        """Insert rows of `feed` and dead-letter rows (the feed's malformed entries) in
+        one transaction; returns how many of each were new (the others were already
+        there). Raises a DATA_ERRORS error if a row is bad.
 
         `copy` (the default): COPY straight into the table, the fast path when nothing
-        is there yet; if a message is already there (a redelivery), the transaction is
+        is there yet; if a row is already there (a redelivery), the transaction is
         rolled back and the batch goes the `staged` way: COPY into a temporary table,
-        then INSERT ... SELECT ... ON CONFLICT (message_id) DO NOTHING.
+        then INSERT ... SELECT ... ON CONFLICT DO NOTHING.
         """
-        if not rows:
-            return 0
-        if self.method == "copy":
+        if not rows and not dead_letters:
+            return 0, 0
+        if self.method == "copy" and rows:
             try:
                 async with self.connection() as conn, conn.transaction():
                     await conn.copy_records_to_table(
                         feed, records=rows, columns=columns(feed), schema_name=self.schema
                     )
-                return len(rows)
+                    dead = await self._insert_dead_letters(conn, dead_letters)
+                return len(rows), dead
             except asyncpg.UniqueViolationError:
                 pass  # some are there already: skip those
-        sql = self._insert_sql[feed]
         async with self.connection() as conn, conn.transaction():
-            if self.method in {"copy", "staged"}:
-                await conn.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS _archive_{feed} "
-                    f"(LIKE {self._s}.{feed} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-                )
-                await conn.copy_records_to_table(
-                    f"_archive_{feed}", records=rows, columns=columns(feed), schema_name="pg_temp"
-                )
-                return _count(await conn.execute(sql))
-            if self.method == "unnest":
-                return _count(await conn.execute(sql, *zip(*rows, strict=True)))
-            # executemany reports no row counts: skipped duplicates are counted as
-            # inserted. For comparison in bench/archive.py only.
-            await conn.executemany(sql, rows)
-            return len(rows)
+            inserted = await self._insert_feed_rows(conn, feed, rows) if rows else 0
+            return inserted, await self._insert_dead_letters(conn, dead_letters)
+
+    async def _insert_feed_rows(self, conn: asyncpg.Connection, feed: str, rows: Sequence[Row]) -> int:
+        sql = self._insert_sql[feed]
+        if self.method in {"copy", "staged"}:
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS _archive_{feed} "
+                f"(LIKE {self._s}.{feed} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            await conn.copy_records_to_table(
+                f"_archive_{feed}", records=rows, columns=columns(feed), schema_name="pg_temp"
+            )
+            inserted = _count(await conn.execute(sql))
+            if inserted < len(rows):
+                await self._seq_conflicts(conn, feed)
+            return inserted
+        if self.method == "unnest":
+            return _count(await conn.execute(sql, *zip(*rows, strict=True)))
+        # executemany reports no row counts: skipped duplicates are counted as
+        # inserted. For comparison in bench/archive.py only.
+        await conn.executemany(sql, rows)
+        return len(rows)
+
+    async def _seq_conflicts(self, conn: asyncpg.Connection, feed: str) -> None:
+        """Log the staged rows skipped because another message holds their (epoch, seq):
+        not a redelivery (that one has the same message id) but two messages claiming one
+        position, which contract v2 rules out (message id = `<epoch>.<seq>`)."""
+        clash = await conn.fetch(
+            f"SELECT t.message_id, t.epoch, t.seq, f.message_id AS held_by FROM pg_temp._archive_{feed} t"
+            f" JOIN {self._s}.{feed} f ON f.epoch = t.epoch AND f.seq = t.seq"
+            " WHERE f.message_id <> t.message_id LIMIT 20"
+        )
+        if clash:
+            log.error(
+                "rows skipped: their (epoch, seq) is held by another message",
+                extra={
+                    "feed": feed,
+                    "rows": [
+                        f"{r['message_id']} at {r['epoch']}/{r['seq']} (held by {r['held_by']})"
+                        for r in clash
+                    ],
+                },
+            )
 
     async def insert_dead_letters(self, rows: Sequence[Row]) -> int:
         """Insert dead-letter rows in one transaction; a row already there (same source
-        and message id, or same source, feed and stream entry) is skipped."""
+        and message id, or same source, feed, epoch and stream entry) is skipped."""
+        if not rows:
+            return 0
+        async with self.connection() as conn, conn.transaction():
+            return await self._insert_dead_letters(conn, rows)
+
+    async def _insert_dead_letters(self, conn: asyncpg.Connection, rows: Sequence[Row]) -> int:
         if not rows:
             return 0
         names = ", ".join(DEAD_LETTER_COLUMNS)
@@ -302,13 +367,13 @@ class Store:
         sql = (
             f"INSERT INTO {self._s}.dead_letter ({names}) SELECT {params} "
             f"WHERE NOT EXISTS (SELECT 1 FROM {self._s}.dead_letter "
-            "WHERE source = $1 AND feed IS NOT DISTINCT FROM $2 AND stream_id = $6) "
+            "WHERE source = $1 AND feed IS NOT DISTINCT FROM $2 AND stream_id = $6"
+            " AND epoch IS NOT DISTINCT FROM $12) "
             "ON CONFLICT (source, message_id) DO NOTHING"
         )
         inserted = 0
-        async with self.connection() as conn, conn.transaction():
-            for row in rows:
-                inserted += _count(await conn.execute(sql, *row))
+        for row in rows:
+            inserted += _count(await conn.execute(sql, *row))
         return inserted
 
     async def count(self, table: str) -> int:
@@ -328,6 +393,8 @@ _DEAD_LETTER_TYPES: Final = (
     "jsonb",
     "timestamptz",
     "timestamptz",
+    "text",
+    "bigint",
 )
 _COMMON_TYPES: Final = ("text", "text", "bigint", "text", "bigint", "bigint", "timestamptz", "timestamptz")
 _TYPED: Final[dict[str, tuple[str, ...]]] = {

@@ -167,8 +167,8 @@ def _rows(start: int, count: int) -> list[tuple[object, ...]]:
     rows = []
     for i in range(start, start + count):
         entry = codec.entry_fields(message_id(i), execution_fields(i), *times(i))
-        fields = dict(zip(entry[::2], entry[1::2], strict=True)) | {"seq": str(i + 1)}
-        rows.append(feed_row(EXECUTION, f"{1_795_000_000_000 + i}-0", fields, "ep1"))
+        fields = dict(zip(entry[::2], entry[1::2], strict=True)) | {"seq": str(i)}
+        rows.append(feed_row(EXECUTION, f"{i}-0", fields))
     return rows
 
 
@@ -176,15 +176,15 @@ async def test_a_connection_that_read_a_fatal_is_discarded_and_the_error_is_tran
     base_settings: Settings, proxy: PgProxy, pg: asyncpg.Connection
 ) -> None:
     async with opened(Store(proxy.url, base_settings.db_schema, pool_size=1)) as store:
-        assert await store.insert_feed("execution", _rows(0, 10)) == 10
+        assert await store.insert_feed("execution", _rows(1, 10)) == 10
         assert proxy.say_fatal() == 1  # the pool's one connection, idle
         with pytest.raises(TRANSIENT_ERRORS) as caught:  # not a crash: back off and retry
-            await store.insert_feed("execution", _rows(10, 10))
+            await store.insert_feed("execution", _rows(11, 10))
         assert not is_data_error(caught.value)
         # The broken connection was not given back: the retry gets a fresh one.
-        assert await store.insert_feed("execution", _rows(10, 10)) == 10
+        assert await store.insert_feed("execution", _rows(11, 10)) == 10
         assert await store.ping()
-    await assert_exactly_once(pg, base_settings.db_schema, "execution", {message_id(i) for i in range(20)})
+    await assert_exactly_once(pg, base_settings.db_schema, "execution", {message_id(i) for i in range(1, 21)})
 
 
 @pytest.mark.parametrize("method", ["copy", "staged"])
@@ -195,10 +195,10 @@ async def test_a_fatal_read_right_after_the_commit_does_not_fail_the_stored_batc
         proxy.fatal_after_commit = True
         # Committed, then the pool cannot reset the connection on release: the batch is
         # stored all the same, and the connection is discarded, not reused.
-        assert await store.insert_feed("execution", _rows(0, 10)) == 10
+        assert await store.insert_feed("execution", _rows(1, 10)) == 10
         assert proxy.injected == 1
-        assert await store.insert_feed("execution", _rows(10, 10)) == 10
-    await assert_exactly_once(pg, base_settings.db_schema, "execution", {message_id(i) for i in range(20)})
+        assert await store.insert_feed("execution", _rows(11, 10)) == 10
+    await assert_exactly_once(pg, base_settings.db_schema, "execution", {message_id(i) for i in range(1, 21)})
 
 
 async def test_archiver_survives_fatals_on_its_idle_connections_and_stores_each_message_once(
@@ -211,7 +211,7 @@ async def test_archiver_survives_fatals_on_its_idle_connections_and_stores_each_
     expected_sport: set[str] = set()
     async with running(archiver):
         for round_ in range(3):
-            start = round_ * 100
+            start = round_ * 50 + 1
             await append_feed(redis, settings, EXECUTION, start, 50)
             await append_feed(redis, settings, SPORT_EVENT, 10_000 + start, 50)
             expected_exec |= {message_id(i) for i in range(start, start + 50)}
@@ -237,7 +237,7 @@ async def test_archiver_backends_terminated_while_storing_lose_and_repeat_nothin
     n = 3000
     terminated = 0
     async with running(Archiver(settings)):
-        await append_feed(redis, settings, EXECUTION, 0, n)
+        await append_feed(redis, settings, EXECUTION, 1, n)
         stored = 0
         for _ in range(10):  # after each new commit, terminate every backend of the archiver
             await rows_reach(pg, schema, "execution", min(stored + 1, n))  # fails if the archiver died
@@ -253,4 +253,4 @@ async def test_archiver_backends_terminated_while_storing_lose_and_repeat_nothin
             )
         await rows_reach(pg, schema, "execution", n, within=120)
     assert terminated >= 1, terminated
-    await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(n)})
+    await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(1, n + 1)})

@@ -90,7 +90,7 @@ async def _ops_url(proc: asyncio.subprocess.Process, log: list[bytes]) -> str:
 async def test_sigterm_finishes_and_exits_zero(
     base_settings: Settings, redis: Redis, pg: asyncpg.Connection, spawn: object
 ) -> None:
-    await append_feed(redis, base_settings, SPORT_EVENT, 0, 300)
+    await append_feed(redis, base_settings, SPORT_EVENT, 1, 300)
     proc = await spawn(_env(base_settings, FANOUT_ARCHIVE_BATCH="100"))  # type: ignore[operator]
     log: list[bytes] = []
     url = await _ops_url(proc, log)
@@ -116,7 +116,7 @@ async def test_sigkill_mid_run_then_restart_stores_each_message_once(
     base_settings: Settings, redis: Redis, pg: asyncpg.Connection, spawn: object
 ) -> None:
     total = 10_000
-    await append_feed(redis, base_settings, EXECUTION, 0, total)
+    await append_feed(redis, base_settings, EXECUTION, 1, total)
     env = _env(base_settings, FANOUT_ARCHIVE_BATCH="500", FANOUT_ARCHIVE_CONSUMER="fixed-name")
     first = await spawn(env)  # type: ignore[operator]
     await rows_reach(pg, base_settings.db_schema, "execution", 1000)
@@ -135,7 +135,9 @@ async def test_sigkill_mid_run_then_restart_stores_each_message_once(
     second.send_signal(signal.SIGTERM)
     await asyncio.wait_for(second.wait(), 30)
     assert second.returncode == 0
-    await assert_exactly_once(pg, base_settings.db_schema, "execution", {message_id(i) for i in range(total)})
+    await assert_exactly_once(
+        pg, base_settings.db_schema, "execution", {message_id(i) for i in range(1, total + 1)}
+    )
     keys = [k async for k in redis.scan_iter(match=f"{base_settings.key_prefix}:*", count=10_000)]
     await redis.unlink(*keys)  # in bulk: the fixture deletes one key at a time
 
@@ -162,12 +164,12 @@ async def test_postgres_restarted_mid_run_loses_nothing(
     schema = settings.db_schema
     archiver = Archiver(settings)
     async with running(archiver):
-        await append_feed(redis, settings, EXECUTION, 0, 1000)
+        await append_feed(redis, settings, EXECUTION, 1, 1000)
         await rows_reach(pg, schema, "execution", 1000)
         await pg.close()
 
         private_postgres.kill()  # SIGKILL: a crash, in-flight transactions lost
-        await append_feed(redis, settings, EXECUTION, 1000, 1000)  # arrives while Postgres is down
+        await append_feed(redis, settings, EXECUTION, 1001, 1000)  # arrives while Postgres is down
 
         async def retrying() -> bool:
             return (
@@ -176,7 +178,7 @@ async def test_postgres_restarted_mid_run_loses_nothing(
 
         await eventually(retrying, what="entries kept pending while Postgres is down")
         await asyncio.to_thread(private_postgres.start)
-        await append_feed(redis, settings, EXECUTION, 2000, 1000)
+        await append_feed(redis, settings, EXECUTION, 2001, 1000)
         pg = await asyncpg.connect(private_postgres.url)
         await rows_reach(pg, schema, "execution", 3000, within=90)
 
@@ -185,7 +187,7 @@ async def test_postgres_restarted_mid_run_loses_nothing(
 
         await eventually(all_acked, what="all entries acked")
     try:
-        await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(3000)})
+        await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(1, 3001)})
     finally:
         await pg.close()
 
@@ -220,7 +222,7 @@ async def test_redis_restarted_mid_run_loses_nothing(
     archiver = Archiver(settings)
     try:
         async with running(archiver):
-            await append_feed(client, settings, EXECUTION, 0, 500)
+            await append_feed(client, settings, EXECUTION, 1, 500)
             await rows_reach(pg, schema, "execution", 500)
             server.kill()  # SIGKILL: acks of the last second may be lost (AOF fsyncs every second)
             await asyncio.to_thread(server.start)
@@ -228,14 +230,14 @@ async def test_redis_restarted_mid_run_loses_nothing(
             client = redis_client(server.url)  # the test's own connections died with the server
             # With AOF the stream and the group come back; without, both are gone and the
             # archiver must create its group again for the new entries.
-            await append_feed(client, settings, EXECUTION, 500, 500)
+            await append_feed(client, settings, EXECUTION, 501, 500)
             await rows_reach(pg, schema, "execution", 1000, within=60)
 
             async def all_acked() -> bool:
                 return await pending(client, settings, "execution") == 0
 
             await eventually(all_acked, what="all entries acked")
-        await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(1000)})
+        await assert_exactly_once(pg, schema, "execution", {message_id(i) for i in range(1, 1001)})
     finally:
         await client.aclose()
 
@@ -258,7 +260,7 @@ async def test_archiver_started_before_postgres_waits_then_archives(
     server = unstarted_postgres
     settings = archiver_settings(base_settings, database_url=server.url)
     archiver = Archiver(settings)
-    await append_feed(redis, settings, EXECUTION, 0, 200)
+    await append_feed(redis, settings, EXECUTION, 1, 200)
     async with running(archiver):
         assert not await archiver.postgres_ok()  # not ready: /readyz says so
         await asyncio.to_thread(server.start)
@@ -267,7 +269,7 @@ async def test_archiver_started_before_postgres_waits_then_archives(
         try:
             await rows_reach(pg, settings.db_schema, "execution", 200)
             await assert_exactly_once(
-                pg, settings.db_schema, "execution", {message_id(i) for i in range(200)}
+                pg, settings.db_schema, "execution", {message_id(i) for i in range(1, 201)}
             )
         finally:
             await pg.close()

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import base64
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
-from services.archiver.progress import Progress, min_id, next_id
+from services.archiver.progress import Progress, broker_time, min_id, next_id
 from services.archiver.rows import (
+    DEAD_LETTER_COLUMNS,
     BadEntry,
+    DeadLetterRow,
     columns,
     feed_row,
-    ingestor_dead_letter_row,
+    malformed_row,
     poison_row,
 )
 from services.archiver.settings import ArchiverSettings
@@ -44,14 +46,12 @@ SPORT = {"sport": "GOLF", "match_title": "Open — round 2", "data_event": "bird
 
 
 def test_execution_row_has_typed_columns_in_order() -> None:
-    row = feed_row(EXECUTION, "1795000000001-3", _entry(EXEC), "ab12")
+    row = feed_row(EXECUTION, "42-0", _entry(EXEC, seq=42))
     values = dict(zip(columns("execution"), row, strict=True))
-    assert values["message_id"] == "1795000000000.42" and values["epoch"] == "ab12" and values["seq"] == 7
-    assert (values["stream_id"], values["entry_ms"], values["entry_n"]) == (
-        "1795000000001-3",
-        1795000000001,
-        3,
-    )
+    # The epoch is the message id's prefix (`<epoch>.<seq>`), never read from elsewhere.
+    assert values["message_id"] == "1795000000000.42" and values["epoch"] == "1795000000000"
+    assert values["seq"] == 42
+    assert (values["stream_id"], values["entry_ms"], values["entry_n"]) == ("42-0", 42, 0)
     assert values["broker_time"] == datetime(2026, 11, 28, 9, 13, 32, 123000, tzinfo=UTC)
     assert values["ingest_time"] == datetime(2026, 11, 28, 9, 13, 32, 130000, tzinfo=UTC)
     assert (values["symbol"], values["market"], values["state_symbol"]) == ("AAPL", "NASDAQ", "FILLED")
@@ -60,11 +60,11 @@ def test_execution_row_has_typed_columns_in_order() -> None:
         and values["quantity"] == 0.1
         and values["execution_epoch"] == 1700000000123
     )
-    assert json.loads(values["message"]) == codec.typed_message(EXECUTION, _entry(EXEC))
+    assert json.loads(values["message"]) == codec.typed_message(EXECUTION, _entry(EXEC, seq=42))
 
 
 def test_sport_row_keeps_unicode() -> None:
-    row = feed_row(SPORT_EVENT, "1-0", _entry(SPORT), "e")
+    row = feed_row(SPORT_EVENT, "1-0", _entry(SPORT))
     values = dict(zip(columns("sport_event"), row, strict=True))
     assert values["match_title"] == "Open — round 2"
     assert json.loads(values["message"])["match_title"] == "Open — round 2"
@@ -83,47 +83,50 @@ def test_sport_row_keeps_unicode() -> None:
         ({"broker_time": "yesterday"}, "not an ISO 8601 time"),
         ({"broker_time": "2026-11-28T09:13:32"}, "no time zone"),
         ({"message_id": ""}, "empty message_id"),
+        ({"message_id": "42"}, "is not <epoch>.<seq>"),
+        ({"message_id": ".42"}, "is not <epoch>.<seq>"),
     ],
 )
 def test_bad_entries_are_named(change: dict[str, str], error: str) -> None:
     with pytest.raises(BadEntry, match=error):
-        feed_row(EXECUTION, "1-0", _entry(EXEC) | change, "e")
+        feed_row(EXECUTION, "1-0", _entry(EXEC) | change)
 
 
 def test_missing_field_is_named() -> None:
     entry = _entry(EXEC)
     del entry["market"]
     with pytest.raises(BadEntry, match="missing field market"):
-        feed_row(EXECUTION, "1-0", entry, "e")
+        feed_row(EXECUTION, "1-0", entry)
 
 
-def test_ingestor_dead_letter_row() -> None:
-    entry = {
-        "seq": "1",
+def test_malformed_entry_row() -> None:
+    flat = codec.malformed_fields("1795000000000.9", "not a valid protobuf", b"\xff\x00", BROKER, INGEST)
+    entry = {"seq": "9", **dict(zip(flat[::2], flat[1::2], strict=True))}
+    assert codec.is_malformed(entry)
+    row = malformed_row("execution", "pfx.execution", "9-0", entry)
+    assert isinstance(row, DeadLetterRow)
+    values = dict(zip(DEAD_LETTER_COLUMNS, row, strict=True))
+    assert values == {
+        "source": "ingestor",
+        "feed": "execution",
         "message_id": "1795000000000.9",
         "subject": "pfx.execution",
-        "broker_seq": "9",
+        "broker_seq": 9,
+        "stream_id": "9-0",
         "error": "not a valid protobuf",
-        "payload_b64": base64.b64encode(b"\xff\x00").decode(),
-        "broker_time": BROKER,
-        "ingest_time": INGEST,
+        "payload": b"\xff\x00",
+        "fields": None,
+        "broker_time": datetime(2026, 11, 28, 9, 13, 32, 123000, tzinfo=UTC),
+        "ingest_time": datetime(2026, 11, 28, 9, 13, 32, 130000, tzinfo=UTC),
+        "epoch": "1795000000000",
+        "seq": 9,
     }
-    row = ingestor_dead_letter_row("5-0", entry, "pfx.")
-    assert row[:7] == (
-        "ingestor",
-        "execution",
-        "1795000000000.9",
-        "pfx.execution",
-        9,
-        "5-0",
-        "not a valid protobuf",
-    )
-    assert row[7] == b"\xff\x00" and row[8] is None
-    assert ingestor_dead_letter_row("5-0", entry | {"subject": "other"}, "pfx.")[1] is None
     with pytest.raises(BadEntry, match="bad field value"):
-        ingestor_dead_letter_row("5-0", entry | {"payload_b64": "!!"}, "pfx.")
+        malformed_row("execution", "s", "9-0", entry | {"payload_b64": "!!"})
     with pytest.raises(BadEntry, match="missing field error"):
-        ingestor_dead_letter_row("5-0", {k: v for k, v in entry.items() if k != "error"}, "pfx.")
+        malformed_row("execution", "s", "9-0", {k: v for k, v in entry.items() if k != "error"})
+    with pytest.raises(BadEntry, match="bad field value"):
+        malformed_row("execution", "s", "9-0", entry | {"seq": "nine"})
 
 
 def test_poison_row_keeps_every_field_and_survives_nul() -> None:
@@ -133,7 +136,11 @@ def test_poison_row_keeps_every_field_and_survives_nul() -> None:
     assert row[6] == "bad field value: x"
     assert json.loads(row[8]) == {"seq": "3", "message_id": "m.1", "price": "1\\u00002", "broker_time": "bad"}
     assert row[9] is None and row[10] is None  # unparseable times are left out, not guessed
-    assert poison_row("execution", "9-2", {}, "deleted")[2] is None
+    assert row[11:] == ("m", 3)  # epoch from the message id; seq from the field (the id is not <seq>-0)
+    deleted = poison_row("execution", "9-0", {}, "deleted")
+    assert deleted[2] is None and deleted[11:] == (None, 9)  # seq from the stream id
+    v2 = poison_row("execution", "5-0", {"seq": "5", "message_id": "1795000000000.5"}, "e")
+    assert v2[11:] == ("1795000000000", 5)
 
 
 def test_progress_floor_is_below_pending_and_at_most_last_delivered() -> None:
@@ -156,10 +163,26 @@ def test_progress_floor_is_below_pending_and_at_most_last_delivered() -> None:
         oldest_undelivered="5-0",
     )
     assert behind.archived_below == "2-0" and behind.lag_entries == 3 and behind.oldest_unarchived == "2-0"
-    assert behind.lag_seconds(now=10.0) == pytest.approx(10.0 - 0.002)
+    # Ids are seqs: the lag in seconds comes from the oldest unarchived entry's broker_time.
+    assert behind.lag_seconds(now=10.0) == 0.0  # its broker_time unknown
+    assert replace(behind, oldest_unarchived_time=4.5).lag_seconds(now=10.0) == 5.5
+    assert replace(caught_up, oldest_unarchived_time=4.5).lag_seconds(now=10.0) == 0  # nothing unarchived
+
+
+def test_broker_time_of_an_entry() -> None:
+    assert (
+        broker_time({b"broker_time": BROKER.encode()})
+        == datetime(2026, 11, 28, 9, 13, 32, 123000, tzinfo=UTC).timestamp()
+    )
+    assert broker_time({"broker_time": BROKER}) is not None
+    assert broker_time({b"broker_time": b"yesterday"}) is None
+    assert broker_time({b"broker_time": b"2026-11-28T09:13:32"}) is None  # no time zone
+    assert broker_time({}) is None and broker_time(None) is None
 
 
 def test_settings_validate_and_name_the_variable() -> None:
+    defaults = ArchiverSettings.from_env({})
+    assert (defaults.retention, defaults.maxlen) == (900.0, 1_000_000)  # the hot window
     settings = ArchiverSettings.from_env(
         {"FANOUT_ARCHIVE_CLAIM_IDLE": "90s", "FANOUT_RETENTION": "2h", "FANOUT_ARCHIVE_HTTP": "0.0.0.0:0"}
     )
@@ -200,10 +223,10 @@ TITLES = ['say "hi"\\n', "tab\there\nnew line", "emoji 🎾 ünï", "\u2028 sepa
 @pytest.mark.parametrize("title", TITLES)
 def test_message_json_is_what_json_dumps_writes(title: str) -> None:
     entry = _entry(SPORT | {"match_title": title})
-    row = dict(zip(columns("sport_event"), feed_row(SPORT_EVENT, "1-0", entry, "e"), strict=True))
+    row = dict(zip(columns("sport_event"), feed_row(SPORT_EVENT, "1-0", entry), strict=True))
     assert row["message"] == _dumps(codec.typed_message(SPORT_EVENT, entry))
     exec_entry = _entry(EXEC | {"price": "3.4028235e+38", "quantity": "1e-45"})
-    row = dict(zip(columns("execution"), feed_row(EXECUTION, "1-0", exec_entry, "e"), strict=True))
+    row = dict(zip(columns("execution"), feed_row(EXECUTION, "1-0", exec_entry), strict=True))
     assert row["message"] == _dumps(codec.typed_message(EXECUTION, exec_entry))
 
 
