@@ -17,48 +17,64 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _archived_seqs(schema: str, feed: str) -> str:
-    """The seqs of one feed's epoch in the catalogue, above a seq: $1 epoch, $2 after,
-    $3 feed. Both halves are index range scans ordered by seq (feed table: unique
-    (epoch, seq); dead_letter: (feed, epoch, seq)), merged in order."""
-    s = quote_ident(schema)
-    return (
-        f"SELECT seq FROM {s}.{quote_ident(feed)} WHERE epoch = $1 AND seq > $2"
-        f" UNION ALL SELECT seq FROM {s}.dead_letter WHERE feed = $3 AND epoch = $1 AND seq > $2"
+_CHUNK = 10_000
+
+
+def _queries(schema: str, feed: str) -> tuple[str, str, str]:
+    """(the lowest seq above $2, the feed table's next seqs, dead_letter's next seqs) for
+    one epoch: $1 epoch, $2 after, $3 feed (dead_letter only). Each reads an index in seq
+    order (feed table: unique (epoch, seq); dead_letter: (feed, epoch, seq)), with
+    ORDER BY ... LIMIT so that the planner keeps to the index whatever the table's size."""
+    s, t = quote_ident(schema), f"{quote_ident(schema)}.{quote_ident(feed)}"
+    rows = f"SELECT seq FROM {t} WHERE epoch = $1 AND seq > $2 ORDER BY epoch, seq LIMIT {_CHUNK}"
+    dead = (
+        f"SELECT seq FROM {s}.dead_letter WHERE feed = $3 AND epoch = $1 AND seq > $2"
+        f" ORDER BY feed, epoch, seq LIMIT {_CHUNK}"
     )
+    low = (
+        f"SELECT least((SELECT seq FROM {t} WHERE epoch = $1 AND seq > $2 ORDER BY epoch, seq LIMIT 1),"
+        f" (SELECT seq FROM {s}.dead_letter WHERE feed = $3 AND epoch = $1 AND seq > $2"
+        " ORDER BY feed, epoch, seq LIMIT 1))"
+    )
+    return low, rows, dead
 
 
 async def archived_top(conn: Any, schema: str, feed: str, epoch: str, *, after: int | None = None) -> int:
     """The contiguous archived top of `feed` in `epoch`: the highest seq T such that
     every seq of the run that starts the epoch's catalogue is archived (a row of the
-    feed's table or a dead_letter row of that feed and epoch). 0 when nothing of the
-    epoch is archived. The first seq not archived yet is `archived_top(...) + 1`.
+    feed's table or a dead_letter row of that feed and epoch, any source). 0 when
+    nothing of the epoch is archived. The first seq not archived yet is T + 1.
 
-    `after`: start the run at `after + 1` instead of at the epoch's lowest archived seq
-    (returns `after` when `after + 1` is not archived). The query reads the run in seq
-    order and stops at its first hole, so its cost grows with the run's length: pass
-    `after` (e.g. JetStream's first retained seq - 1) to bound it.
+    `after`: the run starts at `after + 1` instead of at the epoch's lowest archived seq
+    (returns `after` when `after + 1` is not archived). The run is read in seq order,
+    10,000 seqs per query, up to its first hole, so the cost grows with the run's
+    length: pass `after` (e.g. JetStream's first retained seq - 1) to bound it.
 
     `conn` is an asyncpg connection (or pool). Raises asyncpg's errors when the catalogue
-    cannot be read (no schema yet, an archiver not migrated to contract v2, ...).
+    cannot be read (no schema yet, a catalogue not migrated to contract v2, ...).
     """
-    union = _archived_seqs(schema, feed)
+    low_sql, rows_sql, dead_sql = _queries(schema, feed)
+    low = await conn.fetchval(low_sql, epoch, 0 if after is None else after, feed)
+    if low is None:
+        return 0 if after is None else after
     if after is None:
-        low = await conn.fetchval(f"SELECT min(seq) FROM ({union}) u", epoch, 0, feed)
-        if low is None:
-            return 0
         after = int(low) - 1
-    else:
-        first = await conn.fetchval(f"SELECT min(seq) FROM ({union}) u", epoch, after, feed)
-        if first is None or int(first) != after + 1:
-            return after
-    # The first seq of the run whose successor is not archived; the window is computed
-    # lazily over the merged index scans, so this stops at the first hole.
-    top = await conn.fetchval(
-        f"SELECT seq FROM (SELECT seq, lead(seq) OVER (ORDER BY seq) AS next FROM ({union}) u) g"
-        " WHERE next IS NULL OR next > seq + 1 ORDER BY seq LIMIT 1",
-        epoch,
-        after,
-        feed,
-    )
-    return after if top is None else int(top)
+    elif int(low) != after + 1:
+        return after
+    top = after
+    while True:
+        feed_seqs = [int(r[0]) for r in await conn.fetch(rows_sql, epoch, top)]
+        dead_seqs = [int(r[0]) for r in await conn.fetch(dead_sql, epoch, top, feed)]
+        # Seqs past a full chunk's last one were not read from that source: stop there.
+        limit = min(
+            [chunk[-1] for chunk in (feed_seqs, dead_seqs) if len(chunk) == _CHUNK],
+            default=None,
+        )
+        for seq in sorted(feed_seqs + dead_seqs):
+            if limit is not None and seq > limit:
+                break
+            if seq > top + 1:
+                return top  # the hole
+            top = max(top, seq)  # (a seq in both tables is not a hole)
+        if limit is None:
+            return top

@@ -87,7 +87,7 @@ async def append(
     stream, meta = keys.stream(feed), keys.meta(feed)
     async with redis.pipeline(transaction=True) as pipe:
         for seq, fields in entries:
-            pairs: dict[str | bytes, str | bytes | int | float] = {"seq": str(seq)}
+            pairs: dict[Any, Any] = {"seq": str(seq)}
             pairs.update(zip(fields[::2], fields[1::2], strict=True))
             pipe.xadd(stream, pairs, id=f"{seq}-0")
         top = entries[-1][0]
