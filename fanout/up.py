@@ -34,9 +34,10 @@ from fanout.servers import (
     port_answers,
 )
 from shared import logs
+from shared.connections import create_database_if_missing
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
-from shared.settings import Settings, nats_servers, parse_duration, setting
+from shared.settings import Settings, nats_servers, parse_duration, setting, write_urls_file
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ Servers, for each of NATS, Redis and PostgreSQL: the URL given (NATS_URL, REDIS_
 DATABASE_URL or the flags); else one already listening on its default local port; else
 a private one started here with its data under FANOUT_DATA_DIR, kept for the next run.
 --private always starts private ones (on free ports if the default ports are taken).
+The catalogue's database is created if the server lacks it. The URLs in use are written
+to FANOUT_DATA_DIR/urls.env, where the other fanout commands run in this folder find
+them when NATS_URL, REDIS_URL or DATABASE_URL is not set.
 
 Ctrl-C (or SIGTERM) stops everything and exits 0.
 """
@@ -67,6 +71,8 @@ class UpSettings(Settings):
     grace: float = setting(
         "FANOUT_UP_GRACE", 20.0, "how long children get to stop after SIGTERM before SIGKILL", parse_duration
     )
+
+    reads_up_urls = False  # `up` writes the urls file; it never reads an earlier run's
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         up.resolve_servers()
+        up.create_database()
+        up.write_urls()
         return asyncio.run(up.main())
     except ServerError as exc:
         log.error(str(exc))
@@ -149,6 +157,32 @@ class Up:
                 self.urls[kind] = server.url
                 self.origin[kind] = f"private, data in {server.data_dir}, log {server.log_path}"
             log.info("server", extra={"server": kind, "url": self.urls[kind], "origin": self.origin[kind]})
+
+    def create_database(self) -> None:
+        """The catalogue's database, created if the server lacks it (a server on the default
+        port, or one given, may not have it)."""
+        import asyncpg
+
+        url = self.urls["postgres"]
+        try:
+            if asyncio.run(create_database_if_missing(url)):
+                log.info("database created", extra={"url": url})
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise ServerError(f"PostgreSQL at {url}: {exc}") from None
+
+    def write_urls(self) -> None:
+        """FANOUT_DATA_DIR/urls.env, for the other commands run in this folder."""
+        path = Path(self.settings.data_dir) / "urls.env"
+        write_urls_file(
+            path,
+            {
+                "NATS_URL": self.urls["nats"],
+                "REDIS_URL": self.urls["redis"],
+                "DATABASE_URL": self.urls["postgres"],
+            },
+            pid=os.getpid(),
+        )
+        log.info("server URLs written for the other fanout commands", extra={"file": str(path.resolve())})
 
     def stop_servers(self) -> None:
         for server in reversed(self.servers):
@@ -266,6 +300,7 @@ class Up:
             f"XRANGE '{keys.stream('execution')}' - + COUNT 5",
             f"  PostgreSQL  psql '{self.urls['postgres']}' -c "
             f"'SELECT seq, symbol, price FROM {s.db_schema}.execution ORDER BY seq DESC LIMIT 5'",
+            f"  inspect     fanout status; fanout audit   (in this folder: they read {s.data_dir}/urls.env)",
             "",
         ]
         return "\n".join(lines)
