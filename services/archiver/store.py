@@ -27,6 +27,7 @@ import asyncpg
 
 from services.archiver.rows import DEAD_LETTER_COLUMNS, Row, columns
 from shared.catalogue import quote_ident
+from shared.connections import create_database_if_missing
 from shared.feeds import FEED_NAMES
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,10 @@ class Store:
         self._insert_sql = {feed: self._feed_insert_sql(feed) for feed in FEED_NAMES}
 
     async def open(self) -> None:
-        """Connect (raises if the server is unreachable) and migrate the schema."""
+        """Connect (raises if the server is unreachable), create the database if the server
+        lacks it, and migrate the schema."""
         if self._pool is None:
+            await create_database_if_missing(self.database_url)
             self._pool = await asyncpg.create_pool(
                 self.database_url,
                 min_size=1,
