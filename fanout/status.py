@@ -1,9 +1,14 @@
 """`fanout status`: the state of every feed across NATS, Redis and PostgreSQL.
 
-Per feed: the Redis stream's length, first and last entry, the last seq and epoch (the
-meta hash), the archive lag (entries not yet archived and the age of the oldest), and
-the rows in PostgreSQL; the dead letters (stream length and table rows); the JetStream
-stream's message count and the ingestor consumer's pending count and ack floor.
+Per feed (contract v2: positions come from the feed's JetStream stream):
+
+- Redis: the epoch (meta hash), the first and last seq the stream holds (entry ids are
+  `<seq>-0`), the meta's `first_seq` (where this Redis incarnation of the stream began:
+  below it PostgreSQL serves), the length, and the archive lag (entries not yet archived
+  and the age of the oldest by its broker_time);
+- PostgreSQL: the rows of the feed's table, and of `dead_letter` per source;
+- JetStream: the feed's stream `<FANOUT_JS_STREAM>_<feed>` (its epoch = creation time in
+  ms, first and last seq) and the ingestor's consumer on it (pending, ack floor).
 
 A server that does not answer is reported as unreachable (exit status 1); the others
 are still shown. `--json` prints one JSON object instead of the table.
@@ -19,9 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.archiver.progress import read_progress
+from redis.asyncio import Redis
+
+from shared.codec import parse_iso
 from shared.connections import redis_client
-from shared.feeds import DEAD_LETTER, FEED_NAMES
+from shared.feeds import DEAD_LETTER, FEED_NAMES, js_stream_name
 from shared.keys import Keys
 from shared.settings import Settings, nats_servers, setting
 
@@ -60,7 +67,7 @@ async def collect(settings: StatusSettings) -> dict[str, Any]:
     report: dict[str, Any] = {
         "feeds": {name: {} for name in FEED_NAMES},
         "dead_letters": {},
-        "jetstream": None,
+        "jetstream": {},
         "unreachable": {},
     }
     results = await asyncio.gather(
@@ -72,31 +79,87 @@ async def collect(settings: StatusSettings) -> dict[str, Any]:
     return report
 
 
+def _seq(entry_id: str | None) -> int | None:
+    """The seq of an entry id `<seq>-0` (None for none; the ms part of an old-layout id)."""
+    return None if entry_id is None else int(entry_id.partition("-")[0])
+
+
+def _broker_time(fields: Any) -> float | None:
+    raw = (fields or {}).get(b"broker_time")
+    try:
+        return parse_iso(_text(raw)).timestamp() if raw is not None else None
+    except ValueError:
+        return None
+
+
+async def _stream(client: Redis, keys: Keys, name: str, group: str, now: float) -> dict[str, Any]:
+    """One feed's stream, read from Redis directly (XINFO GROUPS gives the group's pending
+    and undelivered counts; the oldest unarchived entry gives the lag in seconds)."""
+    stream = keys.stream(name)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.xlen(stream)
+        pipe.xrange(stream, "-", "+", count=1)
+        pipe.xrevrange(stream, "+", "-", count=1)
+        pipe.hgetall(keys.meta(name))
+        pipe.xinfo_groups(stream)
+        pipe.xpending(stream, group)
+        length, first, last, meta_raw, groups, pending = await pipe.execute(raise_on_error=False)
+    for reply in (length, first, last, meta_raw):
+        if isinstance(reply, Exception):
+            raise reply
+    meta = {_text(k): _text(v) for k, v in meta_raw.items()}
+    first_id = _text(first[0][0]) if first else None
+    info = (
+        None
+        if isinstance(groups, Exception)
+        else next((g for g in groups if _text(g["name"]) == group), None)
+    )
+    out: dict[str, Any] = {
+        "stream": stream,
+        "length": int(length),
+        "epoch": meta.get("epoch"),
+        "first_seq": _seq(first_id),
+        "last_seq": _seq(_text(last[0][0]) if last else None),
+        "meta_first_seq": int(meta["first_seq"]) if "first_seq" in meta else None,
+        "meta_seq": int(meta["seq"]) if "seq" in meta else None,
+        "archive_group": info is not None,
+    }
+    oldest: str | None
+    if info is None or isinstance(pending, Exception):
+        out["archive_lag_entries"] = int(length)
+        oldest = first_id
+    else:
+        undelivered = info.get("lag")
+        waiting = int(pending["pending"])
+        out["archive_lag_entries"] = waiting + int(undelivered or 0)
+        oldest = _text(pending["min"]) if waiting else None
+        if oldest is None and (undelivered is None or int(undelivered) > 0):
+            after = await client.xrange(stream, f"({_text(info['last-delivered-id'])}", "+", count=1)
+            oldest = _text(after[0][0]) if after else None
+    lag_seconds = 0.0
+    if oldest is not None:
+        entry = first if oldest == first_id else await client.xrange(stream, oldest, "+", count=1)
+        when = _broker_time(entry[0][1]) if entry else None
+        lag_seconds = max(0.0, now - when) if when is not None else 0.0
+    out["archive_lag_seconds"] = round(lag_seconds, 3)
+    return out
+
+
 async def _redis(settings: StatusSettings, report: dict[str, Any]) -> None:
     keys = Keys(settings.key_prefix)
     client = redis_client(settings.redis_url)
     try:
         async with asyncio.timeout(_TIMEOUT):
             now = time.time()
-            for name in (*FEED_NAMES, DEAD_LETTER):
-                progress = await read_progress(client, keys.stream(name), settings.archive_group)
-                meta = {_text(k): _text(v) for k, v in (await client.hgetall(keys.meta(name))).items()}
-                stream = {
-                    "stream": keys.stream(name),
-                    "length": progress.length,
-                    "first_id": progress.first_id,
-                    "last_id": progress.last_id,
-                    "last_seq": int(meta["seq"]) if "seq" in meta else None,
-                    "epoch": meta.get("epoch"),
-                    "archive_group": progress.group_exists,
-                    "archive_lag_entries": progress.lag_entries,
-                    "archive_lag_seconds": round(progress.lag_seconds(now), 3),
-                    "archived_below": progress.archived_below if progress.group_exists else None,
+            for name in FEED_NAMES:
+                report["feeds"][name].update(await _stream(client, keys, name, settings.archive_group, now))
+            # Contract v1's separate dead-letter stream, retired: shown only while it exists.
+            legacy = keys.stream(DEAD_LETTER)
+            if await client.exists(legacy):
+                report["dead_letters"]["legacy_stream"] = {
+                    "stream": legacy,
+                    "length": int(await client.xlen(legacy)),
                 }
-                if name == DEAD_LETTER:
-                    report["dead_letters"].update(stream)
-                else:
-                    report["feeds"][name].update(stream)
     finally:
         await client.aclose()
 
@@ -143,26 +206,41 @@ async def _nats(settings: StatusSettings, report: dict[str, Any]) -> None:
     )
     try:
         js = nc.jetstream(timeout=_TIMEOUT)
-        info: dict[str, Any] = {"stream": settings.js_stream}
-        report["jetstream"] = info
+        for feed in FEED_NAMES:
+            name = js_stream_name(settings.js_stream, feed)
+            info: dict[str, Any] = {"stream": name}
+            report["jetstream"][feed] = info
+            try:
+                stream = await js.stream_info(name)
+            except NotFoundError:
+                info["error"] = "stream not found (the ingestor creates it)"
+                continue
+            created = stream.created
+            info.update(
+                epoch=str(int(created.timestamp() * 1000)) if created is not None else None,
+                messages=stream.state.messages,
+                first_seq=stream.state.first_seq,
+                last_seq=stream.state.last_seq,
+            )
+            try:
+                consumer = await js.consumer_info(name, settings.js_consumer)
+            except NotFoundError:
+                info["consumer"] = {"name": settings.js_consumer, "error": "consumer not found"}
+                continue
+            info["consumer"] = {
+                "name": settings.js_consumer,
+                "pending": consumer.num_pending,
+                "ack_pending": consumer.num_ack_pending,
+                "ack_floor": consumer.ack_floor.stream_seq if consumer.ack_floor else None,
+            }
         try:
-            stream = await js.stream_info(settings.js_stream)
+            legacy = await js.stream_info(settings.js_stream)
         except NotFoundError:
-            info["error"] = "stream not found (the ingestor creates it)"
             return
-        info.update(
-            messages=stream.state.messages, first_seq=stream.state.first_seq, last_seq=stream.state.last_seq
-        )
-        try:
-            consumer = await js.consumer_info(settings.js_stream, settings.js_consumer)
-        except NotFoundError:
-            info["consumer"] = {"name": settings.js_consumer, "error": "consumer not found"}
-            return
-        info["consumer"] = {
-            "name": settings.js_consumer,
-            "pending": consumer.num_pending,
-            "ack_pending": consumer.num_ack_pending,
-            "ack_floor": consumer.ack_floor.stream_seq if consumer.ack_floor else None,
+        report["jetstream"]["legacy"] = {
+            "stream": settings.js_stream,
+            "subjects": list(legacy.config.subjects or []),
+            "messages": legacy.state.messages,
         }
     finally:
         await nc.close()
@@ -180,58 +258,81 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _seqs(first: Any, last: Any) -> str:
+    return "-" if first is None or last is None else f"{first}..{last}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
 def render(report: dict[str, Any]) -> str:
     lines: list[str] = []
-    header = ("feed", "length", "first id", "last id", "last seq", "epoch", "archive lag", "rows")
-    table = [header]
+    table: list[tuple[str, ...]] = [
+        (
+            "feed",
+            "epoch",
+            "redis seqs",
+            "first_seq",
+            "length",
+            "archive lag",
+            "rows",
+            "jetstream seqs",
+            "ingestor",
+        )
+    ]
     for name, feed in report["feeds"].items():
         lag = "-"
         if "archive_lag_entries" in feed:
             lag = f"{feed['archive_lag_entries']} ({_age(feed['archive_lag_seconds'])})"
             if not feed["archive_group"]:
                 lag += " no archiver yet"
+        js = report["jetstream"].get(name) or {}
+        consumer = js.get("consumer") or {}
+        ingestor = "-"
+        if "error" in consumer:
+            ingestor = consumer["error"]
+        elif consumer:
+            ingestor = f"{consumer['pending']} pending, ack floor {consumer['ack_floor']}"
+        epoch = _cell(feed.get("epoch"))
+        if js.get("epoch") and js["epoch"] != feed.get("epoch"):
+            epoch += f" (jetstream {js['epoch']})"
         table.append(
             (
                 name,
+                epoch,
+                _seqs(feed.get("first_seq"), feed.get("last_seq")),
+                _cell(feed.get("meta_first_seq")),
                 _cell(feed.get("length")),
-                _cell(feed.get("first_id")),
-                _cell(feed.get("last_id")),
-                _cell(feed.get("last_seq")),
-                _cell(feed.get("epoch")),
                 lag,
                 _cell(feed.get("rows")),
+                js.get("error") or _seqs(js.get("first_seq"), js.get("last_seq")),
+                ingestor,
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines += _table(table)
 
     dead = report["dead_letters"]
-    parts = []
-    if "length" in dead:
-        parts.append(f"stream {dead['length']} entries, archive lag {dead['archive_lag_entries']}")
+    lines.append("")
     if "rows" in dead:
         rows = dead["rows"]
         detail = ", ".join(f"{k} {v}" for k, v in sorted(rows.items()))
-        parts.append(f"table {sum(rows.values())} rows" + (f" ({detail})" if detail else ""))
-    lines.append("")
-    lines.append("dead letters: " + ("; ".join(parts) if parts else "-"))
-
-    js = report["jetstream"]
-    if js is not None:
-        if "error" in js:
-            lines.append(f"jetstream {js['stream']}: {js['error']}")
-        else:
-            seqs = f"seq {js['first_seq']}..{js['last_seq']}"
-            line = f"jetstream {js['stream']}: {js['messages']} messages ({seqs})"
-            consumer = js.get("consumer")
-            if consumer and "error" in consumer:
-                line += f"; consumer {consumer['name']}: {consumer['error']}"
-            elif consumer:
-                line += (
-                    f"; consumer {consumer['name']}: {consumer['pending']} pending, "
-                    f"{consumer['ack_pending']} awaiting ack, ack floor {consumer['ack_floor']}"
-                )
-            lines.append(line)
+        lines.append(f"dead letters: {sum(rows.values())} rows" + (f" ({detail})" if detail else ""))
+    else:
+        lines.append("dead letters: -")
+    if "legacy_stream" in dead:
+        old = dead["legacy_stream"]
+        lines.append(
+            f"retired dead-letter stream {old['stream']} still holds {old['length']} entries "
+            "(contract v1; not archived any more)"
+        )
+    legacy = report["jetstream"].get("legacy")
+    if legacy:
+        lines.append(
+            f"legacy jetstream stream {legacy['stream']}: {legacy['messages']} messages, "
+            f"subjects {', '.join(legacy['subjects'])}"
+        )
     if "catalogue" in report:
         lines.append(f"postgres: {report['catalogue']}")
     for server, reason in report["unreachable"].items():
