@@ -5,11 +5,16 @@
 - `/readyz`: 200 when every check passes, else 503; JSON names each check's state. A
   check that does not answer within `check_timeout` (a paused server) is failing.
 - `/metrics`: Prometheus text format.
+
+Several workers of one kind can run on one host with the same settings: when the port
+asked for is taken, the server listens on a free port instead and logs which (the
+`ops endpoints listening` line carries the URL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,7 +43,17 @@ class OpsServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or self.port == 0:
+                raise
+            await site.stop()
+            log.warning("ops port taken (another worker of this kind?); listening on a free port instead",
+                        extra={"taken": f"{self.host}:{self.port}"})
+            self.port = 0
+            site = web.TCPSite(self._runner, self.host, 0)
+            await site.start()
         if self.port == 0:
             self.port = self._runner.addresses[0][1]
         log.info("ops endpoints listening", extra={"url": f"http://{self.host}:{self.port}/metrics"})

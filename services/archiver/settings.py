@@ -55,7 +55,8 @@ class ArchiverSettings(Settings):
     http: tuple[str, int] = setting(
         "FANOUT_ARCHIVE_HTTP",
         ("127.0.0.1", 9102),
-        "ops endpoints HOST:PORT (port 0: a free port)",
+        "HOST:PORT of /healthz /readyz /metrics; if the port is taken (another archiver on this host), "
+        "a free port is used and logged (port 0: always a free port)",
         parse_host_port,
     )
 

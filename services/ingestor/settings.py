@@ -54,7 +54,8 @@ class IngestorSettings(Settings):
     http: tuple[str, int] = setting(
         "FANOUT_INGEST_HTTP",
         ("127.0.0.1", 9101),
-        "HOST:PORT of /healthz /readyz /metrics (port 0 picks a free port)",
+        "HOST:PORT of /healthz /readyz /metrics; if the port is taken (another ingestor on this host), "
+        "a free port is used and logged (port 0: always a free port)",
         parse_host_port,
     )
 
