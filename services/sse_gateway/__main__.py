@@ -21,7 +21,7 @@ DESCRIPTION = """\
 Serve the feeds to subscribers over Server-Sent Events.
 
   curl -N 'http://127.0.0.1:8000/v1/stream?feeds=execution'
-  curl -N -H 'Last-Event-ID: v1:execution.ab12cd34.1732770000123-0.42' \\
+  curl -N -H 'Last-Event-ID: v2:execution.1795862595094.42' \\
        'http://127.0.0.1:8000/v1/stream?feeds=execution'
 
 Every event's `id:` is a cursor; reconnecting with it resumes exactly after that event.

@@ -16,6 +16,8 @@ those modules provide them, and the page `static/index.html` at `/` (other files
     archive      history.Archive: `await archive.pool()` is the asyncpg pool of the catalogue,
                  opened on first use; raises history.ArchiveUnavailable while Postgres is down
                  (live streaming never needs it)
+    history      history.History on history_redis and archive: the one interface to "the
+                 records after seq c of epoch e" (Redis, else the catalogue)
     hub          hub.Hub: `hub.positions[feed]` is the live cursor.Position of each feed
     access       auth.Access(settings): `await access.check(request, feeds)` raises
                  HTTPException 401/403 (JSON detail) for a request not allowed those feeds
@@ -29,7 +31,10 @@ Stream requests: `GET /v1/stream?feeds=execution,sport_event` (default: every fe
 unknown feed is a 404 naming the known ones), filters `symbol=`, `market=` (execution) and
 `sport=` (sport_event), repeatable; start: the `Last-Event-ID` header, else
 `?last_event_id=`, else `?lastEventID=`, else `?from=latest|earliest|<ISO time>` (the
-time of an entry is its Redis stream id's, i.e. ingest time). Errors are JSON
+time of an entry is its broker time). A `v1:` cursor (before positions came from
+JetStream) is no error: the stream starts at `from=` with an `event: reset` (reason
+`cursor_version`) per feed it named. A cursor ahead of what Redis holds (Redis lost
+data and is being refilled) is no error either: the stream waits for it. Errors are JSON
 `{"error": ..., "detail": ...}`: 400 bad cursor / filter / from / unknown parameter, 404
 unknown feed, 405 not GET, 431 headers over 16 KB, 503 (with Retry-After) past the
 subscriber limit, while stopping, or while Redis (or, for history, Postgres) is
@@ -74,9 +79,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.sse_gateway import cursor, filters, metrics
-from services.sse_gateway.cursor import CursorError
+from services.sse_gateway.cursor import CursorError, LegacyCursor
 from services.sse_gateway.filters import FilterError
-from services.sse_gateway.history import Archive, ArchiveUnavailable
+from services.sse_gateway.history import Archive, ArchiveUnavailable, History
 from services.sse_gateway.hub import Hub
 from services.sse_gateway.response import (
     EventStream,
@@ -85,7 +90,7 @@ from services.sse_gateway.response import (
     wants_event_stream,
 )
 from services.sse_gateway.settings import GatewaySettings
-from services.sse_gateway.subscriber import Registry, Subscriber, start_positions
+from services.sse_gateway.subscriber import Registry, Subscriber, legacy_notices, start_positions
 from shared.connections import REDIS_SOCKET_TIMEOUT, read_retry, redis_client
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
@@ -191,17 +196,16 @@ async def stream(request: Request) -> Any:
         or request.query_params.get("last_event_id")
         or request.query_params.get("lastEventID")
     )
+    legacy: LegacyCursor | None = None
     try:
         resume = cursor.parse(resume_text) if resume_text else {}
+    except LegacyCursor as exc:
+        resume, legacy = {}, exc  # answered in-band: a reset notice, then from `from=`
     except CursorError as exc:
         return error(400, "bad cursor", str(exc))
     start = request.query_params.get("from", "latest").strip() or "latest"
     try:
-        positions = await start_positions(
-            state.history_redis, state.hub.keys, state.archive, feeds, resume, start
-        )
-    except CursorError as exc:
-        return error(400, "cursor from the future", str(exc))
+        positions = await start_positions(state.history, state.hub, feeds, resume, start)
     except ValueError as exc:
         return error(400, "bad from", str(exc))
     except ArchiveUnavailable as exc:
@@ -221,9 +225,9 @@ async def stream(request: Request) -> Any:
         filters=chosen,
         positions=positions,
         hub=state.hub,
-        redis=state.history_redis,
-        archive=state.archive,
+        history=state.history,
         settings=settings,
+        notices=legacy_notices(legacy, positions) if legacy is not None else (),
     )
     subscribers.add(sub)
     if state.stop.is_set():
@@ -348,6 +352,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             batch=settings.reader_batch,
             block=settings.reader_block,
         )
+        state.history = History(state.history_redis, state.hub.keys, state.archive)
         if hasattr(access, "log_mode"):
             access.log_mode()
         expected_incomplete = ExpectedIncomplete()

@@ -16,7 +16,7 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from shared.codec import typed_message
+from shared.codec import is_malformed, typed_message
 from shared.feeds import FEEDS
 
 
@@ -29,20 +29,25 @@ MALFORMED = b"malformed"
 
 
 def entry_payload(feed: str, feed_b: bytes, fields: Mapping[str, str]) -> tuple[bytes, bytes]:
-    """(event name, data) of an entry: the feed's event, or, for an entry that does not
-    hold a valid message of its feed (outside the contract: written by hand?), an
-    `event: malformed` saying so, so that nothing is skipped silently."""
+    """(event name, data) of an entry: the feed's event, or `event: malformed` for an
+    entry that holds no valid message of its feed: a payload the ingestor could not decode
+    (it keeps its seq, with an `error` field) or, outside the contract, an entry written by
+    hand. Either way it is sent, so that nothing is skipped silently."""
+    if is_malformed(fields):
+        return MALFORMED, malformed_data(feed, fields.get("seq"), fields.get("message_id"), fields["error"])
     try:
         return feed_b, entry_data(feed, fields)
     except (KeyError, ValueError) as exc:
-        return MALFORMED, dumps(
-            {
-                "feed": feed,
-                "message_id": fields.get("message_id"),
-                "seq": fields.get("seq"),
-                "error": f"malformed stream entry: {type(exc).__name__} {exc}",
-            }
-        )
+        error = f"malformed stream entry: {type(exc).__name__} {exc}"
+        return MALFORMED, malformed_data(feed, fields.get("seq"), fields.get("message_id"), error)
+
+
+def malformed_data(feed: str, seq: int | str | None, message_id: str | None, error: str) -> bytes:
+    """The `data:` of an `event: malformed`: {feed, seq, message_id, error}."""
+    number: int | None = None
+    if isinstance(seq, int) or (seq is not None and seq.isascii() and seq.isdigit()):
+        number = int(seq)
+    return dumps({"feed": feed, "seq": number, "message_id": message_id, "error": error})
 
 
 def dumps(value: Any) -> bytes:

@@ -1,19 +1,27 @@
 """The hub: ONE reader per feed stream per process, feeding every live subscriber.
 
-Each reader blocks on `XREAD` from the hub's position in its feed. For a batch of
-entries, each entry's JSON is encoded once, each frame once per variant of subscription
-(its feed set, which fixes the `id:`, and its filters, which decide event or `id:`-only
-frame), and each variant's frames are joined into ONE chunk handed to every member of
-that variant: the hub never awaits a client.
+Each reader blocks on `XREAD` after the last entry id it read (`<seq>-0`: positions come
+from JetStream, so a Redis that lost data and is refilled with the same ids keeps that
+position valid, and a refill needs no special case: entries at or below the reader's
+seq are skipped, and the read position always moves past whatever a read returned).
+For a run of entries, each entry's JSON is encoded once, each frame once per variant of
+subscription (its feed set, which fixes the `id:`, and its filters, which decide event
+or `id:`-only frame), and each variant's frames are joined into ONE chunk handed to
+every member of that variant: the hub never awaits a client.
 
 A live member is always exactly at the hub's positions in its feeds (that is what being
 live means): joining checks the member's positions equal the hub's and adds it in the
 same synchronous step, so no entry can fall between its catch-up and the live stream.
 
 A member whose bounded buffer is full is dropped from the live set at the position of
-the frames it did get; it catches up on its own and rejoins. When a feed's stream is
-reset (another epoch in the meta hash) or trimmed past the reader, every member of that
-feed drops to catch-up, which sends the `event: reset` or `event: gap` it needs.
+the frames it did get; it catches up on its own and rejoins. When a feed moves to
+another epoch (its JetStream stream was recreated) or entries were trimmed before the
+reader read them, every member of that feed drops to catch-up, which sends the
+`event: reset` or reads the catalogue. A meta hash or stream that disappeared (Redis
+emptied) is not a reset: the reader waits at its position for the refill.
+
+Each reader is supervised: whatever ends it (a Redis error, any other exception) is
+logged and the reader restarts with backoff; `ready(feed)` is False meanwhile.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.sse_gateway import cursor, frames, metrics
+from services.sse_gateway import cursor, frames, history, metrics
 from services.sse_gateway.cursor import NO_EPOCH, Position
 from services.sse_gateway.filters import Filters
+from shared.codec import parse_iso
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
 from shared.lifecycle import Backoff
@@ -71,6 +80,7 @@ class Hub:
         self.batch = batch
         self.block_ms = max(1, int(block * 1000))
         self.positions: dict[str, Position] = {}
+        self._read_from: dict[str, str] = {}  # the XREAD position: the last entry id read
         self._groups: dict[tuple[tuple[str, ...], Filters], _Group] = {}
         self._by_feed: dict[str, list[_Group]] = {f: [] for f in FEED_NAMES}
         self._ready = {f: asyncio.Event() for f in FEED_NAMES}
@@ -82,7 +92,7 @@ class Hub:
 
     async def start(self) -> None:
         self._closing = False
-        self._tasks = [asyncio.create_task(self._run(f), name=f"hub-reader-{f}") for f in FEED_NAMES]
+        self._tasks = [asyncio.create_task(self._supervise(f), name=f"hub-reader-{f}") for f in FEED_NAMES]
 
     async def close(self) -> None:
         """Stop the readers, within a bound. A reader is cancelled while it blocks in XREAD,
@@ -110,15 +120,23 @@ class Hub:
                 log.error("feed reader failed", extra={"reader": task.get_name(), "error": error})
 
     def ready(self, feed: str) -> bool:
+        """Whether the feed's reader is running (synced with Redis and reading)."""
         return self._ready[feed].is_set()
+
+    async def wait_ready(self, feed: str) -> None:
+        await self._ready[feed].wait()
 
     def live_members(self) -> int:
         return sum(len(g.members) for g in self._groups.values())
 
-    async def wait_moved(self, feeds: Sequence[str], within: float) -> bool:
-        """Until the hub's position in one of `feeds` moves (or it becomes ready): True; or
-        `within` seconds passed: False."""
-        waits = [asyncio.ensure_future(self._moved[f].wait()) for f in feeds]
+    async def wait_moved(
+        self, feeds: Sequence[str], within: float, also: asyncio.Future[None] | None = None
+    ) -> bool:
+        """Until the hub's position in one of `feeds` moves (or it becomes ready), or
+        `also` is done: True; or `within` seconds passed: False."""
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._moved[f].wait()) for f in feeds]
+        if also is not None:
+            waits.append(also)
         try:
             done, _ = await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -133,7 +151,7 @@ class Hub:
         for feed in member.feeds:
             hub = self.positions.get(feed)
             mine = member.positions[feed]
-            if hub is None or not self.ready(feed) or hub.epoch != mine.epoch or hub.seq != mine.seq:
+            if hub is None or not self.ready(feed) or hub != mine:
                 return False
         for feed in member.feeds:
             member.positions[feed] = self.positions[feed]
@@ -175,153 +193,144 @@ class Hub:
 
     # -- the reader ------------------------------------------------------------------
 
-    async def _run(self, feed: str) -> None:
+    async def _supervise(self, feed: str) -> None:
+        """Run the feed's reader, and restart it, with backoff, whatever ends it: a Redis
+        error (logged once until it reads again) or any other exception (logged with its
+        traceback). While it is not reading, `ready(feed)` is False (`/readyz` is red)."""
         backoff = Backoff(cap=5.0)
-        stream = self.keys.stream(feed)
-        synced = False
         warned = False
         while not self.stop.is_set() and not self._closing:
             try:
-                if not synced:
-                    await self._sync(feed)
-                    synced = True
-                    if warned:
-                        log.info("feed reader reading again", extra={"feed": feed})
-                    warned = False
-                    backoff.reset()
-                    self._ready[feed].set()
-                    self._signal(feed)
-                position = self.positions[feed]
-                reply: Any = await self.redis.xread(
-                    {stream: position.entry_id}, count=self.batch, block=self.block_ms
-                )
-                if reply:
-                    await self._accept(feed, reply[0][1])
-                else:
-                    epoch = await self.redis.hget(self.keys.meta(feed), "epoch")
-                    if _s(epoch) != position.epoch:
-                        await self._sync(feed)
+                await self._read(feed, backoff, warned)
+                return  # stopping
             except (RedisError, OSError) as exc:
                 if not warned:
                     log.warning(
                         "feed reader cannot read Redis; retrying", extra={"feed": feed, "error": str(exc)}
                     )
                     warned = True
+            except Exception as exc:  # supervised: any other failure restarts the reader too
+                log.error(
+                    "feed reader failed; restarting it",
+                    exc_info=True,
+                    extra={"feed": feed, "error": f"{type(exc).__name__}: {exc}"},
+                )
+                metrics.READER_RESTARTS.labels(feed).inc()
+                warned = True
+            finally:
                 self._ready[feed].clear()
-                synced = False
-                if await backoff.wait(self.stop):
-                    break
+            if await backoff.wait(self.stop):
+                break
 
-    async def _meta(self, feed: str) -> Position:
-        epoch, seq, last_id = await self.redis.hmget(self.keys.meta(feed), ["epoch", "seq", "last_id"])
-        return Position(_s(epoch), _s(last_id) if last_id else cursor.ORIGIN_ID, int(seq or 0))
+    async def _read(self, feed: str, backoff: Backoff, warned: bool) -> None:
+        stream = self.keys.stream(feed)
+        await self._sync(feed)
+        self._ready[feed].set()
+        self._signal(feed)
+        if warned:
+            log.info("feed reader reading again", extra={"feed": feed})
+        while not self.stop.is_set() and not self._closing:
+            reply: Any = await self.redis.xread(
+                {stream: self._read_from[feed]}, count=self.batch, block=self.block_ms
+            )
+            backoff.reset()
+            if reply:
+                await self._accept(feed, reply[0][1])
+            else:
+                await self._idle(feed)
+
+    async def _top(self, feed: str) -> Position | None:
+        """The feed's top in Redis: the meta hash, or its stream's last entry if the meta
+        hash was lost; None when Redis holds nothing of the feed (lost, being refilled)."""
+        epoch, seq = await self.redis.hmget(self.keys.meta(feed), ["epoch", "seq"])
+        if epoch and seq:
+            return Position(_s(epoch), int(_s(seq)))
+        last: Any = await self.redis.xrevrange(self.keys.stream(feed), max="+", min="-", count=1)
+        if not last:
+            return None
+        fields = _fields(last[0][1])
+        named, top = history.entry_epoch(fields), history.entry_seq(last[0][0])
+        return Position(named, top) if named is not None and top is not None else None
 
     async def _sync(self, feed: str) -> None:
-        """Take the position from the meta hash; on another epoch, send the members to catch up."""
-        meta = await self._meta(feed)
+        """The reader's position from Redis at a (re)start. Only a different epoch (the
+        JetStream stream was recreated) is a reset; Redis holding less than the reader
+        read (lost data, being refilled with the same ids) changes nothing."""
+        top = await self._top(feed)
         old = self.positions.get(feed)
         if old is None:
-            self.positions[feed] = meta
-            log.info("feed reader started", extra={"feed": feed, "epoch": meta.epoch, "seq": meta.seq})
-        elif old.epoch == NO_EPOCH and old.seq == 0 and meta.epoch != NO_EPOCH:
-            self.positions[feed] = Position(meta.epoch, old.entry_id, 0)  # the feed's first entries
-        elif meta.epoch != old.epoch or meta.seq < old.seq:
+            self.positions[feed] = top if top is not None else cursor.origin(NO_EPOCH)
+            position = self.positions[feed]
+            started = {"feed": feed, "epoch": position.epoch, "seq": position.seq}
+            log.info("feed reader started", extra=started)
+        elif top is not None and old.epoch != NO_EPOCH and top.epoch != old.epoch:
             log.warning(
-                "feed stream reset",
-                extra={"feed": feed, "old_epoch": old.epoch, "epoch": meta.epoch, "seq": meta.seq},
+                "feed stream reset: another epoch",
+                extra={"feed": feed, "old_epoch": old.epoch, "epoch": top.epoch, "seq": top.seq},
             )
             self._kick(feed, "stream reset")  # at the old positions: their catch-up sends the reset
-            self.positions[feed] = meta
+            self.positions[feed] = top
             self._signal(feed)
+        self._read_from[feed] = self.positions[feed].entry_id
+
+    async def _idle(self, feed: str) -> None:
+        """Nothing new: has the feed moved to another epoch (its new stream still below
+        the reader's position)? A meta hash that disappeared is not that."""
+        epoch = await self.redis.hget(self.keys.meta(feed), "epoch")
+        position = self.positions[feed]
+        if epoch and position.epoch != NO_EPOCH and _s(epoch) != position.epoch:
+            await self._sync(feed)
 
     async def _accept(self, feed: str, entries: list[tuple[Any, Mapping[Any, Any]]]) -> None:
+        # Always past what was read, whatever it held: the reader never reads a batch twice.
+        self._read_from[feed] = _s(entries[-1][0])
+        parsed = [(entry_id, _fields(raw)) for entry_id, raw in entries]
+        epoch = next((e for e in (history.entry_epoch(f) for _, f in parsed) if e is not None), None)
         position = self.positions[feed]
-        first = _seq(entries[0][1])
-        if first is None:
-            first = position.seq + 1  # judged when dispatched
-        if position.epoch == NO_EPOCH or first != position.seq + 1:
-            epoch = _s(await self.redis.hget(self.keys.meta(feed), "epoch"))
-            if position.epoch == NO_EPOCH and position.seq == 0 and epoch != NO_EPOCH:
-                self.positions[feed] = position = Position(epoch, position.entry_id, 0)
-            if epoch != position.epoch:
-                await self._sync(feed)  # reset: continue from the new epoch's top
+        if epoch is not None and epoch != position.epoch:
+            if position.epoch != NO_EPOCH:
+                await self._sync(feed)  # another epoch: the reset, from the new epoch's top
                 return
-            if first > position.seq + 1:
-                self._kick(feed, "entries trimmed before the reader read them")
-        self._dispatch(feed, entries)
+            first = next((s for s in (history.entry_seq(i) for i, _ in parsed) if s is not None), 1)
+            self.positions[feed] = Position(epoch, first - 1)  # the feed's first entries we see
+        self._dispatch(feed, parsed)
 
-    def _dispatch(self, feed: str, entries: list[tuple[Any, Mapping[Any, Any]]]) -> None:
-        before = self.positions[feed]
-        epoch = before.epoch
-        groups = list(self._by_feed[feed])
-        last_seq = before.seq
-        if not groups:
-            for entry_id, fields in reversed(entries):
-                seq = _seq(fields)
-                if seq is None:
-                    continue
-                if seq > last_seq:
-                    self.positions[feed] = Position(epoch, _s(entry_id), seq)
-                break
-            else:
-                self._unreadable(feed, entries[-1][0], last_seq)
-        else:
-            feed_b = feed.encode()
-            out: dict[int, list[bytes]] = {id(g): [] for g in groups}
-            full: dict[int, int] = dict.fromkeys(out, 0)
-            for raw_id, raw in entries:
-                fields = {_s(k): _s(v) for k, v in raw.items()}
-                seq = _seq(fields)
-                if seq is None:
-                    self._unreadable(feed, raw_id, last_seq)
-                    continue
-                if seq <= last_seq:
-                    continue
-                last_seq = seq
-                self.positions[feed] = Position(epoch, _s(raw_id), seq)
-                data: bytes | None = None
-                name = feed_b
-                ids: dict[tuple[str, ...], bytes] = {}
-                for group in groups:
-                    cid = ids.get(group.feeds)
-                    if cid is None:
-                        cid = ids[group.feeds] = cursor.format(self.positions, group.feeds).encode()
-                    if group.filters.matches(feed, fields):
-                        if data is None:
-                            name, data = frames.entry_payload(feed, feed_b, fields)
-                        out[id(group)].append(frames.event(name, data, cid))
-                        full[id(group)] += 1
-                    else:
-                        out[id(group)].append(frames.id_only(cid))
-            sent = 0
-            for group in groups:
-                pending = out[id(group)]
-                if not pending:
-                    continue
-                chunk = b"".join(pending)
-                for member in list(group.members):
-                    if member.push(chunk, len(pending)):
-                        sent += full[id(group)]
-                    else:
-                        group.members.discard(member)
-                        positions = {f: self.positions[f] for f in group.feeds}
-                        positions[feed] = before
-                        metrics.OVERFLOWS.inc()
-                        member.fall_behind(positions, overflow=True)
-                if not group.members:
-                    self._drop_group(group)
-            if sent:
-                metrics.EVENTS_SENT.labels(feed).inc(sent)
-        last_id = self.positions[feed].entry_id
-        metrics.READER_LAG.labels(feed).set(max(0.0, time.time() - cursor.entry_key(last_id)[0] / 1000))
+    def _dispatch(self, feed: str, entries: list[tuple[Any, dict[str, str]]]) -> None:
+        """Hand `entries` (oldest first) to the live members; entries at or below the
+        reader's seq are skipped, an entry without a valid seq is stepped over loudly, and
+        a hole (entries trimmed before the reader read them) sends every member of the
+        feed to catch-up at the seq before it."""
+        epoch = self.positions[feed].epoch
+        batch = _Batch(self, feed)
+        skipped = 0
+        last_fields: dict[str, str] | None = None
+        for entry_id, fields in entries:
+            seq = history.entry_seq(entry_id)
+            if seq is None:
+                log.error(
+                    "stream entry without a valid seq skipped", extra={"feed": feed, "entry_id": _s(entry_id)}
+                )
+                continue
+            current = self.positions[feed].seq
+            if seq <= current:
+                skipped += 1
+                continue
+            if seq != current + 1:
+                batch.flush()
+                self._kick(feed, f"seqs {current + 1}..{seq - 1} not in Redis when the reader got there")
+                batch = _Batch(self, feed)
+            self.positions[feed] = Position(epoch, seq)
+            fields = history.checked(fields, seq)
+            batch.add(seq, fields)
+            last_fields = fields
+        batch.flush()
+        if skipped:
+            log.debug("entries already dispatched skipped", extra={"feed": feed, "count": skipped})
+        if last_fields is not None and "broker_time" in last_fields:
+            with contextlib.suppress(ValueError):
+                age = time.time() - parse_iso(last_fields["broker_time"]).timestamp()
+                metrics.READER_LAG.labels(feed).set(max(0.0, age))
         self._signal(feed)
-
-    def _unreadable(self, feed: str, entry_id: Any, last_seq: int) -> None:
-        """An entry without a seq (outside the contract): step over it, loudly."""
-        log.error("stream entry without a valid seq skipped", extra={"feed": feed, "entry_id": _s(entry_id)})
-        current = self.positions[feed]
-        if cursor.entry_key(_s(entry_id)) > current.id_key:
-            self.positions[feed] = Position(current.epoch, _s(entry_id), last_seq)
 
     def _signal(self, feed: str) -> None:
         event = self._moved[feed]
@@ -329,15 +338,70 @@ class Hub:
         event.set()
 
 
+class _Batch:
+    """The frames of a run of one feed's entries for each live group of that feed, pushed
+    as ONE chunk per group: each entry's payload encoded once, each frame once per
+    variant (feed set: the `id:`; filters: event or `id:`-only frame)."""
+
+    __slots__ = ("before", "feed", "feed_b", "full", "groups", "hub", "out")
+
+    def __init__(self, hub: Hub, feed: str) -> None:
+        self.hub = hub
+        self.feed = feed
+        self.feed_b = feed.encode()
+        self.before = hub.positions[feed]
+        self.groups = list(hub._by_feed[feed])
+        self.out: dict[int, list[bytes]] = {id(g): [] for g in self.groups}
+        self.full: dict[int, int] = dict.fromkeys(self.out, 0)
+
+    def add(self, seq: int, fields: Mapping[str, str]) -> None:
+        if not self.groups:
+            return
+        positions = self.hub.positions
+        feed = self.feed
+        name, data = frames.entry_payload(feed, self.feed_b, fields)
+        malformed = name == frames.MALFORMED  # sent whatever the filters: it moves the cursor
+        ids: dict[tuple[str, ...], bytes] = {}
+        for group in self.groups:
+            cid = ids.get(group.feeds)
+            if cid is None:
+                cid = ids[group.feeds] = cursor.format(positions, group.feeds).encode()
+            if malformed or group.filters.matches(feed, fields):
+                self.out[id(group)].append(frames.event(name, data, cid))
+                self.full[id(group)] += 1
+            else:
+                self.out[id(group)].append(frames.id_only(cid))
+
+    def flush(self) -> None:
+        hub = self.hub
+        sent = 0
+        for group in self.groups:
+            pending = self.out[id(group)]
+            if not pending:
+                continue
+            chunk = b"".join(pending)
+            for member in list(group.members):
+                if member.push(chunk, len(pending)):
+                    sent += self.full[id(group)]
+                else:
+                    group.members.discard(member)
+                    positions = {f: hub.positions[f] for f in group.feeds}
+                    positions[self.feed] = self.before
+                    metrics.OVERFLOWS.inc()
+                    member.fall_behind(positions, overflow=True)
+            if not group.members:
+                hub._drop_group(group)
+            pending.clear()
+        if sent:
+            metrics.EVENTS_SENT.labels(self.feed).inc(sent)
+        self.before = hub.positions[self.feed]
+
+
+def _fields(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
 def _s(value: Any) -> str:
     if value is None:
         return NO_EPOCH
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _seq(fields: Mapping[Any, Any]) -> int | None:
-    raw = fields.get("seq", fields.get(b"seq"))
-    try:
-        return int(_s(raw)) if raw is not None else None
-    except ValueError:
-        return None

@@ -13,7 +13,9 @@ CATCHUPS = Counter(
 GAPS = Counter(
     "fanout_gateway_gaps_total", "`event: gap` sent (history that neither Redis nor Postgres holds)"
 )
-RESETS = Counter("fanout_gateway_resets_total", "`event: reset` sent (a cursor from another epoch)")
+RESETS = Counter(
+    "fanout_gateway_resets_total", "`event: reset` sent (a cursor from another epoch, or a v1 cursor)"
+)
 SLOW_DISCONNECTS = Counter(
     "fanout_gateway_slow_disconnects_total", "subscribers disconnected for staying too far behind"
 )
@@ -22,7 +24,12 @@ OVERFLOWS = Counter(
 )
 READER_LAG = Gauge(
     "fanout_gateway_reader_lag_seconds",
-    "age of the last entry the shared reader dispatched, when it was dispatched",
+    "age (since its broker time) of the last entry the shared reader dispatched, when it was dispatched",
+    ["feed"],
+)
+READER_RESTARTS = Counter(
+    "fanout_gateway_reader_restarts_total",
+    "times a feed's shared reader failed with an unexpected exception and was restarted",
     ["feed"],
 )
 REJECTED = Counter("fanout_gateway_rejected_total", "stream requests refused", ["status"])

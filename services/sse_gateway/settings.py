@@ -36,6 +36,12 @@ class GatewaySettings(Settings):
         "events buffered for a live subscriber; past it the subscriber drops to catch-up (reads history "
         "on its own) and rejoins the live stream later",
     )
+    client_buffer_bytes: int = setting(
+        "FANOUT_CLIENT_BUFFER_BYTES",
+        4 * 1024 * 1024,
+        "bytes buffered for a live subscriber (with FANOUT_CLIENT_BUFFER, whichever is reached first); "
+        "past it the subscriber drops to catch-up",
+    )
     catchup_batch: int = setting(
         "FANOUT_CATCHUP_BATCH", 500, "entries read per Redis XRANGE or Postgres query while catching up"
     )
@@ -76,6 +82,7 @@ class GatewaySettings(Settings):
             ("FANOUT_MAX_SUBSCRIBERS", self.max_subscribers, 1),
             ("FANOUT_RETRY_MS", self.retry_ms, 0),
             ("FANOUT_CLIENT_BUFFER", self.client_buffer, 1),
+            ("FANOUT_CLIENT_BUFFER_BYTES", self.client_buffer_bytes, 1024),
             ("FANOUT_CATCHUP_BATCH", self.catchup_batch, 1),
             ("FANOUT_READER_BATCH", self.reader_batch, 1),
             ("FANOUT_DB_POOL_SIZE", self.db_pool_size, 1),

@@ -1,17 +1,24 @@
 """One client's stream: where it starts, its catch-up on its own, then the hub's live set.
 
-A subscriber behind the hub reads history itself, feed by feed, in batches: the Postgres
-catalogue while its position is before what Redis still holds, then Redis (XRANGE), and
-joins the hub when it is exactly at the hub's position in every feed it reads. Each
-handover is checked by `seq` (the next entry must be seq + 1), so nothing is repeated,
-and what neither store holds is reported in-band:
+A subscriber behind the hub reads history itself, feed by feed, in batches, through
+`history.History` (Redis while it holds the next seq, else the PostgreSQL catalogue),
+and joins the hub when it is exactly at the hub's position in every feed it reads.
+Every handover is by seq (the next record is seq + 1), so nothing is repeated. When
+neither store holds the next seq yet (the archiver is behind, or Redis lost data and is
+being refilled) it waits, with heartbeats; what neither store will ever hold, and an
+epoch that is no longer the feed's, are reported in-band:
 
-    event: gap    data: {"feed", "asked_after", "resumed_at", "missed"}   (seqs)
-    event: reset  data: {"feed", "asked_epoch", "current_epoch", "asked_after", "resumes_at"}
+    event: gap        data: {"feed", "asked_after", "resumed_at", "missed"}   (seqs)
+    event: reset      data: {"feed", "reason": "epoch", "asked_epoch", "current_epoch",
+                             "asked_after", "resumes_at"}
+                      data: {"feed", "reason": "cursor_version", "asked", "resumes_at"}
+    event: malformed  data: {"feed", "seq", "message_id", "error"}  (a payload that was not a
+                      valid message: it has its seq and its id, so it is no gap)
 
-A live subscriber gets the hub's chunks through a bounded buffer, and its writer sends
-everything pending as ONE chunk per wake-up. Past the buffer it drops to catch-up; if it
-has not caught up within `slow_client_timeout` it is disconnected (it resumes by its id).
+A live subscriber gets the hub's chunks through a buffer bounded in frames and in bytes,
+and its writer sends everything pending as ONE chunk per wake-up. Past the buffer it
+drops to catch-up; if it has not caught up within `slow_client_timeout` it is
+disconnected (it resumes by its id).
 """
 
 from __future__ import annotations
@@ -19,21 +26,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.sse_gateway import cursor, frames, history, metrics
-from services.sse_gateway.cursor import NO_EPOCH, CursorError, Position
+from services.sse_gateway import cursor, frames, metrics
+from services.sse_gateway.cursor import NO_EPOCH, LegacyCursor, Position
 from services.sse_gateway.filters import Filters
-from services.sse_gateway.history import Archive, ArchiveUnavailable, Record
+from services.sse_gateway.history import ArchiveUnavailable, History, Record
 from services.sse_gateway.hub import Hub
 from services.sse_gateway.settings import GatewaySettings
-from shared.keys import Keys
-from shared.lifecycle import wait_or_stop
+from shared.lifecycle import Backoff, wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ class Registry:
 
 
 RETRY_AFTER_REDIS_ERROR = 0.5
+WAIT_RETRY_CAP = 2.0  # seconds: the longest pause between looks while a store catches up
 SLOW_CLIENT = "too far behind for too long"  # the close reason of a SlowClient
 
 
@@ -93,22 +99,25 @@ class SlowClient(Exception):
 
 class Subscriber:
     __slots__ = (
+        "_retry",
         "_waiter",
-        "archive",
         "behind_since",
         "buffer",
+        "buffered",
+        "byte_limit",
         "close_reason",
         "closed",
         "feeds",
         "filters",
+        "history",
         "hub",
-        "keys",
         "limit",
         "live",
+        "notices",
         "pending",
         "positions",
         "quiet",
-        "redis",
+        "redis_first",
         "sending_since",
         "settings",
         "stalled",
@@ -122,21 +131,24 @@ class Subscriber:
         filters: Filters,
         positions: dict[str, Position],
         hub: Hub,
-        redis: Redis,
-        archive: Archive,
+        history: History,
         settings: GatewaySettings,
+        notices: Sequence[bytes] = (),
     ) -> None:
         self.feeds = feeds
         self.filters = filters
         self.positions = positions
         self.hub = hub
-        self.redis = redis  # the history client (a bounded pool), not the hub's
-        self.keys: Keys = hub.keys
-        self.archive = archive
+        self.history = history  # on the history client (a bounded pool), not the hub's
         self.settings = settings
+        self.notices = list(notices)  # sent right after the start frame
         self.limit = settings.client_buffer
+        self.byte_limit = settings.client_buffer_bytes
         self.buffer: list[bytes] = []
-        self.pending = 0
+        self.pending = 0  # frames in `buffer`
+        self.buffered = 0  # bytes in `buffer`
+        self.redis_first: dict[str, int | None] = {}  # per feed: Redis's first seq, last seen
+        self._retry = Backoff(base=0.05, cap=min(WAIT_RETRY_CAP, settings.heartbeat))
         self._waiter: asyncio.Future[None] | None = None
         self.quiet = False
         self.sending_since = 0.0  # loop time a write started, 0 when none is in progress
@@ -150,10 +162,11 @@ class Subscriber:
     # -- called by the hub (synchronous) ---------------------------------------------
 
     def push(self, chunk: bytes, count: int) -> bool:
-        if self.pending + count > self.limit:
+        if self.pending + count > self.limit or self.buffered + len(chunk) > self.byte_limit:
             return False
         self.buffer.append(chunk)
         self.pending += count
+        self.buffered += len(chunk)
         self._wake()
         return True
 
@@ -165,7 +178,9 @@ class Subscriber:
             self.task.cancel()
 
     def heartbeat(self) -> None:
-        if self.quiet and self.live and not self.buffer:
+        """A heartbeat comment if nothing was sent for a whole interval (live, or waiting
+        in catch-up for a store to catch up)."""
+        if self.quiet and not self.buffer:
             self.buffer.append(frames.HEARTBEAT)
             self._wake()
         self.quiet = True
@@ -195,7 +210,8 @@ class Subscriber:
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
         """The bytes to send, chunk by chunk, until closed."""
-        yield frames.retry(self.settings.retry_ms) + frames.id_only(self.cursor())
+        yield frames.retry(self.settings.retry_ms) + frames.id_only(self.cursor()) + b"".join(self.notices)
+        self.notices.clear()
         self.live = self.hub.join(self)
         if not self.live:
             metrics.CATCHUPS.inc()
@@ -204,7 +220,7 @@ class Subscriber:
                 if self.buffer:
                     chunk = b"".join(self.buffer)
                     self.buffer.clear()
-                    self.pending = 0
+                    self.pending = self.buffered = 0
                     self.quiet = False
                     yield chunk
                 elif not self.live:
@@ -213,25 +229,30 @@ class Subscriber:
                         self.quiet = False
                         yield chunk
                 else:
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
+                    await self._pause(None)
         except SlowClient:
             self.close(SLOW_CLIENT)
             metrics.SLOW_DISCONNECTS.inc()
             log.info("slow subscriber disconnected", extra={"feeds": ",".join(self.feeds)})
             yield b": disconnected: too far behind for too long; reconnect with your last id\n\n"
-        except (KeyError, ValueError) as exc:  # an entry without a seq: outside the contract
-            log.error("unreadable stream entry, closing the stream", extra={"error": str(exc)})
-            yield b": an unreadable stream entry stopped this stream; see the gateway's log\n\n"
         except ArchiveUnavailable as exc:
             log.warning("history unavailable, closing the stream", extra={"error": str(exc)})
             yield b": history is unavailable right now (catalogue database); reconnect with your last id\n\n"
         finally:
             self.hub.leave(self)
             self.live = False
+
+    async def _pause(self, within: float | None) -> None:
+        """Until woken (a chunk, a heartbeat, a drop to catch-up, the close); in catch-up
+        (`within` set) also until the hub moves in one of our feeds, or `within` passed."""
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        try:
+            if within is None:
+                await waiter
+            else:
+                await self.hub.wait_moved(self.feeds, within, also=waiter)
+        finally:
+            self._waiter = None
 
     async def _catch_up(self) -> bytes:
         """One round of catch-up: a batch per feed behind, or the join, or a wait."""
@@ -241,92 +262,94 @@ class Subscriber:
         ):
             raise SlowClient
         out: list[bytes] = []
+        waiting = False
         try:
             for feed in self.feeds:
-                out += await self._step(feed)
+                got, wait = await self._step(feed)
+                out += got
+                waiting = waiting or wait
                 if self.closed:
                     return b""
         except (RedisError, OSError) as exc:
             # Redis away (the hub's reader waits for it too): keep the stream, retry later.
             log.warning("catch-up read failed; retrying", extra={"error": str(exc) or type(exc).__name__})
-            await asyncio.sleep(RETRY_AFTER_REDIS_ERROR)  # a retry delay, bounded by the heartbeat
-            return b"".join(out) + frames.HEARTBEAT
+            await self._pause(RETRY_AFTER_REDIS_ERROR)
+            return b"".join(out)
         if out:
+            self._retry.reset()
             return b"".join(out)
         if self.hub.join(self):
             self.live = True
             self.behind_since = None
             return b""
-        # Ahead of the hub, or it is not reading (Redis away): wait for it to move.
-        moved = await self.hub.wait_moved(self.feeds, self.settings.heartbeat)
-        return b"" if moved else frames.HEARTBEAT
+        # Ahead of the hub, or it is not reading (Redis away): wait for it to move. Or a
+        # store is catching up (the archiver behind, Redis being refilled): look again soon.
+        await self._pause(self._retry.next_delay() if waiting else self.settings.heartbeat)
+        return b""
 
-    async def _step(self, feed: str) -> list[bytes]:
+    async def _step(self, feed: str) -> tuple[list[bytes], bool]:
+        """Frames for `feed`, and whether it waits for a store that does not hold the next
+        entry yet."""
         hub = self.hub.positions.get(feed)
         if hub is None or not self.hub.ready(feed):
-            return []
+            return [], False
         mine = self.positions[feed]
         if mine.epoch == NO_EPOCH:
             if hub.epoch == NO_EPOCH:
-                return []
+                return [], False
             mine = self.positions[feed] = cursor.origin(hub.epoch)  # there was nothing before
-        if mine.epoch != hub.epoch:
-            # Another epoch: the rest of ours from the catalogue, then say so and start the new one.
-            rows = await self.archive.after(feed, mine.epoch, mine.seq, self.settings.catchup_batch, None)
-            if rows:
-                return self._deliver(feed, rows)
-            metrics.RESETS.inc()
-            notice = frames.notice(
-                "reset",
-                {
-                    "feed": feed,
-                    "asked_epoch": mine.epoch,
-                    "current_epoch": None if hub.epoch == NO_EPOCH else hub.epoch,
-                    "asked_after": mine.seq,
-                    "resumes_at": "the first entry of the current epoch",
-                },
-            )
-            self.positions[feed] = cursor.origin(hub.epoch)
-            log.info("reset sent", extra={"feed": feed, "asked_epoch": mine.epoch, "epoch": hub.epoch})
-            return [notice]
-        if mine.seq >= hub.seq:
-            return []  # caught up (the join checks), or ahead of the hub (wait)
         batch = self.settings.catchup_batch
-        recs = await history.redis_after(self.redis, self.keys, feed, mine.entry_id, hub.entry_id, batch)
-        if recs and recs[0].seq == mine.seq + 1:
-            return self._deliver(feed, recs)
-        rows = await self.archive.after(feed, mine.epoch, mine.seq, batch, hub.seq)
-        if rows and rows[0].seq == mine.seq + 1:
-            return self._deliver(feed, rows)
-        # Neither holds the next entry: a gap, reported, then on from what exists.
-        if not recs and not rows:
-            return [self._gap(feed, mine, hub.seq + 1, hub.entry_id, hub.seq)]
-        source = recs if recs and (not rows or recs[0].seq < rows[0].seq) else rows
-        return self._deliver(feed, source)
+        if hub.epoch != NO_EPOCH and mine.epoch != hub.epoch:
+            # Another epoch: the rest of ours from the catalogue, then say so and start the new one.
+            rows = await self.history.archived_after(feed, mine.epoch, mine.seq, batch)
+            if rows:
+                return self._deliver(feed, rows), False
+            return [self._reset(feed, mine, hub.epoch)], False
+        if hub.epoch != NO_EPOCH and mine.seq >= hub.seq:
+            return [], False  # caught up (the join checks), or ahead of the hub (wait for it)
+        upto = None if hub.epoch == NO_EPOCH else hub.seq
+        page = await self.history.after(feed, mine.epoch, mine.seq, upto, batch, self.redis_first.get(feed))
+        self.redis_first[feed] = page.redis_first
+        if page.records:
+            return self._deliver(feed, page.records), False
+        if page.gap_to is not None:
+            return [self._gap(feed, mine, page.gap_to)], False
+        return [], True
 
-    def _gap(self, feed: str, mine: Position, resumed_at: int, entry_id: str, seq: int) -> bytes:
+    def _reset(self, feed: str, mine: Position, epoch: str) -> bytes:
+        metrics.RESETS.inc()
+        log.info("reset sent", extra={"feed": feed, "asked_epoch": mine.epoch, "epoch": epoch})
+        self.positions[feed] = cursor.origin(epoch)
+        self.redis_first.pop(feed, None)
+        return frames.notice(
+            "reset",
+            {
+                "feed": feed,
+                "reason": "epoch",
+                "asked_epoch": mine.epoch,
+                "current_epoch": epoch,
+                "asked_after": mine.seq,
+                "resumes_at": "the first entry of the current epoch",
+            },
+        )
+
+    def _gap(self, feed: str, mine: Position, resumed_at: int) -> bytes:
         metrics.GAPS.inc()
         missed = resumed_at - mine.seq - 1
         log.info("gap sent", extra={"feed": feed, "asked_after": mine.seq, "missed": missed})
-        self.positions[feed] = Position(mine.epoch, entry_id, seq)
+        self.positions[feed] = Position(mine.epoch, resumed_at - 1)
         return frames.notice(
             "gap", {"feed": feed, "asked_after": mine.seq, "resumed_at": resumed_at, "missed": missed}
         )
 
     def _deliver(self, feed: str, records: Sequence[Record]) -> list[bytes]:
-        """Frames for the contiguous run of `records` (a gap notice first if they start late)."""
-        mine = self.positions[feed]
+        """Frames for `records`, which go on from the subscriber's position without a hole."""
         out: list[bytes] = []
-        first = records[0]
-        if first.seq != mine.seq + 1:
-            out.append(self._gap(feed, mine, first.seq, cursor.id_before(first.entry_id), first.seq - 1))
         feed_b = feed.encode()
-        epoch = mine.epoch
+        epoch = self.positions[feed].epoch
         sent = 0
         for record in records:
-            if record.seq != self.positions[feed].seq + 1:
-                break  # a hole inside the batch: the next round looks at both stores again
-            self.positions[feed] = Position(epoch, record.entry_id, record.seq)
+            self.positions[feed] = Position(epoch, record.seq)
             cid = self.cursor()
             if not record.valid:
                 out.append(frames.event(frames.MALFORMED, record.data, cid))
@@ -344,58 +367,69 @@ class Subscriber:
 
 
 async def start_positions(
-    redis: Redis,
-    keys: Keys,
-    archive: Archive,
+    history: History,
+    hub: Hub,
     feeds: Sequence[str],
     resume: dict[str, Position],
     start: str,
 ) -> dict[str, Position]:
-    """Per feed: the cursor's position, else `start` (latest | earliest | ISO time).
+    """Per feed: the cursor's position, else `start`: `latest` (the feed's top),
+    `earliest` (before the first seq PostgreSQL or Redis holds of the epoch), or an ISO
+    time (before the first entry whose broker time is at or after it; the top if none).
 
-    Raises CursorError for a cursor from the future, ValueError for a bad `start`.
+    A cursor is taken as it is, even ahead of what Redis holds (Redis lost data and is
+    being refilled: the subscriber waits until the hub gets there). Raises ValueError
+    for a bad `start`.
     """
     when: datetime | None = None
     if start not in ("latest", "earliest"):
         when = parse_time(start)
     positions: dict[str, Position] = {}
     for feed in feeds:
-        epoch, seq, last_id = await redis.hmget(keys.meta(feed), ["epoch", "seq", "last_id"])
-        top = Position(_s(epoch) or NO_EPOCH, _s(last_id) or cursor.ORIGIN_ID, int(seq or 0))
         asked = resume.get(feed)
-        if asked is not None:
-            if asked.epoch == top.epoch and (asked.seq > top.seq or asked.id_key > top.id_key):
-                raise CursorError(
-                    f"cursor from the future: {feed} is at seq {top.seq} (entry {top.entry_id}) in epoch "
-                    f"{top.epoch}, the cursor asks for after seq {asked.seq} (entry {asked.entry_id})"
-                )
-            positions[feed] = asked
-        elif start == "latest" or top.epoch == NO_EPOCH:
-            positions[feed] = top
-        else:
-            min_ms = 0 if when is None else int(when.timestamp() * 1000)
-            positions[feed] = await _first_from(redis, keys, archive, feed, top, min_ms)
+        positions[feed] = asked if asked is not None else await _start(history, hub, feed, start, when)
     return positions
 
 
-async def _first_from(
-    redis: Redis, keys: Keys, archive: Archive, feed: str, top: Position, min_ms: int
-) -> Position:
-    """Just before the first entry (Redis or catalogue) whose id time is at or after `min_ms`."""
-    oldest = await history.redis_first(redis, keys, feed)
-    found: tuple[str, int] | None = None
-    if oldest is not None and cursor.entry_key(oldest[0])[0] <= min_ms:
-        found = await history.redis_first(redis, keys, feed, f"{min_ms}-0")
-    elif oldest is not None and oldest[1] == 1:
-        found = oldest  # Redis still holds the epoch's first entry: nothing older in the catalogue
-    else:
-        found = await archive.first(feed, top.epoch, min_ms) or oldest
-    if found is None:
+async def _start(history: History, hub: Hub, feed: str, start: str, when: datetime | None) -> Position:
+    found = await history.top(feed)
+    top = Position(*found) if found is not None else None
+    live = hub.positions.get(feed)
+    if live is not None and live.epoch != NO_EPOCH:
+        if top is None or (top.epoch == live.epoch and top.seq < live.seq):
+            top = live  # Redis holds less than the hub read: it lost data and is being refilled
+    if top is None:
+        return cursor.origin(NO_EPOCH)
+    if start == "latest":
         return top
-    entry_id, seq = found
-    if seq <= 1:
-        return cursor.origin(top.epoch)
-    return Position(top.epoch, cursor.id_before(entry_id), seq - 1)
+    if when is None:
+        first = await history.earliest(feed, top.epoch)
+    else:
+        first = await history.seq_at(feed, top.epoch, when)
+    if first is None:
+        return top if when is not None else cursor.origin(top.epoch)
+    return Position(top.epoch, min(first - 1, top.seq))
+
+
+def legacy_notices(legacy: LegacyCursor, positions: Mapping[str, Position]) -> list[bytes]:
+    """The in-band answer to a v1 cursor: per feed it names that is subscribed, an
+    `event: reset` saying where the stream resumes instead (the request's `from=`)."""
+    out = []
+    for feed in legacy.feeds:
+        if feed in positions:
+            metrics.RESETS.inc()
+            out.append(
+                frames.notice(
+                    "reset",
+                    {
+                        "feed": feed,
+                        "reason": "cursor_version",
+                        "asked": legacy.text,
+                        "resumes_at": positions[feed].text(feed),
+                    },
+                )
+            )
+    return out
 
 
 def parse_time(text: str) -> datetime:
@@ -407,9 +441,3 @@ def parse_time(text: str) -> datetime:
             "2026-11-28T09:00:00Z"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def _s(value: object) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,9 +1,11 @@
 """Helpers for the gateway tests (no tests here): write entries the way the ingestor
-does, run the gateway on a free port, and read its event stream with raw asyncio."""
+does, write catalogue rows the way the archiver does (contract v2, plain SQL), run the
+gateway on a free port, and read its event stream with raw asyncio."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -15,12 +17,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 
 from shared import codec, scripts
+from shared.feeds import FEED_NAMES, FEEDS, message_id
 from shared.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,35 +52,151 @@ def sport_fields(i: int) -> dict[str, str]:
     return {"sport": ("FOOTBALL", "TENNIS")[i % 2], "match_title": f"match {i}", "data_event": f"goal {i}"}
 
 
-class Writer:
-    """Appends entries with shared/lua/ingest_append.lua, as the ingestor does."""
+EPOCH = "1795862595094"  # a JetStream stream's creation time in ms
 
-    def __init__(self, redis: Redis, prefix: str, epoch: str = "e0e0e0e0") -> None:
+
+class Writer:
+    """Appends entries as the ingestor does (contract v2): with shared/lua/ingest_append.lua
+    through `scripts.ingest_append_call`, at the seqs JetStream would give them (contiguous
+    per feed from 1), message id `<epoch>.<seq>`. It keeps what it appended, per feed and
+    seq: the independent record tests compare subscribers with, and what `refill` writes
+    again after Redis lost it (the same ids, as the ingestor refills from JetStream)."""
+
+    def __init__(self, redis: Redis, prefix: str, epoch: str = EPOCH, ttl: int = 3600) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
         self.epoch = epoch
+        self.ttl = ttl
         self.script = scripts.register(redis, "ingest_append")
-        self.counter = 0
+        self.top: dict[str, int] = dict.fromkeys(FEED_NAMES, 0)
+        self.written: dict[str, dict[int, list[str]]] = {f: {} for f in FEED_NAMES}
 
-    async def append(self, feed: str, n: int) -> list[str]:
-        keys = [self.keys.stream(feed), self.keys.meta(feed)]
-        argv: list[Any] = [3600, self.epoch]
-        now = codec.iso_ms(__import__("datetime").datetime.now(__import__("datetime").UTC))
+    async def append(
+        self, feed: str, n: int, *, broker_time: str | None = None, **fields: str
+    ) -> list[str]:
+        """`n` new messages (fields as `execution_fields`/`sport_fields` make them for their
+        seq, overridden by `fields`); their entry ids."""
+        now = codec.iso_ms(datetime.now(UTC))
+        messages: list[tuple[int, str, list[str]]] = []
         for _ in range(n):
-            self.counter += 1
-            i = self.counter
-            fields = execution_fields(i) if feed == "execution" else sport_fields(i)
-            message_id = f"1700000000000.{i}"
-            keys.append(self.keys.dedup(feed, message_id))
-            flat = codec.entry_fields(message_id, fields, now, now)
-            argv += [i, len(flat), *flat]
+            self.top[feed] += 1
+            seq = self.top[feed]
+            made = execution_fields(seq) if feed == "execution" else sport_fields(seq)
+            made.update(fields)
+            mid = message_id(self.epoch, seq)
+            flat = codec.entry_fields(mid, made, broker_time or now, now)
+            self.written[feed][seq] = flat
+            messages.append((seq, mid, flat))
+        return await self._call(feed, messages)
+
+    async def append_malformed(self, feed: str, error: str = "not a valid protobuf message") -> str:
+        """A payload the ingestor could not decode: it keeps its seq (`codec.malformed_fields`)."""
+        now = codec.iso_ms(datetime.now(UTC))
+        self.top[feed] += 1
+        seq = self.top[feed]
+        mid = message_id(self.epoch, seq)
+        flat = codec.malformed_fields(mid, error, b"\x0a\x02no", now, now)
+        self.written[feed][seq] = flat
+        [entry] = await self._call(feed, [(seq, mid, flat)])
+        return entry
+
+    async def refill(self, feed: str, first: int, last: int | None = None, chunk: int = 500) -> None:
+        """What the ingestor does once Redis lost the stream: seqs `first`..`last` (default:
+        the top) again, with the same ids, the stream starting at `first`."""
+        last = self.top[feed] if last is None else last
+        for low in range(first, last + 1, chunk):
+            seqs = range(low, min(last, low + chunk - 1) + 1)
+            messages = [(s, message_id(self.epoch, s), self.written[feed][s]) for s in seqs]
+            await self._call(feed, messages, start=first)
+
+    def expected(self, feed: str) -> list[str]:
+        """The message ids appended to `feed`, by seq."""
+        return [message_id(self.epoch, s) for s in sorted(self.written[feed])]
+
+    async def _call(
+        self, feed: str, messages: Sequence[tuple[int, str, Sequence[str]]], start: int = 0
+    ) -> list[str]:
+        keys, argv = scripts.ingest_append_call(self.keys, feed, self.epoch, messages, self.ttl, start)
         result = await self.script(keys=keys, args=argv)
-        return [r[0].decode() if isinstance(r[0], bytes) else r[0] for r in result]
+        ids = [r[0].decode() if isinstance(r[0], bytes) else str(r[0]) for r in result]
+        holes = [m[0] for m, r in zip(messages, result, strict=True) if int(r[1]) < 0]
+        assert not holes, f"{feed}: seqs {holes} not appended: the stream's top is below them"
+        return ids
 
 
 async def xrange_all(redis: Redis, prefix: str, feed: str) -> list[tuple[str, dict[str, str]]]:
     raw: Any = await redis.xrange(Keys(prefix).stream(feed))
     return [(i.decode() if isinstance(i, bytes) else str(i), codec.str_entry(f)) for i, f in raw]
+
+
+# -- the catalogue (contract v2, section 3), written by plain SQL as the archiver would --
+
+_COMMON = """message_id text PRIMARY KEY, epoch text NOT NULL, seq bigint NOT NULL,
+    stream_id text NOT NULL, entry_ms bigint NOT NULL, entry_n bigint NOT NULL,
+    broker_time timestamptz NOT NULL, ingest_time timestamptz NOT NULL,
+    archived_at timestamptz NOT NULL DEFAULT now()"""
+_TYPED = {
+    "execution": "symbol text NOT NULL, market text NOT NULL, price real NOT NULL, quantity real NOT NULL, "
+    "execution_epoch bigint NOT NULL, state_symbol text NOT NULL",
+    "sport_event": "sport text NOT NULL, match_title text NOT NULL, data_event text NOT NULL",
+}
+_COLUMNS = {
+    "execution": (
+        ("symbol", "symbol"), ("market", "market"), ("price", "price"), ("quantity", "quantity"),
+        ("execution_epoch", "executionEpoch"), ("state_symbol", "stateSymbol"),
+    ),
+    "sport_event": (("sport", "sport"), ("match_title", "match_title"), ("data_event", "data_event")),
+}
+
+
+async def create_catalogue(pg: Any, schema: str) -> None:
+    """The catalogue tables as contract v2 says (the archiver owns the real migration):
+    feed tables unique on (epoch, seq), `dead_letter` with `epoch` and `seq`."""
+    await pg.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    for feed, typed in _TYPED.items():
+        await pg.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".{feed} ({_COMMON}, {typed}, message jsonb NOT NULL,'
+            " UNIQUE (epoch, seq))"
+        )
+        index = f"CREATE INDEX IF NOT EXISTS {feed}_broker_time_idx"
+        await pg.execute(f'{index} ON "{schema}".{feed} (broker_time)')
+    await pg.execute(
+        f"""CREATE TABLE IF NOT EXISTS "{schema}".dead_letter (id bigserial PRIMARY KEY,
+        source text NOT NULL, feed text, message_id text, subject text, broker_seq bigint,
+        stream_id text, error text NOT NULL, payload bytea, fields jsonb, broker_time timestamptz,
+        ingest_time timestamptz, archived_at timestamptz NOT NULL DEFAULT now(), epoch text, seq bigint,
+        UNIQUE (source, message_id))"""
+    )
+
+
+async def archive(pg: Any, schema: str, feed: str, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
+    """Catalogue rows of stream entries `(entry id, fields)`, as the archiver writes them:
+    a valid message in the feed's table, a malformed one (an `error` field) in
+    `dead_letter` with its feed, epoch and seq (source 'ingestor')."""
+    await create_catalogue(pg, schema)
+    for entry_id, fields in entries:
+        epoch, _, seq_text = fields["message_id"].rpartition(".")
+        seq = int(seq_text)
+        assert entry_id == f"{seq}-0" and fields["seq"] == seq_text, (entry_id, fields)
+        times = [codec.parse_iso(fields["broker_time"]), codec.parse_iso(fields["ingest_time"])]
+        if codec.is_malformed(fields):
+            await pg.execute(
+                f'INSERT INTO "{schema}".dead_letter (source, feed, message_id, stream_id, error,'
+                " payload, broker_time, ingest_time, epoch, seq)"
+                " VALUES ('ingestor', $1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                feed, fields["message_id"], entry_id, fields["error"],
+                base64.b64decode(fields["payload_b64"]), *times, epoch, seq,
+            )
+            continue
+        message = codec.typed_message(FEEDS[feed], fields)
+        typed = [message[key] for _, key in _COLUMNS[feed]]
+        names = ", ".join(column for column, _ in _COLUMNS[feed])
+        marks = ", ".join(f"${i}" for i in range(9, 9 + len(typed) + 1))
+        await pg.execute(
+            f'INSERT INTO "{schema}".{feed} (message_id, epoch, seq, stream_id, entry_ms, entry_n,'
+            f" broker_time, ingest_time, {names}, message) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {marks})",
+            fields["message_id"], epoch, seq, entry_id, seq, 0, *times, *typed, json.dumps(message),
+        )
 
 
 @dataclass
@@ -123,12 +243,13 @@ class Stream:
     async def collect(
         self, count: int, within: float = 30.0, feeds: Sequence[str] | None = None
     ) -> list[Event]:
-        """The next `count` feed events (notices and id-only frames are kept in `events`)."""
+        """The next `count` feed events (notices, `malformed` and id-only frames are kept in
+        `events`)."""
         out: list[Event] = []
         async with asyncio.timeout(within):
             while len(out) < count:
                 ev = await self.next(within)
-                if ev.event not in ("", "gap", "reset") and (feeds is None or ev.event in feeds):
+                if ev.event in (feeds or FEED_NAMES):
                     out.append(ev)
         return out
 

@@ -13,7 +13,7 @@ _json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
-_cursor = st.from_regex(r"v1:[a-z_]+\.[0-9a-f]{8}\.[0-9]{1,13}-[0-9]{1,3}\.[0-9]{1,6}", fullmatch=True)
+_cursor = st.from_regex(r"v2:[a-z_]+\.[0-9]{13}\.[0-9]{1,6}(,[a-z_]+\.[0-9]{13}\.[0-9]{1,6})?", fullmatch=True)
 
 
 @given(data=_json_values, cursor=_cursor, feed=st.sampled_from(["execution", "sport_event"]))
@@ -38,3 +38,13 @@ def test_json_data_never_breaks_a_line(text: str) -> None:
 def test_notice_and_retry() -> None:
     assert frames.notice("gap", {"missed": 3}) == b'event: gap\ndata: {"missed":3}\n\n'
     assert frames.retry(2000) == b"retry: 2000\n\n"
+
+
+def test_malformed_entries_name_feed_seq_message_id_and_error() -> None:
+    entry = {"seq": "7", "message_id": "1795862595094.7", "error": "not protobuf", "payload_b64": "AA=="}
+    name, data = frames.entry_payload("execution", b"execution", entry)
+    assert name == frames.MALFORMED
+    assert data == b'{"feed":"execution","seq":7,"message_id":"1795862595094.7","error":"not protobuf"}'
+    # outside the contract (written by hand): still reported, not skipped
+    name, data = frames.entry_payload("execution", b"execution", {"seq": "8", "message_id": "1.8", "price": "x"})
+    assert name == frames.MALFORMED and b'"seq":8' in data and b"malformed stream entry" in data
