@@ -2,14 +2,12 @@
 
 Per feed (and for the dead letters), with the default prefix `fanout`:
 
-    fanout:{execution}:stream        the stream of entries (XRANGE it)
-    fanout:{execution}:meta          hash: epoch, seq (last), last_id, broker_seq (highest ingested)
+    fanout:{execution}:stream        the stream of entries, entry id `<seq>-0` (XRANGE it by seq)
+    fanout:{execution}:meta          hash: epoch, seq (top), first_seq, last_id
     fanout:{execution}:msg:<msg id>  dedup key: the entry id a message id was appended as
+                                     (TTL FANOUT_DEDUP_TTL, the redelivery window)
     fanout:ticket:<digest>           an SSE gateway's single-use ticket (JSON, with a TTL),
                                      named by a digest of the ticket, never the ticket itself
-    fanout:ingest:redis_run_id       the Redis run_id (INFO server) under which the ingestors
-                                     last checked Redis against JetStream; equal to the
-                                     current run_id: Redis has not restarted since, skip the replay
 
 The `{feed}` hash tag puts all of a feed's keys in one Redis Cluster slot, so a Lua
 script touching the stream, the meta and the dedup keys runs unchanged on a cluster.
@@ -39,12 +37,10 @@ class Keys:
         return self._key(feed, f"msg:{message_id}")
 
     def dead_letter_stream(self) -> str:
+        """The dead-letter stream of the first layout (retired by contract v2: a malformed
+        payload keeps its seq in its feed's stream); read only to drain what it still holds."""
         return self.stream(DEAD_LETTER)
 
     def ticket(self, digest: str) -> str:
         """A gateway ticket, shared by every gateway behind a load balancer."""
         return f"{self.prefix}:ticket:{digest}"
-
-    def ingest_run_id(self) -> str:
-        """The run_id of the Redis the ingestors last verified against JetStream."""
-        return f"{self.prefix}:ingest:redis_run_id"

@@ -51,12 +51,16 @@ async def nats(base_settings: Settings) -> AsyncIterator[object]:
     import nats as nats_py
     from nats.js.errors import NotFoundError
 
+    from shared.feeds import FEED_NAMES, js_stream_name
+
     nc = await nats_py.connect(base_settings.nats_url)
     yield nc
-    try:
-        await nc.jetstream().delete_stream(base_settings.js_stream)
-    except NotFoundError:
-        pass
+    base = base_settings.js_stream
+    for stream in (base, *(js_stream_name(base, feed) for feed in FEED_NAMES)):
+        try:
+            await nc.jetstream().delete_stream(stream)
+        except NotFoundError:
+            pass
     await nc.drain()
 
 

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from services.ingestor.consumer import Ingestor
-from services.ingestor.jetstream import JetStreamUnavailable
+from services.ingestor.jetstream import JetStreamUnavailable, LegacyStreamBusy
 from services.ingestor.settings import IngestorSettings
 from shared import logs
 from shared.connections import redis_client
@@ -18,16 +18,18 @@ from shared.monitoring import OpsServer
 log = logging.getLogger("services.ingestor")
 
 DESCRIPTION = """\
-Pull both feeds from a JetStream stream (created or updated at start) through a
-durable pull consumer, decode each protobuf payload, and append it to its feed's Redis
-stream exactly once (dedup key + XADD + seq in one Lua script per feed per batch).
-Acks NATS only after Redis answered. Undecodable or oversized payloads go to the
-dead-letter stream. If Redis comes back empty or behind what was acked, the gap is
-replayed from JetStream. SIGTERM finishes the batch in flight, acks it and exits 0.
+Pull each feed from its own JetStream stream (<FANOUT_JS_STREAM>_<feed>, created or
+updated at start) through a durable pull consumer, decode each protobuf payload, and
+append it to its feed's Redis stream exactly once, at entry id <seq>-0 where seq is the
+JetStream stream sequence (dedup key + XADD + meta in one Lua script per batch). Acks
+NATS only after Redis answered. An undecodable or oversized payload keeps its seq as a
+malformed entry (error, payload_b64). If Redis lost entries (restart, failover, DEL),
+the hole is filled from JetStream with the same ids before the batch in hand.
+SIGTERM finishes the batch in flight, acks it and exits 0.
 
-Redis keys (prefix FANOUT_KEY_PREFIX): <prefix>:{<feed>}:stream (XRANGE it),
-<prefix>:{<feed>}:meta (epoch, seq, last_id, broker_seq), <prefix>:{<feed>}:msg:<id>
-(dedup); the feeds are execution and sport_event, dead letters go to feed dead_letter.
+Redis keys (prefix FANOUT_KEY_PREFIX): <prefix>:{<feed>}:stream (XRANGE it by seq),
+<prefix>:{<feed>}:meta (epoch, seq, first_seq, last_id), <prefix>:{<feed>}:msg:<id>
+(dedup, FANOUT_DEDUP_TTL); the feeds are execution and sport_event.
 
 Ops endpoints: /healthz /readyz /metrics on FANOUT_INGEST_HTTP.
 """
@@ -54,7 +56,7 @@ async def serve(settings: IngestorSettings, stop: asyncio.Event) -> int:
         return 1
     try:
         await ingestor.run()
-    except JetStreamUnavailable as exc:
+    except (JetStreamUnavailable, LegacyStreamBusy) as exc:
         log.error(str(exc))
         return 1
     finally:

@@ -1,4 +1,4 @@
-"""The pull loop: JetStream -> Writer -> ack, in batches.
+"""The pull loops: JetStream -> Writer -> ack, one pipeline per feed, in batches.
 
 nats-py's `fetch()` builds a future per request and a Msg with parsed metadata per
 message, which caps it near 15k msg/s. This loop is leaner: one subscription on
@@ -8,21 +8,24 @@ by us with reply `<inbox>.<request number>`, and the stream sequence, timestamp 
 delivery count read straight from each message's `$JS.ACK...` reply subject. About two
 batches are kept requested ahead, so JetStream delivers while Redis writes.
 
+Each feed has its own JetStream stream (its seq = the stream sequence), so each feed
+runs its own pull loop and writer (with its own Redis connection) as a task of its own.
+
 Status messages on the inbox: 408 (request expired) and 404 (no messages) end a
 request and mean "idle", never an error; 409 ends it too, and `Consumer Deleted` means
 the stream or consumer must be set up again. A request that ends with no status at all
 (NATS restarted, or the consumer vanished) is noticed by its deadline, and the consumer
-is checked.
+is checked. Idle, a loop wakes once per expired request (every PULL_EXPIRES), no more.
 
 Batches are written in stream order, one at a time; while Redis runs batch k, batch
-k+1 is decoded and packed. Acks (`+ACK` published to each message's reply subject,
-then one flush, which overlaps the next write) go out only after Redis has answered
-for the whole batch. A crash before that means redelivery, and redelivery means no
-second entry (the Lua script's dedup keys).
+k+1 is decoded and packed. When the script reports a hole (Redis lost the seqs just
+below the batch, or the whole stream), the missing seqs are read again from JetStream
+and appended first (`refill.py`), then the rest of the batch. Acks (`+ACK` published
+to each message's reply subject, then one flush, which overlaps the next write) go out
+only after Redis has answered for the whole batch. A crash before that means
+redelivery, and redelivery means no second entry (the script's dedup keys and its
+seq <= top guard).
 
-Redis that may have lost writes (at start, after an outage, after a reconnect) is
-compared with JetStream before anything else is written, and the gap is replayed
-(`replay.py`); skipped when Redis has not restarted since the last completed check.
 SIGTERM: no new requests; what was requested is written and acked; then exit.
 Redis or NATS away: retried with backoff, logged once per outage.
 """
@@ -46,11 +49,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.ingestor import jetstream, metrics, replay
+from services.ingestor import jetstream, metrics, refill
 from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.writer import BatchResult, Delivery, Prepared, RedisReconnected, Writer
-from shared.keys import Keys
+from services.ingestor.writer import Delivery, Outcome, Prepared, RunIdWatch, StaleEpoch, Writer
+from shared import codec
+from shared.feeds import FEED_NAMES
 from shared.lifecycle import Backoff, wait_or_stop
 from shared.settings import nats_servers
 
@@ -66,8 +70,12 @@ PULL_GRACE = 2.0
 STOP_GRACE = 10.0
 # Pause between noticing the consumer was deleted and creating it again.
 RESETUP_DELAY = 1.0
-# How often the consumer's backlog is read for the metrics.
+# How often the consumers' backlog is read for the metrics.
 WATCH_INTERVAL = 5.0
+
+
+class RefillError(RuntimeError):
+    """JetStream no longer holds seqs that Redis lacks below a batch."""
 
 
 @dataclass
@@ -80,15 +88,16 @@ class _Request:
 class Stats:
     appended: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
-    dead_letters: int = 0
+    dead_letters: int = 0  # malformed payloads appended at their seq
     redelivered: int = 0
     batches: int = 0
     abandoned: int = 0  # messages left unacked at shutdown (redelivered later)
     redis_outages: int = 0
     nats_reconnects: int = 0
-    replayed: int = 0  # messages Redis had lost, appended again from JetStream
-    redis_checks: int = 0  # checks of Redis against JetStream
-    replays: int = 0  # of which replayed (Redis new, emptied or restarted since the last)
+    refilled: Counter[str] = field(default_factory=Counter)  # appended again from JetStream
+    holes: int = 0  # holes found below a batch (Redis lost writes)
+    rebuilds: int = 0  # of which the stream was missing or empty
+    redis_restarts: int = 0  # run_id changes seen by the writers
 
     def summary(self) -> dict[str, object]:
         return {
@@ -101,9 +110,10 @@ class Stats:
             "abandoned": self.abandoned,
             "redis_outages": self.redis_outages,
             "nats_reconnects": self.nats_reconnects,
-            "replayed": self.replayed,
-            "redis_checks": self.redis_checks,
-            "replays": self.replays,
+            "refilled": sum(self.refilled.values()),
+            "holes": self.holes,
+            "rebuilds": self.rebuilds,
+            "redis_restarts": self.redis_restarts,
         }
 
 
@@ -216,10 +226,10 @@ class PullLoop:
 class _Following:
     """Takes and prepares the next batch, once, when called (while Redis runs the current one)."""
 
-    def __init__(self, loop: PullLoop, writer: Writer, created_ms: int) -> None:
+    def __init__(self, loop: PullLoop, writer: Writer, epoch: str) -> None:
         self.loop = loop
         self.writer = writer
-        self.created_ms = created_ms
+        self.epoch = epoch
         self.batch: list[Delivery] = []
         self.prepared: Prepared | None = None
         self._done = False
@@ -230,29 +240,28 @@ class _Following:
         self._done = True
         if self.loop.buffer:
             self.batch = self.loop.take()
-            self.prepared = self.writer.prepare(self.batch, self.created_ms)
+            self.prepared = self.writer.prepare(self.batch, self.epoch)
 
 
 class Ingestor:
-    """Connects, sets up JetStream, and runs the pull loop until the stop event."""
+    """Connects, sets up JetStream, and runs one pipeline per feed until the stop event."""
 
     def __init__(self, settings: IngestorSettings, redis: Redis, stop: asyncio.Event) -> None:
         self.settings = settings
         self.redis = redis
         self.stop = stop
-        self.writer = Writer(redis, settings)
         self.stats = Stats()
+        self.watch = RunIdWatch()
         self.nc: NATS | None = None
-        self.handle: StreamHandle | None = None
-        self._loop: PullLoop | None = None
+        self.feeds: dict[str, FeedPipeline] = {}
         self._abandon = asyncio.Event()
         self._nats_down = False
         self._closing = False
-        self._flushing: asyncio.Task[None] | None = None
-        self._keys = Keys(settings.key_prefix)
-        # Redis may have lost writes (it was away, or this is a fresh start): compare it
-        # with JetStream, and replay the gap, before writing anything else.
-        self._redis_suspect = True
+
+    @property
+    def handles(self) -> dict[str, StreamHandle]:
+        """Each feed's JetStream stream as last set up."""
+        return {feed: p.handle for feed, p in self.feeds.items()}
 
     # -- NATS connection -------------------------------------------------------------
 
@@ -302,17 +311,23 @@ class Ingestor:
         if self._nats_down:
             log.info("NATS reconnected", extra={"url": self.settings.nats_url})
         self._nats_down = False
-        if self._loop is not None:
-            self._loop.forget_requests()
-            self._loop.arrived.set()
+        for pipeline in self.feeds.values():
+            if pipeline.loop is not None:
+                pipeline.loop.forget_requests()
+                pipeline.loop.arrived.set()
 
     async def _on_error(self, exc: Exception) -> None:
         if not self._nats_down:
             log.debug("NATS client error", extra={"error": str(exc) or type(exc).__name__})
 
     async def nats_ready(self) -> bool:
-        """/readyz: NATS connected and JetStream set up."""
-        return self.nc is not None and self.nc.is_connected and self.handle is not None
+        """/readyz: NATS connected and every feed's stream set up."""
+        return (
+            self.nc is not None
+            and self.nc.is_connected
+            and len(self.feeds) == len(FEED_NAMES)
+            and all(p.loop is not None for p in self.feeds.values())
+        )
 
     async def redis_ready(self) -> bool:
         """/readyz: Redis answers PING."""
@@ -321,18 +336,17 @@ class Ingestor:
     # -- JetStream setup -------------------------------------------------------------
 
     async def setup(self) -> bool:
-        """(Re)create the stream and consumer and a fresh pull loop; False if stopped first.
-
-        Raises JetStreamUnavailable when the server has no JetStream (not worth retrying).
-        """
+        """Retire the legacy stream, create or update each feed's stream and consumer;
+        False if stopped first. Raises JetStreamUnavailable and LegacyStreamBusy (not
+        worth retrying)."""
         assert self.nc is not None
         backoff = Backoff(cap=5.0)
         logged = False
         while not self.stop.is_set():
             try:
-                handle = await jetstream.setup(self.nc, self.settings)
+                handles = await jetstream.setup(self.nc, self.settings)
                 break
-            except jetstream.JetStreamUnavailable:
+            except (jetstream.JetStreamUnavailable, jetstream.LegacyStreamBusy):
                 raise
             except (OSError, TimeoutError, nats.errors.Error) as exc:
                 if not logged:
@@ -344,48 +358,36 @@ class Ingestor:
                 await backoff.wait(self.stop)
         else:
             return False
-        if self._loop is not None:
-            await self._loop.close()
-        self.handle = handle
-        self._loop = PullLoop(self.nc, handle, self.settings.batch)
-        await self._loop.start()
+        for feed, handle in handles.items():
+            pipeline = self.feeds.get(feed)
+            if pipeline is None:
+                pipeline = self.feeds[feed] = FeedPipeline(self, handle)
+            await pipeline.start(handle)
         return True
-
-    async def _check_consumer(self) -> bool:
-        """After pull requests went unanswered: True if the consumer must be set up again."""
-        assert self.nc is not None and self.handle is not None
-        if not self.nc.is_connected:
-            return False
-        try:
-            return not await jetstream.consumer_exists(self.nc, self.handle)
-        except (OSError, TimeoutError, nats.errors.Error):
-            return False
 
     # -- the loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Until stop: pull, write, ack. After stop: finish what was requested, then return."""
+        """Until stop: pull, write, ack, per feed. After stop: finish what was requested."""
         watcher = asyncio.create_task(self._abandon_after_stop())
         try:
             if not await self.connect() or not await self.setup():
                 return
+            lag = asyncio.create_task(self._watch_consumers())
+            tasks = [asyncio.create_task(p.run(), name=f"ingest-{feed}") for feed, p in self.feeds.items()]
             try:
-                await self._replay_if_behind()
-            except (RedisError, OSError, nats.errors.Error, TimeoutError) as exc:
-                log.warning(
-                    "could not compare Redis with JetStream at start; will before the first write",
-                    extra={"error": str(exc) or type(exc).__name__},
-                )
-            lag = asyncio.create_task(self._watch_consumer())
-            try:
-                await self._loop_until_stopped()
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                if any(t.exception() for t in done):
+                    self.stop.set()  # one feed failed: the others finish what they hold
+                await asyncio.gather(*tasks)
             finally:
                 lag.cancel()
+                for t in tasks:
+                    t.cancel()
         finally:
             watcher.cancel()
-            if self._loop is not None:
-                await self._loop.close()
-            await self._wait_flushed()
+            for pipeline in self.feeds.values():
+                await pipeline.close()
             if self.nc is not None:
                 try:
                     await self.nc.flush(timeout=2)
@@ -393,78 +395,149 @@ class Ingestor:
                     pass
                 self._closing = True
                 await self.nc.close()
+            self.stats.redis_restarts = self.watch.restarts
             log.info("ingestor stopped", extra=self.stats.summary())
 
-    async def _watch_consumer(self) -> None:
-        """Every few seconds: export the consumer's backlog, and warn (once per episode)
+    async def _watch_consumers(self) -> None:
+        """Every few seconds: export each consumer's backlog, and warn (once per episode)
         when JetStream holds messages for it but delivers none while requests wait."""
-        stalled_since: int | None = None
-        warned = False
+        stalled: dict[str, int | None] = {}
+        warned: set[str] = set()
         while not await wait_or_stop(self.stop, WATCH_INTERVAL):
-            if self.nc is None or self.handle is None or not self.nc.is_connected:
+            if self.nc is None or not self.nc.is_connected:
                 continue
-            try:
-                info = await self.nc.jetstream(timeout=5.0).consumer_info(
-                    self.handle.stream, self.handle.consumer
-                )
-            except (OSError, TimeoutError, nats.errors.Error):
-                continue
-            pending = int(info.num_pending or 0)
-            metrics.CONSUMER_PENDING.set(pending)
-            metrics.CONSUMER_ACK_PENDING.set(int(info.num_ack_pending or 0))
-            delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
-            stuck = pending > 0 and not info.num_ack_pending and (info.num_waiting or 0) > 0
-            if stuck and stalled_since == delivered:
-                if not warned:
-                    warned = True
-                    log.warning(
-                        "JetStream holds messages for the consumer but delivers none while requests wait",
-                        extra={
-                            "pending": pending,
-                            "delivered_stream_seq": delivered,
-                            "consumer": self.handle.consumer,
-                            "stream": self.handle.stream,
-                        },
-                    )
-            else:
-                if warned and not stuck:
-                    log.info("JetStream delivers again", extra={"delivered_stream_seq": delivered})
-                    warned = False
-                stalled_since = delivered if stuck else None
+            for feed, pipeline in self.feeds.items():
+                handle = pipeline.handle
+                try:
+                    info = await self.nc.jetstream(timeout=5.0).consumer_info(handle.stream, handle.consumer)
+                except (OSError, TimeoutError, nats.errors.Error):
+                    continue
+                pending = int(info.num_pending or 0)
+                metrics.CONSUMER_PENDING.labels(feed=feed).set(pending)
+                metrics.CONSUMER_ACK_PENDING.labels(feed=feed).set(int(info.num_ack_pending or 0))
+                delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+                stuck = pending > 0 and not info.num_ack_pending and (info.num_waiting or 0) > 0
+                if stuck and stalled.get(feed) == delivered:
+                    if feed not in warned:
+                        warned.add(feed)
+                        log.warning(
+                            "JetStream holds messages for the consumer but delivers none while requests wait",
+                            extra={
+                                "feed": feed,
+                                "pending": pending,
+                                "delivered_stream_seq": delivered,
+                                "consumer": handle.consumer,
+                                "stream": handle.stream,
+                            },
+                        )
+                else:
+                    if feed in warned and not stuck:
+                        log.info(
+                            "JetStream delivers again",
+                            extra={"feed": feed, "delivered_stream_seq": delivered},
+                        )
+                        warned.discard(feed)
+                    stalled[feed] = delivered if stuck else None
 
     async def _abandon_after_stop(self) -> None:
         await self.stop.wait()
         await asyncio.sleep(STOP_GRACE)
         self._abandon.set()
 
-    async def _loop_until_stopped(self) -> None:
-        assert self._loop is not None
-        while True:
-            loop = self._loop
-            loop.purge()
-            stopping = self.stop.is_set()
-            if loop.consumer_gone or (
-                loop.lost_requests and not loop.waiting and await self._check_consumer()
-            ):
-                await self._drain_buffer()
+
+class FeedPipeline:
+    """One feed: its pull loop, its writer, holes filled from JetStream, acks."""
+
+    def __init__(self, owner: Ingestor, handle: StreamHandle) -> None:
+        self.owner = owner
+        self.feed = handle.feed
+        self.handle = handle
+        self.settings = owner.settings
+        self.stats = owner.stats
+        self.writer = Writer(owner.redis, owner.settings, self.feed, owner.watch)
+        self.loop: PullLoop | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self._stale = False
+
+    @property
+    def nc(self) -> NATS:
+        assert self.owner.nc is not None
+        return self.owner.nc
+
+    async def start(self, handle: StreamHandle) -> None:
+        """A fresh pull loop on `handle` (after a setup)."""
+        if self.loop is not None:
+            await self.loop.close()
+        self.handle = handle
+        self.loop = PullLoop(self.nc, handle, self.settings.batch)
+        await self.loop.start()
+
+    async def close(self) -> None:
+        if self.loop is not None:
+            await self.loop.close()
+        await self._wait_flushed()
+        await self.writer.close()
+
+    async def _resetup(self) -> bool:
+        """Set this feed's stream and consumer up again; False if stopped first."""
+        backoff = Backoff(cap=5.0)
+        while not self.owner.stop.is_set():
+            try:
+                handle = await jetstream.setup_feed(self.nc, self.settings, self.feed)
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
                 log.warning(
-                    "JetStream consumer is gone (stream or consumer deleted); setting up again",
-                    extra={"stream": self.settings.js_stream, "consumer": self.settings.js_consumer},
+                    "JetStream setup failed; retrying with backoff",
+                    extra={"feed": self.feed, "error": str(exc) or type(exc).__name__},
+                )
+                await backoff.wait(self.owner.stop)
+                continue
+            await self.start(handle)
+            return True
+        return False
+
+    async def _check_consumer(self) -> bool:
+        """After pull requests went unanswered: True if the consumer must be set up again."""
+        if not self.nc.is_connected:
+            return False
+        try:
+            return not await jetstream.consumer_exists(self.nc, self.handle)
+        except (OSError, TimeoutError, nats.errors.Error):
+            return False
+
+    async def run(self) -> None:
+        assert self.loop is not None
+        stop = self.owner.stop
+        while True:
+            loop = self.loop
+            loop.arrived.clear()  # whatever set it is looked at below, before waiting again
+            loop.purge()
+            stopping = stop.is_set()
+            if (
+                self._stale
+                or loop.consumer_gone
+                or (loop.lost_requests and not loop.waiting and await self._check_consumer())
+            ):
+                if not self._stale:
+                    await self._drain_buffer()
+                self._stale = False
+                log.warning(
+                    "JetStream consumer is gone or its stream was recreated; setting up again",
+                    extra={"feed": self.feed, "stream": self.handle.stream, "consumer": self.handle.consumer},
                 )
                 # nats-server 2.9 can leave a consumer re-created within milliseconds of the
                 # old one's deletion stuck (requests wait, nothing is delivered): let the
                 # deletion settle first.
-                if await wait_or_stop(self.stop, RESETUP_DELAY) or not await self.setup():
+                if await wait_or_stop(stop, RESETUP_DELAY) or not await self._resetup():
                     return
                 continue
             loop.lost_requests = 0
             if stopping:
                 if not loop.buffer and not loop.waiting:
                     return
-                if self._abandon.is_set():
+                if self.owner._abandon.is_set():
                     self.stats.abandoned += len(loop.buffer)
                     return
-            elif self.nc is not None and self.nc.is_connected:
+            elif self.nc.is_connected:
                 await loop.top_up()
             if not loop.buffer:
                 await self._wait_for_work(loop)
@@ -473,11 +546,12 @@ class Ingestor:
                 return
 
     async def _wait_for_work(self, loop: PullLoop) -> None:
+        """Until a delivery or a status arrives (or stop), at most PULL_EXPIRES / 2."""
         waiters = [asyncio.ensure_future(loop.arrived.wait())]
-        if not self.stop.is_set():
-            waiters.append(asyncio.ensure_future(self.stop.wait()))
+        if not self.owner.stop.is_set():
+            waiters.append(asyncio.ensure_future(self.owner.stop.wait()))
         else:
-            waiters.append(asyncio.ensure_future(self._abandon.wait()))
+            waiters.append(asyncio.ensure_future(self.owner._abandon.wait()))
         try:
             await asyncio.wait(waiters, timeout=PULL_EXPIRES / 2, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -485,9 +559,9 @@ class Ingestor:
                 w.cancel()
 
     async def _drain_buffer(self) -> None:
-        assert self._loop is not None
-        if self._loop.buffer:
-            await self._process(self._loop)
+        assert self.loop is not None
+        if self.loop.buffer:
+            await self._process(self.loop)
 
     async def _process(self, loop: PullLoop) -> bool:
         """Write and ack what is buffered, batch after batch, in stream order.
@@ -496,14 +570,25 @@ class Ingestor:
         the Redis work overlap; batch k+1 goes out only once batch k is written and acked.
         False if stopped before Redis took a batch (it stays unacked, to be redelivered).
         """
-        assert self.handle is not None and self.nc is not None
-        created_ms = self.handle.created_ms
+        epoch = self.handle.epoch
         batch = loop.take()
-        prepared = self.writer.prepare(batch, created_ms)
+        prepared = self.writer.prepare(batch, epoch)
         while True:
             started = time.perf_counter()
-            following = _Following(loop, self.writer, created_ms)
-            result = await self._write(prepared, len(batch), following)
+            following = _Following(loop, self.writer, epoch)
+            try:
+                result = await self._write(prepared, len(batch), following)
+            except StaleEpoch as exc:
+                # The feed's JetStream stream was recreated (Redis already holds the new
+                # epoch): what this loop holds belongs to the old one. Left unacked.
+                log.warning(
+                    "Redis holds a newer epoch of the feed than this ingestor's stream; setting up again",
+                    extra={"feed": self.feed, "epoch": epoch, "redis_epoch": exc.current},
+                )
+                following()
+                loop.buffer.clear()
+                self._stale = True
+                return True
             if result is None:
                 self.stats.abandoned += len(batch) + len(following.batch) + len(loop.buffer)
                 return False
@@ -513,83 +598,128 @@ class Ingestor:
                 return True
             assert following.prepared is not None
             batch, prepared = following.batch, following.prepared
-            if not self.stop.is_set() and self.nc.is_connected:
+            if not self.owner.stop.is_set() and self.nc.is_connected:
                 await loop.top_up()
 
     async def _write(
         self, prepared: Prepared, size: int, meanwhile: Callable[[], None] | None = None
-    ) -> BatchResult | None:
-        """Send a batch to Redis, retrying with backoff while Redis is away or refuses it.
-
-        None if the ingestor was stopped and the grace period ran out first."""
+    ) -> Outcome | None:
+        """Append a batch (filling any hole below it first), retrying with backoff while
+        Redis or JetStream is away or refuses. None if stopped and the grace period ran
+        out first. Raises StaleEpoch."""
         backoff = Backoff(cap=5.0)
         outage = False
-        reconnects = 0
         while True:
             try:
-                if self._redis_suspect:
-                    await self._replay_if_behind()
-                result = await self.writer.send(prepared, meanwhile)
+                result = await self._append(prepared, meanwhile)
                 break
-            except RedisReconnected:
-                self._redis_suspect = True
-                reconnects += 1
-                if reconnects == 1:
-                    log.info("Redis connection re-established; checking Redis against JetStream")
-                    continue  # check and write at once; a connection that keeps flapping backs off
+            except StaleEpoch:
+                raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                self._redis_suspect = True
                 if not outage:
                     outage = True
                     self.stats.redis_outages += 1
                     metrics.OUTAGES.labels(server="redis").inc()
                     log.warning(
                         "Redis unreachable; retrying the batch with backoff (nothing acked)",
-                        extra={"error": str(exc) or type(exc).__name__, "batch": size},
+                        extra={"feed": self.feed, "error": str(exc) or type(exc).__name__, "batch": size},
                     )
             except RedisError as exc:
                 if not outage:
                     outage = True
                     log.error(
                         "Redis refused the batch; retrying with backoff (nothing acked)",
-                        extra={"error": str(exc), "batch": size},
+                        extra={"feed": self.feed, "error": str(exc), "batch": size},
                     )
-            except (nats.errors.Error, TimeoutError) as exc:  # from the replay's JetStream reads
+            except (nats.errors.Error, TimeoutError) as exc:  # reading a hole from JetStream
                 if not outage:
                     outage = True
                     log.warning(
-                        "could not compare Redis with JetStream; retrying with backoff (nothing acked)",
-                        extra={"error": str(exc) or type(exc).__name__, "batch": size},
+                        "cannot read what Redis lost from JetStream; retrying with backoff (nothing acked)",
+                        extra={"feed": self.feed, "error": str(exc) or type(exc).__name__, "batch": size},
                     )
-            if await backoff.wait(self._abandon):
+            except RefillError as exc:
+                if not outage:
+                    outage = True
+                    log.error(str(exc), extra={"feed": self.feed, "batch": size})
+            if await backoff.wait(self.owner._abandon):
                 return None
         if outage:
-            log.info("Redis answered again; batch written", extra={"batch": size})
+            log.info("Redis answered again; batch written", extra={"feed": self.feed, "batch": size})
         return result
 
-    async def _replay_if_behind(self) -> None:
-        assert self.nc is not None and self.handle is not None
-        self.writer.forget_reconnects()
-        result = await replay.check_redis(
-            self.nc,
-            self.redis,
-            self.writer,
-            self.handle,
-            self._keys,
-            self.settings.batch,
-            margin=self.settings.replay_margin,
-        )
-        self.stats.redis_checks += 1
-        self.stats.replays += len(result.replays)
-        metrics.REDIS_CHECKS.labels(result="skipped" if result.skipped else "replayed").inc()
-        self.stats.replayed += result.appended
-        if result.appended:
-            metrics.REPLAYED.inc(result.appended)
-        self._redis_suspect = False
+    async def _append(self, prepared: Prepared, meanwhile: Callable[[], None] | None) -> Outcome:
+        """The batch's script call; on a hole, fill it from JetStream and send the rest again."""
+        epoch = self.handle.epoch
+        messages = prepared.messages
+        outcome = await self.writer.send(prepared, meanwhile)
+        total = Outcome()
+        while True:
+            total.add(outcome)
+            if outcome.hole is None:
+                return total
+            messages = messages[outcome.hole :]
+            wanted = messages[0].seq
+            self.stats.holes += 1
+            if outcome.top == 0:
+                self.stats.rebuilds += 1
+                start = await refill.rebuild_start(
+                    self.nc, self.settings.database_url, self.settings.db_schema, self.handle
+                )
+                log.warning(
+                    "the feed's Redis stream is missing or empty: rebuilding it from the first seq "
+                    "not yet archived, read from JetStream",
+                    extra={"feed": self.feed, "epoch": epoch, "start": start, "batch_first_seq": wanted},
+                )
+                first = start
+            else:
+                start = 0
+                first = outcome.top + 1
+                log.warning(
+                    "Redis lost the feed's latest entries: filling the hole from JetStream",
+                    extra={
+                        "feed": self.feed,
+                        "epoch": epoch,
+                        "top": outcome.top,
+                        "from_seq": first,
+                        "to_seq": wanted - 1,
+                    },
+                )
+            if first < wanted:
+                await self._fill(first, wanted - 1, start)
+            outcome = await self.writer.append(messages, epoch, start)
 
-    async def _ack(self, batch: list[Delivery], result: BatchResult, started: float) -> None:
+    async def _fill(self, first: int, last: int, start: int) -> None:
+        """Append seqs first..last read from JetStream (stops at a new hole: Redis lost
+        more meanwhile, and the caller looks again). Raises RefillError when JetStream
+        no longer holds `first`."""
+        epoch = self.handle.epoch
+        read = appended = 0
+        async for chunk in refill.read_range(self.nc, self.handle, first, last, self.settings.batch):
+            if not read and chunk[0].stream_seq != first:
+                break
+            read += len(chunk)
+            messages = self.writer.messages(chunk, epoch, codec.iso_ms_from_ns(time.time_ns()))
+            outcome = await self.writer.append(messages, epoch, start)
+            appended += outcome.appended
+            if outcome.hole is not None:
+                break
+        if appended:
+            self.stats.refilled[self.feed] += appended
+            metrics.REFILLED.labels(feed=self.feed).inc(appended)
+        log.info(
+            "filled from JetStream",
+            extra={"feed": self.feed, "from_seq": first, "to_seq": last, "read": read, "appended": appended},
+        )
+        if not read:
+            raise RefillError(
+                f"JetStream no longer holds seqs {first}..{last} of the feed {self.feed}, which Redis "
+                "lacks below the batch in hand: the feed cannot be appended contiguously; check "
+                f"`nats stream info {self.handle.stream}` (purged? max_age?)"
+            )
+
+    async def _ack(self, batch: list[Delivery], result: Outcome, started: float) -> None:
         """Ack a batch Redis has answered for; the flush overlaps the next batch's write."""
-        assert self.nc is not None
         try:
             for d in batch:
                 await self.nc.publish(d.reply, b"+ACK")
@@ -597,7 +727,7 @@ class Ingestor:
             # Written but not acked: JetStream redelivers and the dedup keys drop them.
             log.warning(
                 "could not ack a written batch; it will be redelivered and deduplicated",
-                extra={"error": str(exc) or type(exc).__name__, "batch": len(batch)},
+                extra={"feed": self.feed, "error": str(exc) or type(exc).__name__, "batch": len(batch)},
             )
         await self._wait_flushed()
         self._flushing = asyncio.create_task(self._flush(len(batch)))
@@ -606,20 +736,19 @@ class Ingestor:
         if redelivered:
             metrics.REDELIVERED.inc(redelivered)
         self.stats.redelivered += redelivered
-        self.stats.appended.update(result.appended)
-        self.stats.duplicates.update(result.duplicates)
-        self.stats.dead_letters += result.dead_letters
+        self.stats.appended[self.feed] += result.appended - result.malformed
+        self.stats.duplicates[self.feed] += result.duplicates
+        self.stats.dead_letters += result.malformed
         self.stats.batches += 1
 
     async def _flush(self, size: int) -> None:
-        assert self.nc is not None
         try:
             await self.nc.flush(timeout=5)
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             # Written but maybe not acked: JetStream redelivers and the dedup keys drop them.
             log.warning(
                 "acks not confirmed by NATS; the batch will be redelivered and deduplicated",
-                extra={"error": str(exc) or type(exc).__name__, "batch": size},
+                extra={"feed": self.feed, "error": str(exc) or type(exc).__name__, "batch": size},
             )
 
     async def _wait_flushed(self) -> None:

@@ -10,7 +10,7 @@ DUPLICATES = Counter(
 )
 DEAD_LETTERS = Counter(
     "fanout_ingestor_dead_letters_total",
-    "messages that could not be ingested, sent to the dead-letter stream",
+    "payloads that could not be decoded, appended at their seq as malformed entries",
     ["feed", "reason"],
 )
 REDELIVERED = Counter(
@@ -26,21 +26,24 @@ OUTAGES = Counter(
     "times NATS or Redis became unreachable and the ingestor backed off",
     ["server"],
 )
-REPLAYED = Counter(
-    "fanout_ingestor_replayed_total",
-    "messages Redis had lost after they were acked, appended again from JetStream",
+REFILLED = Counter(
+    "fanout_ingestor_refilled_total",
+    "messages Redis had lost (a hole below a batch, or an emptied stream), read again from "
+    "JetStream and appended at their seq",
+    ["feed"],
 )
-REDIS_CHECKS = Counter(
-    "fanout_ingestor_redis_checks_total",
-    "checks of Redis against JetStream (at start, after a reconnect): replayed, or skipped "
-    "because Redis had not restarted since the last completed check (same run_id)",
-    ["result"],
+REDIS_RESTARTS = Counter(
+    "fanout_ingestor_redis_restarts_total",
+    "times the writer found Redis's run_id changed on reconnecting (Redis restarted or failed "
+    "over, and may have lost writes; the next append reports any hole)",
 )
 CONSUMER_PENDING = Gauge(
     "fanout_ingestor_consumer_pending_messages",
     "messages in JetStream not yet delivered to the ingestor's consumer (the backlog)",
+    ["feed"],
 )
 CONSUMER_ACK_PENDING = Gauge(
     "fanout_ingestor_consumer_ack_pending_messages",
     "messages delivered to the ingestor and not yet acked",
+    ["feed"],
 )

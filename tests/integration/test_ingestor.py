@@ -1,6 +1,9 @@
 """The ingestor against the real NATS JetStream and Redis, run in-process as a task.
 
-Each test has its own JetStream stream, subject prefix and Redis key prefix (conftest).
+Each test has its own JetStream streams (one per feed), subject prefix and Redis key
+prefix (conftest). Contract v2: an entry's id is `<seq>-0` where seq is the JetStream
+stream sequence of its feed's stream, and its message id is `<epoch>.<seq>` with epoch
+the stream's creation time in ms.
 """
 
 from __future__ import annotations
@@ -16,22 +19,24 @@ from typing import Any
 
 import pytest
 from hypothesis import given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from services.ingestor import jetstream, replay
+from services.ingestor import jetstream
 from services.ingestor.consumer import Ingestor
+from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.writer import Delivery, Writer
 from shared import codec
-from shared.feeds import EXECUTION, SPORT_EVENT
+from shared.feeds import EXECUTION, FEED_NAMES, SPORT_EVENT, js_stream_name
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
-from shared.settings import Settings, SettingsError
+from shared.settings import Settings
 from tests.integration.test_gateway_helpers import free_port
 from tests.protowire import f_len, varint
 
-# -- helpers (also used by test_ingestor_process.py) -----------------------------------
+# -- helpers (also used by the other ingestor tests) ------------------------------------
 
 
 def ingestor_settings(base: Settings, **overrides: Any) -> IngestorSettings:
@@ -39,6 +44,11 @@ def ingestor_settings(base: Settings, **overrides: Any) -> IngestorSettings:
     values.update({"http": ("127.0.0.1", 0), "js_ack_wait": 1.0, "batch": 200})
     values.update(overrides)
     return IngestorSettings.from_env({}, **values)
+
+
+def stream_of(settings: Settings, feed: str) -> str:
+    """The feed's JetStream stream."""
+    return js_stream_name(settings.js_stream, feed)
 
 
 async def until(condition: Callable[[], Awaitable[bool]], within: float = 30.0, what: str = "") -> None:
@@ -50,10 +60,12 @@ async def until(condition: Callable[[], Awaitable[bool]], within: float = 30.0, 
         await asyncio.sleep(0.05)
 
 
-async def read_stream(redis: Redis, key: str, count: int, within: float = 30.0) -> list[dict[str, str]]:
-    """Block on XREAD until `count` entries are in the stream; return them all (as str)."""
-    entries: list[dict[str, str]] = []
-    last = "0-0"
+async def read_entries(
+    redis: Redis, key: str, count: int, within: float = 30.0, after: str = "0-0"
+) -> list[tuple[str, dict[str, str]]]:
+    """Block on XREAD until `count` entries after `after` are in the stream; (id, fields) each."""
+    entries: list[tuple[str, dict[str, str]]] = []
+    last = after
     deadline = time.monotonic() + within
     while len(entries) < count:
         if time.monotonic() > deadline:
@@ -62,8 +74,19 @@ async def read_stream(redis: Redis, key: str, count: int, within: float = 30.0) 
         for _, batch in reply:
             for entry_id, raw in batch:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                entries.append(codec.str_entry(raw))
+                entries.append((last, codec.str_entry(raw)))
     return entries
+
+
+async def read_stream(redis: Redis, key: str, count: int, within: float = 30.0) -> list[dict[str, str]]:
+    """Block on XREAD until `count` entries are in the stream; return them all (as str)."""
+    return [fields for _, fields in await read_entries(redis, key, count, within)]
+
+
+async def top_of(redis: Redis, key: str) -> int:
+    """The seq of a stream's last entry (0: none)."""
+    last: Any = await redis.xrevrange(key, count=1)
+    return int(last[0][0].split(b"-")[0]) if last else 0
 
 
 @asynccontextmanager
@@ -100,10 +123,27 @@ async def publish(nc: Any, subject: str, payloads: list[bytes]) -> None:
     await nc.flush()
 
 
+async def fetch_unacked(nats: Any, handle: StreamHandle, count: int) -> tuple[list[Any], list[Delivery]]:
+    """`count` messages delivered to the durable consumer (not acked), and as Deliveries."""
+    sub = await nats.jetstream().pull_subscribe_bind(handle.consumer, stream=handle.stream)
+    msgs = await sub.fetch(count, timeout=5)
+    assert len(msgs) == count
+    deliveries = [
+        Delivery(m.subject, m.data, m.metadata.sequence.stream, 1, parse_ack_subject(m.reply)[2], m.reply)
+        for m in msgs
+    ]
+    return msgs, deliveries
+
+
+async def _settled(ingestor: Ingestor, n: int) -> bool:
+    stats = ingestor.stats
+    return sum(stats.duplicates.values()) + sum(stats.appended.values()) + stats.dead_letters >= n
+
+
 # -- tests --------------------------------------------------------------------------------
 
 
-async def test_published_messages_become_entries_once_with_contiguous_seq(
+async def test_published_messages_become_entries_at_their_jetstream_seq(
     base_settings: Settings, redis: Redis, nats: Any
 ) -> None:
     settings = ingestor_settings(base_settings)
@@ -114,17 +154,29 @@ async def test_published_messages_become_entries_once_with_contiguous_seq(
         before_ms = time.time_ns() // 1_000_000
         await publish(nats, settings.subject("execution"), [m.SerializeToString() for m in executions])
         await publish(nats, settings.subject("sport_event"), [m.SerializeToString() for m in events])
-        exec_entries = await read_stream(redis, keys.stream("execution"), len(executions))
-        event_entries = await read_stream(redis, keys.stream("sport_event"), len(events))
-        created_ms = ingestor.handle.created_ms if ingestor.handle else 0
+        exec_entries = await read_entries(redis, keys.stream("execution"), len(executions))
+        event_entries = await read_entries(redis, keys.stream("sport_event"), len(events))
+        handles = ingestor.handles
 
-    assert [int(e["seq"]) for e in exec_entries] == list(range(1, 701))
-    assert [int(e["seq"]) for e in event_entries] == list(range(1, 301))
-    # Stream sequences 1..700 are the executions (published first), 701..1000 the events.
-    assert [e["message_id"] for e in exec_entries] == [f"{created_ms}.{s}" for s in range(1, 701)]
-    assert [e["message_id"] for e in event_entries] == [f"{created_ms}.{s}" for s in range(701, 1001)]
+    js = nats.jetstream()
+    for feed, entries, n in (("execution", exec_entries, 700), ("sport_event", event_entries, 300)):
+        info = await js.stream_info(stream_of(settings, feed))
+        epoch = str(int(info.created.timestamp() * 1000))
+        assert handles[feed].epoch == epoch and handles[feed].stream == f"{settings.js_stream}_{feed}"
+        assert info.config.subjects == [settings.subject(feed)]
+        assert (info.state.first_seq, info.state.last_seq) == (1, n)
+        # The entry id is the JetStream sequence, and so are seq and the message id.
+        assert [i for i, _ in entries] == [f"{s}-0" for s in range(1, n + 1)]
+        assert [int(e["seq"]) for _, e in entries] == list(range(1, n + 1))
+        assert [e["message_id"] for _, e in entries] == [f"{epoch}.{s}" for s in range(1, n + 1)]
+        meta = codec.str_entry(await redis.hgetall(keys.meta(feed)))
+        assert meta == {"epoch": epoch, "seq": str(n), "last_id": f"{n}-0", "first_seq": "1"}
+        for s in (1, n):  # the JetStream message at seq s is the entry at seq s
+            assert (await js.get_msg(stream_of(settings, feed), s)).data == (
+                executions if feed == "execution" else events
+            )[s - 1].SerializeToString()
 
-    first = exec_entries[3]
+    first = exec_entries[3][1]
     assert list(first)[:2] == ["seq", "message_id"]
     assert list(first)[-2:] == ["broker_time", "ingest_time"]
     typed = codec.typed_message(EXECUTION, first)
@@ -138,14 +190,12 @@ async def test_published_messages_become_entries_once_with_contiguous_seq(
     assert first["broker_time"].endswith("Z") and len(first["broker_time"]) == len("2026-11-28T09:13:32.123Z")
     assert before_ms - 1000 <= broker.timestamp() * 1000 <= ingested.timestamp() * 1000 + 1
 
-    sport = codec.typed_message(SPORT_EVENT, event_entries[1])
+    sport = codec.typed_message(SPORT_EVENT, event_entries[1][1])
     assert sport["sport"] == "BASKETBALL" and sport["data_event"] == "goal é 1"
 
-    meta = codec.str_entry(await redis.hgetall(keys.meta("execution")))
-    assert meta["seq"] == "700" and meta["broker_seq"] == "700" and len(meta["epoch"]) == 8
-    dedup = await redis.get(keys.dedup("execution", exec_entries[0]["message_id"]))
-    assert dedup is not None  # remembered with its entry id
-    assert await redis.ttl(keys.dedup("execution", exec_entries[0]["message_id"])) > 24 * 3600
+    dedup = keys.dedup("execution", exec_entries[0][1]["message_id"])
+    assert await redis.get(dedup) == b"1-0"  # remembered with its entry id, for the redelivery window
+    assert 0 < await redis.ttl(dedup) <= settings.dedup_ttl == 15 * 60
 
 
 async def test_a_redelivered_message_makes_no_second_entry(
@@ -153,26 +203,16 @@ async def test_a_redelivered_message_makes_no_second_entry(
 ) -> None:
     settings = ingestor_settings(base_settings)
     keys = Keys(settings.key_prefix)
-    handle = await jetstream.setup(nats, settings)
+    handles = await jetstream.setup(nats, settings)
+    handle = handles["execution"]
     await publish(nats, settings.subject("execution"), [execution(i).SerializeToString() for i in range(50)])
 
     # A crash between the Redis write and the ack: write a fetched batch, never ack it.
-    sub = await nats.jetstream().pull_subscribe_bind(settings.js_consumer, stream=settings.js_stream)
-    msgs = await sub.fetch(50, timeout=5)
-    assert len(msgs) == 50
-    deliveries = [
-        Delivery(
-            m.subject,
-            m.data,
-            m.metadata.sequence.stream,
-            m.metadata.num_delivered,
-            int(m.metadata.timestamp.timestamp() * 1e9),
-            m.reply,
-        )
-        for m in msgs
-    ]
-    await Writer(redis, settings).write(deliveries, handle.created_ms)
-    assert await redis.xlen(keys.stream("execution")) == 50
+    _, deliveries = await fetch_unacked(nats, handle, 50)
+    writer = Writer(redis, settings, "execution")
+    outcome = await writer.write(deliveries, handle.epoch)
+    await writer.close()
+    assert outcome.appended == 50 and await redis.xlen(keys.stream("execution")) == 50
 
     # JetStream redelivers them (ack_wait 1 s) to the ingestor, which must not append again.
     async with running(settings, redis) as ingestor:
@@ -180,19 +220,14 @@ async def test_a_redelivered_message_makes_no_second_entry(
     assert ingestor.stats.redelivered == 50
     assert ingestor.stats.duplicates["execution"] == 50
     assert ingestor.stats.appended["execution"] == 0
-    entries = await read_stream(redis, keys.stream("execution"), 50)
-    assert len(entries) == 50 and await redis.xlen(keys.stream("execution")) == 50
-    assert [int(e["seq"]) for e in entries] == list(range(1, 51))
-    info = await nats.jetstream().consumer_info(settings.js_stream, settings.js_consumer)
+    entries = await read_entries(redis, keys.stream("execution"), 50)
+    assert [i for i, _ in entries] == [f"{s}-0" for s in range(1, 51)]
+    assert await redis.xlen(keys.stream("execution")) == 50
+    info = await nats.jetstream().consumer_info(handle.stream, handle.consumer)
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def _settled(ingestor: Ingestor, n: int) -> bool:
-    stats = ingestor.stats
-    return sum(stats.duplicates.values()) + sum(stats.appended.values()) + stats.dead_letters >= n
-
-
-async def test_malformed_payloads_are_dead_lettered_with_their_bytes_and_the_rest_flows(
+async def test_malformed_payloads_keep_their_seq_as_error_entries_and_the_rest_flows(
     base_settings: Settings, redis: Redis, nats: Any
 ) -> None:
     settings = ingestor_settings(base_settings, max_payload=200)
@@ -231,32 +266,24 @@ async def test_malformed_payloads_are_dead_lettered_with_their_bytes_and_the_res
         for payload in bad.values():
             await publish(nats, subject, [good, payload])
         await publish(nats, subject, [good])
-        dead = await read_stream(redis, keys.dead_letter_stream(), len(bad))
-        entries = await read_stream(redis, keys.stream("execution"), len(bad) + 1)
+        entries = await read_entries(redis, keys.stream("execution"), 2 * len(bad) + 1)
         await until(lambda: _settled(ingestor, 2 * len(bad) + 1), what="all messages settled")
+        epoch = ingestor.handles["execution"].epoch
 
-    assert [int(e["seq"]) for e in entries] == list(range(1, len(bad) + 2))  # the rest flowed on, in order
-    assert [int(d["seq"]) for d in dead] == list(range(1, len(bad) + 1))
-    for (name, payload), d in zip(bad.items(), dead, strict=True):
-        assert set(d) == {
-            "seq",
-            "message_id",
-            "subject",
-            "broker_seq",
-            "error",
-            "payload_b64",
-            "broker_time",
-            "ingest_time",
-        }
+    # Every seq is there: good ones at the odd seqs, the malformed ones at the even seqs.
+    assert [i for i, _ in entries] == [f"{s}-0" for s in range(1, 2 * len(bad) + 2)]
+    malformed = [e for _, e in entries if codec.is_malformed(e)]
+    assert [int(e["seq"]) for e in malformed] == list(range(2, 2 * len(bad) + 1, 2))
+    for (name, payload), d in zip(bad.items(), malformed, strict=True):
+        assert list(d) == ["seq", "message_id", "error", "payload_b64", "broker_time", "ingest_time"]
         assert base64.b64decode(d["payload_b64"]) == payload, name
         assert expected_error[name] in d["error"], (name, d["error"])
-        assert d["subject"] == subject
-        assert d["message_id"].endswith(f".{d['broker_seq']}")
-    # Stream sequences alternate good, bad, good, ...: every bad one is at an even position.
-    assert [int(d["broker_seq"]) for d in dead] == list(range(2, 2 * len(bad) + 1, 2))
+        assert d["message_id"] == f"{epoch}.{d['seq']}"
     assert ingestor.stats.dead_letters == len(bad)
-    info = await nats.jetstream().consumer_info(settings.js_stream, settings.js_consumer)
-    assert info.num_ack_pending == 0  # dead letters are acked too
+    assert ingestor.stats.appended["execution"] == len(bad) + 1
+    assert not await redis.exists(keys.dead_letter_stream())  # retired: nothing goes there
+    info = await nats.jetstream().consumer_info(stream_of(settings, "execution"), settings.js_consumer)
+    assert info.num_ack_pending == 0  # malformed ones are acked too
 
 
 async def test_bytes_from_an_independent_encoder_are_ingested_as_the_spec_says(
@@ -294,7 +321,7 @@ async def test_bytes_from_an_independent_encoder_are_ingested_as_the_spec_says(
     assert (ev["sport"], ev["match_title"], ev["data_event"]) == ("TENNIS", title, "ace")
 
 
-async def test_a_deleted_and_recreated_stream_gives_ids_that_do_not_collide(
+async def test_a_recreated_jetstream_stream_starts_a_new_epoch_and_resets_the_redis_stream(
     base_settings: Settings, redis: Redis, nats: Any
 ) -> None:
     settings = ingestor_settings(base_settings)
@@ -303,40 +330,48 @@ async def test_a_deleted_and_recreated_stream_gives_ids_that_do_not_collide(
     async with running(settings, redis) as ingestor:
         await publish(nats, subject, [execution(i).SerializeToString() for i in range(5)])
         await read_stream(redis, keys.stream("execution"), 5)
-        old = ingestor.handle
-        assert old is not None
-        await nats.jetstream().delete_stream(settings.js_stream)
+        old = ingestor.handles["execution"]
+        await nats.jetstream().delete_stream(old.stream)
         # The ingestor notices the consumer is gone and sets the stream up again.
-        await until(lambda: _recreated(ingestor, old.created_ms), what="the stream to be set up again")
-        await publish(nats, subject, [execution(i).SerializeToString() for i in range(5, 10)])
-        entries = await read_stream(redis, keys.stream("execution"), 10)
-    ids = [e["message_id"] for e in entries]
-    assert len(set(ids)) == 10  # stream sequences restarted at 1, the ids did not repeat
-    new_created = ingestor.handle.created_ms if ingestor.handle else 0
-    assert ids[:5] == [f"{old.created_ms}.{s}" for s in range(1, 6)]
-    assert ids[5:] == [f"{new_created}.{s}" for s in range(1, 6)]
-    assert [int(e["seq"]) for e in entries] == list(range(1, 11))
+        await until(lambda: _recreated(ingestor, old), what="the stream to be set up again")
+        new = ingestor.handles["execution"]
+        await publish(nats, subject, [execution(i).SerializeToString() for i in range(5, 8)])
+
+        async def reset() -> bool:
+            return await redis.hget(keys.meta("execution"), "epoch") == new.epoch.encode() and (
+                await redis.xlen(keys.stream("execution")) == 3
+            )
+
+        await until(reset, what="the Redis stream to start the new epoch")
+        entries = await read_entries(redis, keys.stream("execution"), 3)
+    assert new.epoch != old.epoch
+    assert [i for i, _ in entries] == ["1-0", "2-0", "3-0"]
+    assert [e["message_id"] for _, e in entries] == [f"{new.epoch}.{s}" for s in range(1, 4)]
+    assert [e["symbol"] for _, e in entries] == [execution(i).symbol for i in range(5, 8)]
 
 
-async def _recreated(ingestor: Ingestor, old_created_ms: int) -> bool:
-    return ingestor.handle is not None and ingestor.handle.created_ms != old_created_ms
+async def _recreated(ingestor: Ingestor, old: StreamHandle) -> bool:
+    handle = ingestor.handles.get(old.feed)
+    return handle is not None and handle.created_ms != old.created_ms
 
 
-async def test_setup_is_idempotent_and_updates_max_age(base_settings: Settings, nats: Any) -> None:
+async def test_setup_makes_one_stream_per_feed_is_idempotent_and_updates_max_age(
+    base_settings: Settings, nats: Any
+) -> None:
     settings = ingestor_settings(base_settings)
     first = await jetstream.setup(nats, settings)
     again = await jetstream.setup(nats, settings)
-    assert first == again  # same stream, same creation time: same message ids
-    longer = ingestor_settings(base_settings, js_max_age=48 * 3600.0, dedup_ttl=49 * 3600.0)
+    assert first == again  # same streams, same creation times: same epochs
+    assert sorted(first) == sorted(FEED_NAMES)
+    longer = ingestor_settings(base_settings, js_max_age=48 * 3600.0)
     assert await jetstream.setup(nats, longer) == first
-    info = await nats.jetstream().stream_info(settings.js_stream)
-    assert info.config.max_age == 48 * 3600.0
-    assert sorted(info.config.subjects) == sorted(
-        [settings.subject("execution"), settings.subject("sport_event")]
-    )
-    consumer = await nats.jetstream().consumer_info(settings.js_stream, settings.js_consumer)
-    assert consumer.config.ack_policy == "explicit"
-    assert consumer.config.max_ack_pending and consumer.config.max_ack_pending > 0
+    for feed in FEED_NAMES:
+        info = await nats.jetstream().stream_info(stream_of(settings, feed))
+        assert info.config.max_age == 48 * 3600.0
+        assert info.config.subjects == [settings.subject(feed)]
+        consumer = await nats.jetstream().consumer_info(stream_of(settings, feed), settings.js_consumer)
+        assert consumer.config.ack_policy == "explicit"
+        assert consumer.config.max_ack_pending and consumer.config.max_ack_pending > 0
 
 
 async def test_setup_updates_only_subjects_and_max_age_and_keeps_what_the_operator_set(
@@ -345,8 +380,8 @@ async def test_setup_updates_only_subjects_and_max_age_and_keeps_what_the_operat
     settings = ingestor_settings(base_settings)
     js = nats.jetstream()
     # The operator created the stream with limits of their own and an old subject list.
-    operator = jetstream.stream_config(settings)
-    operator.subjects = [settings.subject("execution")]
+    operator = jetstream.stream_config(settings, "execution")
+    operator.subjects = [f"{settings.subject_prefix}old.execution"]
     operator.max_age = 3600.0
     operator.max_msgs = 123_456
     operator.max_bytes = 512 * 1024 * 1024
@@ -354,9 +389,9 @@ async def test_setup_updates_only_subjects_and_max_age_and_keeps_what_the_operat
     operator.description = "feeds, sized by ops"
     await js.add_stream(operator)
     await jetstream.setup(nats, settings)
-    info = await js.stream_info(settings.js_stream)
+    info = await js.stream_info(stream_of(settings, "execution"))
     assert info.config.max_age == settings.js_max_age
-    assert sorted(info.config.subjects) == sorted(settings.subject(f) for f in ("execution", "sport_event"))
+    assert info.config.subjects == [settings.subject("execution")]
     kept = (
         info.config.max_msgs,
         info.config.max_bytes,
@@ -369,10 +404,56 @@ async def test_setup_updates_only_subjects_and_max_age_and_keeps_what_the_operat
 
 async def test_a_new_stream_gets_the_configured_replicas(base_settings: Settings, nats: Any) -> None:
     settings = ingestor_settings(base_settings, js_replicas=1)
-    assert jetstream.stream_config(settings).num_replicas == 1
-    assert jetstream.stream_config(ingestor_settings(base_settings, js_replicas=3)).num_replicas == 3
+    assert jetstream.stream_config(settings, "execution").num_replicas == 1
+    assert (
+        jetstream.stream_config(ingestor_settings(base_settings, js_replicas=3), "execution").num_replicas
+        == 3
+    )
     await jetstream.setup(nats, settings)
-    assert (await nats.jetstream().stream_info(settings.js_stream)).config.num_replicas == 1
+    assert (await nats.jetstream().stream_info(stream_of(settings, "sport_event"))).config.num_replicas == 1
+
+
+async def _legacy_stream(nats: Any, settings: IngestorSettings, published: int) -> Any:
+    """The first layout: one stream capturing both feeds, the ingestor's durable consumer on it."""
+    js = nats.jetstream()
+    await js.add_stream(name=settings.js_stream, subjects=[settings.subject(f) for f in FEED_NAMES])
+    await js.add_consumer(settings.js_stream, jetstream.consumer_config(settings))
+    await publish(
+        nats, settings.subject("execution"), [execution(i).SerializeToString() for i in range(published)]
+    )
+    return js
+
+
+async def test_a_drained_legacy_stream_is_retired_keeping_its_messages(
+    base_settings: Settings, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings)
+    js = await _legacy_stream(nats, settings, 3)
+    sub = await js.pull_subscribe_bind(settings.js_consumer, stream=settings.js_stream)
+    for m in await sub.fetch(3, timeout=5):
+        await m.ack_sync()
+    handles = await jetstream.setup(nats, settings)
+    legacy = await js.stream_info(settings.js_stream)
+    assert legacy.config.subjects == [f"{settings.js_stream}.retired"]
+    assert legacy.state.messages == 3
+    assert sorted(handles) == sorted(FEED_NAMES)
+    await publish(nats, settings.subject("execution"), [execution(9).SerializeToString()])
+    assert (await js.stream_info(stream_of(settings, "execution"))).state.messages == 1
+    assert await jetstream.setup(nats, settings) == handles  # and once retired, left alone
+
+
+async def test_a_legacy_stream_with_messages_pending_is_refused_saying_how_to_drain_it(
+    base_settings: Settings, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings)
+    js = await _legacy_stream(nats, settings, 3)
+    with pytest.raises(jetstream.LegacyStreamBusy) as raised:
+        await jetstream.setup(nats, settings)
+    text = str(raised.value)
+    assert settings.js_stream in text and "3 message(s) not yet delivered" in text
+    assert f"nats consumer info {settings.js_stream} {settings.js_consumer}" in text
+    legacy = await js.stream_info(settings.js_stream)
+    assert sorted(legacy.config.subjects) == sorted(settings.subject(f) for f in FEED_NAMES)  # untouched
 
 
 async def test_nats_url_may_list_several_servers_one_of_them_down(
@@ -391,25 +472,6 @@ async def test_nats_url_may_list_several_servers_one_of_them_down(
     assert [e["symbol"] for e in entries] == [execution(i).symbol for i in range(20)]
 
 
-async def test_the_replay_of_an_intact_redis_reads_the_margin_and_appends_nothing(
-    base_settings: Settings, redis: Redis, nats: Any
-) -> None:
-    settings = ingestor_settings(base_settings, batch=10)
-    keys = Keys(settings.key_prefix)
-    async with running(settings, redis) as ingestor:
-        await publish(
-            nats, settings.subject("execution"), [execution(i).SerializeToString() for i in range(30)]
-        )
-        before = await read_stream(redis, keys.stream("execution"), 30)
-        assert ingestor.handle is not None
-        handle = ingestor.handle
-    result = await replay.replay_if_behind(nats, redis, Writer(redis, settings), handle, keys, settings.batch)
-    # All 30 are within the margin of the newest: read again, none appended a second time.
-    assert (result.read, result.appended, result.from_seq) == (30, 0, 1)
-    assert await read_stream(redis, keys.stream("execution"), 30) == before
-    assert await redis.xlen(keys.stream("execution")) == 30
-
-
 @pytest.mark.parametrize("batch", [1, 7])
 async def test_small_batches_keep_order_and_seq(
     base_settings: Settings, redis: Redis, nats: Any, batch: int
@@ -425,23 +487,31 @@ async def test_small_batches_keep_order_and_seq(
     assert [int(e["seq"]) for e in entries] == list(range(1, 41))
 
 
+async def test_a_deleted_consumer_is_set_up_again_and_nothing_is_lost_or_repeated(
+    base_settings: Settings, redis: Redis, nats: Any
+) -> None:
+    settings = ingestor_settings(base_settings)
+    keys = Keys(settings.key_prefix)
+    subject = settings.subject("execution")
+    async with running(settings, redis) as ingestor:
+        await publish(nats, subject, [execution(i).SerializeToString() for i in range(20)])
+        await read_stream(redis, keys.stream("execution"), 20)
+        epoch = ingestor.handles["execution"].epoch
+        await nats.jetstream().delete_consumer(stream_of(settings, "execution"), settings.js_consumer)
+        await publish(nats, subject, [execution(i).SerializeToString() for i in range(20, 40)])
+        # The new consumer starts from the stream's first message: the first 20 are
+        # redelivered and dropped as duplicates, the next 20 appended once.
+        entries = await read_stream(redis, keys.stream("execution"), 40)
+        await until(lambda: _settled(ingestor, 60), what="the redelivered messages")
+    assert [e["message_id"] for e in entries] == [f"{epoch}.{s}" for s in range(1, 41)]
+    assert await redis.xlen(keys.stream("execution")) == 40
+    assert ingestor.stats.duplicates["execution"] == 20
+
+
 # -- pure helpers of the pull loop and the writer (no servers) ----------------------------
 
 
-def test_replicas_and_replay_margin_settings_are_read_and_checked() -> None:
-    s = IngestorSettings.from_env({"FANOUT_JS_REPLICAS": "3", "FANOUT_REPLAY_MARGIN": "2m"})
-    assert (s.js_replicas, s.replay_margin) == (3, 120.0)
-    defaults = IngestorSettings.from_env({})
-    assert (defaults.js_replicas, defaults.replay_margin) == (1, 60.0)
-    with pytest.raises(SettingsError, match="FANOUT_JS_REPLICAS"):
-        IngestorSettings.from_env({"FANOUT_JS_REPLICAS": "0"})
-    with pytest.raises(SettingsError, match=r"FANOUT_REPLAY_MARGIN .* shorter than FANOUT_JS_ACK_WAIT"):
-        IngestorSettings.from_env({"FANOUT_REPLAY_MARGIN": "10s", "FANOUT_JS_ACK_WAIT": "30s"})
-
-
 def test_ack_subjects_of_both_formats_parse() -> None:
-    from services.ingestor.jetstream import parse_ack_subject
-
     v1 = "$JS.ACK.FEEDS.ingestor.3.1042.1040.1795857710302347757.17"
     v2 = "$JS.ACK.hub.ACCHASH.FEEDS.ingestor.3.1042.1040.1795857710302347757.17.tok"
     assert parse_ack_subject(v1) == (3, 1042, 1795857710302347757)
@@ -459,95 +529,63 @@ def test_the_writers_broker_clock_formats_as_the_codec_does(stamps: list[int]) -
         assert clock.iso_ms(ns) == codec.iso_ms_from_ns(ns)
 
 
-def test_the_packed_command_is_what_redis_py_would_send() -> None:
-    from redis.connection import Connection
-
-    from services.ingestor.writer import _bulk, _Group
-
-    group = _Group("execution", ["k:stream", "k:meta"], [_bulk(b"90000"), _bulk(b"ab12cd34")], [])
-    group.add("k:msg:1.5", 5, ["message_id", "1.5", "symbol", "\u00e9"], {})
-    expected = b"".join(
-        Connection().pack_command(  # type: ignore[no-untyped-call]
-            "EVALSHA",
-            "f" * 40,
-            3,
-            "k:stream",
-            "k:meta",
-            "k:msg:1.5",
-            90000,
-            "ab12cd34",
-            5,
-            4,
-            "message_id",
-            "1.5",
-            "symbol",
-            "\u00e9",
-        )
-    )
-    assert group.command(b"f" * 40) == expected
-
-
-def _writer(**overrides: Any) -> Writer:
+def _writer(feed: str = "execution", **overrides: Any) -> Writer:
     import fakeredis
 
     settings = IngestorSettings.from_env({}, subject_prefix="up.", **overrides)
-    return Writer(fakeredis.FakeAsyncRedis(), settings)
+    return Writer(fakeredis.FakeAsyncRedis(), settings, feed)
 
 
 def _delivery(subject: str, payload: bytes, seq: int = 1) -> Delivery:
     return Delivery(subject, payload, seq, 1, 1_795_857_710_302_347_757, f"$JS.ACK.S.c.1.{seq}.{seq}.1.0")
 
 
-def test_a_message_on_an_unknown_subject_is_dead_lettered() -> None:
-    [group] = _writer().build([_delivery("up.trades", b"x")], 1000, "2026-11-28T09:00:00.000Z")
-    assert group.name == "dead_letter" and group.count == 1
-    assert group.labels[0][:2] == ("unknown", "unknown_subject")
-    assert "no feed is published on subject 'up.trades'" in group.labels[0][3]
+@hypothesis_settings(deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(min_value=1, max_value=2**53), st.text(max_size=30), st.binary(max_size=30)),
+        max_size=20,
+    )
+)
+def test_the_packed_command_is_the_bytes_redis_py_would_send(rows: list[tuple[int, str, bytes]]) -> None:
+    from redis.connection import Encoder, PythonRespSerializer
+
+    from services.ingestor.writer import Message, pack
+
+    writer = _writer()
+    messages = [
+        Message(seq, f"1795.{seq}", ["message_id", f"1795.{seq}", "symbol", text]) for seq, text, _ in rows
+    ]
+    args = writer.command(messages, "1795862595094", start=7)
+    assert args[:3] == ["EVALSHA", writer._sha, 2 + len(rows)]
+    python_packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    assert pack(args) == b"".join(python_packer.pack(*args))
+    raw: list[str | int | bytes] = ["SET", "k", *(blob for _, _, blob in rows), *(seq for seq, _, _ in rows)]
+    assert pack(raw) == b"".join(python_packer.pack(*raw))
 
 
-def test_a_decoder_that_fails_unexpectedly_dead_letters_instead_of_stopping(
+def test_a_message_on_another_subject_keeps_its_seq_as_a_malformed_entry() -> None:
+    [m] = _writer().messages([_delivery("up.trades", b"x")], "1000", "2026-11-28T09:00:00.000Z")
+    assert m.rejected is not None and m.rejected.reason == "unknown_subject"
+    assert m.fields[:2] == ["message_id", "1000.1"] and m.fields[2] == "error"
+    assert "not published on subject 'up.trades'" in m.fields[3]
+
+
+def test_a_decoder_that_fails_unexpectedly_keeps_the_payload_instead_of_stopping(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def broken(feed: Any, payload: bytes) -> dict[str, str]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(codec, "decode", broken)
-    good_subject = "up.execution"
-    [group] = _writer().build([_delivery(good_subject, b"\x0a\x01A")], 1000, "2026-11-28T09:00:00.000Z")
-    assert group.name == "dead_letter"
-    assert group.labels[0][:2] == ("execution", "decoder_error")
-    assert "RuntimeError: boom" in group.labels[0][3]
+    [m] = _writer().messages([_delivery("up.execution", b"\x0a\x01A")], "1000", "2026-11-28T09:00:00.000Z")
+    assert m.rejected is not None and m.rejected.reason == "decoder_error"
+    assert "RuntimeError: boom" in m.rejected.error
 
 
-def test_a_batch_is_split_by_feed_in_arrival_order() -> None:
+def test_a_batch_is_sorted_by_seq() -> None:
     ex = execution(1).SerializeToString()
-    ev = event(1).SerializeToString()
-    batch = [
-        _delivery("up.execution", ex, 1),
-        _delivery("up.sport_event", ev, 2),
-        _delivery("up.execution", ex, 3),
-    ]
-    groups = _writer().build(batch, 1000, "2026-11-28T09:00:00.000Z")
-    assert [(g.name, g.count) for g in groups] == [("execution", 2), ("sport_event", 1)]
-    assert groups[0].keys[2:] == ["fanout:{execution}:msg:1000.1", "fanout:{execution}:msg:1000.3"]
-
-
-async def test_a_deleted_consumer_is_set_up_again_and_nothing_is_lost_or_repeated(
-    base_settings: Settings, redis: Redis, nats: Any
-) -> None:
-    settings = ingestor_settings(base_settings)
-    keys = Keys(settings.key_prefix)
-    subject = settings.subject("execution")
-    async with running(settings, redis) as ingestor:
-        await publish(nats, subject, [execution(i).SerializeToString() for i in range(20)])
-        await read_stream(redis, keys.stream("execution"), 20)
-        created = ingestor.handle.created_ms if ingestor.handle else 0
-        await nats.jetstream().delete_consumer(settings.js_stream, settings.js_consumer)
-        await publish(nats, subject, [execution(i).SerializeToString() for i in range(20, 40)])
-        # The new consumer starts from the stream's first message: the first 20 are
-        # redelivered and dropped as duplicates, the next 20 appended once.
-        entries = await read_stream(redis, keys.stream("execution"), 40)
-        await until(lambda: _settled(ingestor, 60), what="the redelivered messages")
-    assert [e["message_id"] for e in entries] == [f"{created}.{s}" for s in range(1, 41)]
-    assert await redis.xlen(keys.stream("execution")) == 40
-    assert ingestor.stats.duplicates["execution"] == 20
+    batch = [_delivery("up.execution", ex, s) for s in (3, 1, 2)]
+    messages = _writer().messages(batch, "1000", "2026-11-28T09:00:00.000Z")
+    assert [m.seq for m in messages] == [1, 2, 3]
+    assert [m.message_id for m in messages] == ["1000.1", "1000.2", "1000.3"]

@@ -1,4 +1,5 @@
-"""shared/lua/ingest_append.lua on fakeredis (with Lua): exactly-once appends per feed."""
+"""shared/lua/ingest_append.lua (contract v2) on fakeredis (with Lua): entries at the seq
+JetStream gave them, each once, contiguous; holes reported; rebuilds from a start; epochs."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis.exceptions import ResponseError
 
 from shared import codec, scripts
+from shared.feeds import entry_id, message_id
 from shared.keys import Keys
 
 KEYS = Keys("unit")
 FEED = "execution"
 TTL = 3600
+EPOCH = "1795862595094"
 
 
 @pytest.fixture
@@ -23,27 +27,24 @@ async def r() -> AsyncIterator[Any]:
     await client.aclose()
 
 
-def _message(i: int) -> list[str]:
+def _fields(seq: int, epoch: str = EPOCH) -> list[str]:
     return codec.entry_fields(
-        f"1000.{i}",
-        {"symbol": f"S{i}", "price": "1.5"},
+        message_id(epoch, seq),
+        {"symbol": f"S{seq}", "price": "1.5"},
         "2026-11-28T09:00:00.000Z",
         "2026-11-28T09:00:00.001Z",
     )
 
 
 async def append(
-    r: Any, broker_seqs: list[int], epoch: str = "e1", feed: str = FEED
+    r: Any, seqs: list[int], epoch: str = EPOCH, start: int = 0, feed: str = FEED
 ) -> list[tuple[str, int]]:
     """One script call for a batch of messages, as the ingestor makes it."""
     script = scripts.register(r, "ingest_append")
-    keys = [KEYS.stream(feed), KEYS.meta(feed), *(KEYS.dedup(feed, f"1000.{s}") for s in broker_seqs)]
-    args: list[Any] = [TTL, epoch]
-    for s in broker_seqs:
-        fields = _message(s)
-        args += [s, len(fields), *fields]
+    messages = [(s, message_id(epoch, s), _fields(s, epoch)) for s in seqs]
+    keys, args = scripts.ingest_append_call(KEYS, feed, epoch, messages, TTL, start)
     reply = await script(keys=keys, args=args)
-    return [(entry_id.decode(), int(new)) for entry_id, new in reply]
+    return [(eid.decode(), int(status)) for eid, status in reply]
 
 
 async def entries(r: Any, feed: str = FEED) -> list[tuple[str, dict[str, str]]]:
@@ -54,67 +55,106 @@ async def meta(r: Any, feed: str = FEED) -> dict[str, str]:
     return codec.str_entry(await r.hgetall(KEYS.meta(feed)))
 
 
-async def test_a_batch_is_appended_in_order_with_contiguous_seq(r: Any) -> None:
+async def test_entries_are_appended_at_their_seq_in_order(r: Any) -> None:
     reply = await append(r, [1, 2, 3])
     stored = await entries(r)
-    assert [new for _, new in reply] == [1, 1, 1]
-    assert [entry_id for entry_id, _ in reply] == [entry_id for entry_id, _ in stored]
+    assert reply == [("1-0", 1), ("2-0", 1), ("3-0", 1)]
+    assert [i for i, _ in stored] == ["1-0", "2-0", "3-0"]
     assert [f["seq"] for _, f in stored] == ["1", "2", "3"]
     assert list(stored[0][1]) == ["seq", "message_id", "symbol", "price", "broker_time", "ingest_time"]
-    assert stored[2][1]["message_id"] == "1000.3"
-    m = await meta(r)
-    assert m == {"epoch": "e1", "seq": "3", "last_id": stored[2][0], "broker_seq": "3"}
+    assert stored[2][1]["message_id"] == f"{EPOCH}.3"
+    assert await meta(r) == {"epoch": EPOCH, "seq": "3", "last_id": "3-0", "first_seq": "1"}
 
 
 async def test_a_duplicate_returns_the_original_id_and_appends_nothing(r: Any) -> None:
-    first = await append(r, [1, 2])
-    again = await append(r, [2, 3])
-    assert again[0] == (first[1][0], 0)
-    assert again[1][1] == 1
-    stored = await entries(r)
-    assert [f["message_id"] for _, f in stored] == ["1000.1", "1000.2", "1000.3"]
-    assert [f["seq"] for _, f in stored] == ["1", "2", "3"]
+    await append(r, [1, 2])
+    assert await append(r, [2, 3]) == [("2-0", 0), ("3-0", 1)]
+    assert [f["seq"] for _, f in await entries(r)] == ["1", "2", "3"]
     assert (await meta(r))["seq"] == "3"
 
 
 async def test_a_message_twice_in_one_batch_is_appended_once(r: Any) -> None:
-    reply = await append(r, [7, 7])
-    assert reply[1] == (reply[0][0], 0)
+    assert await append(r, [1, 1]) == [("1-0", 1), ("1-0", 0)]
     assert len(await entries(r)) == 1
 
 
-async def test_a_batch_of_only_duplicates_changes_nothing(r: Any) -> None:
+async def test_a_seq_at_or_below_the_top_is_a_duplicate_after_its_dedup_key_expired(r: Any) -> None:
+    await append(r, [1, 2, 3])
+    await r.delete(KEYS.dedup(FEED, message_id(EPOCH, 2)))  # expired (or evicted)
+    assert await append(r, [2]) == [("2-0", 0)]
+    assert len(await entries(r)) == 3
+
+
+async def test_a_hole_is_reported_and_nothing_after_it_is_appended(r: Any) -> None:
     await append(r, [1, 2])
-    before = (await entries(r), await meta(r))
-    assert [new for _, new in await append(r, [1, 2], epoch="e2")] == [0, 0]
-    assert (await entries(r), await meta(r)) == before
+    assert await append(r, [5, 6]) == [("2-0", -1), ("2-0", -1)]
+    assert await append(r, [3, 5, 4]) == [("3-0", 1), ("3-0", -1), ("3-0", -1)]
+    assert [i for i, _ in await entries(r)] == ["1-0", "2-0", "3-0"]
+    assert (await meta(r))["seq"] == "3"
 
 
-async def test_broker_seq_is_the_highest_ingested(r: Any) -> None:
-    await append(r, [5, 3])
-    assert (await meta(r))["broker_seq"] == "5"
-    await append(r, [4])
-    assert (await meta(r))["broker_seq"] == "5"
-    await append(r, [9])
-    assert (await meta(r))["broker_seq"] == "9"
+async def test_a_new_stream_starts_at_1_and_an_explicit_start_rebuilds_a_lost_one(r: Any) -> None:
+    assert await append(r, [4]) == [("0-0", -1)]  # an empty stream starts at 1 unless told
+    assert not await r.exists(KEYS.stream(FEED))
+    # Redis lost the stream; seqs 1..3 are archived: rebuild from 4.
+    assert await append(r, [3, 4, 5], start=4) == [("3-0", 0), ("4-0", 1), ("5-0", 1)]
+    assert [i for i, _ in await entries(r)] == ["4-0", "5-0"]
+    assert (await meta(r))["first_seq"] == "4"
 
 
-async def test_the_epoch_is_set_once(r: Any) -> None:
-    await append(r, [1], epoch="first")
-    await append(r, [2], epoch="second")
-    assert (await meta(r))["epoch"] == "first"
+async def test_the_top_survives_trimming(r: Any) -> None:
+    await append(r, [1, 2, 3])
+    await r.xtrim(KEYS.stream(FEED), maxlen=0)
+    assert await append(r, [3, 4]) == [("3-0", 0), ("4-0", 1)]
+    assert [i for i, _ in await entries(r)] == ["4-0"]
+
+
+async def test_a_dedup_key_that_outlived_its_entry_does_not_block_the_refill(r: Any) -> None:
+    await append(r, [1, 2, 3])
+    await r.delete(KEYS.stream(FEED))  # the stream evicted, its keys not
+    assert await append(r, [3], start=3) == [("3-0", 1)]
+    assert [f["message_id"] for _, f in await entries(r)] == [f"{EPOCH}.3"]
+
+
+async def test_a_lost_meta_hash_is_rebuilt_with_the_epoch_of_the_newest_entry(r: Any) -> None:
+    await append(r, [1, 2])
+    await r.delete(KEYS.meta(FEED))
+    assert await append(r, [3]) == [("3-0", 1)]
+    m = await meta(r)
+    assert (m["epoch"], m["seq"], m["first_seq"]) == (EPOCH, "3", "1")
+
+
+async def test_a_newer_epoch_resets_the_stream_and_an_older_one_is_refused(r: Any) -> None:
+    await append(r, [1, 2, 3])
+    newer = str(int(EPOCH) + 1000)
+    assert await append(r, [1], epoch=newer) == [("1-0", 1)]
+    stored = await entries(r)
+    assert [f["message_id"] for _, f in stored] == [f"{newer}.1"]
+    assert (await meta(r))["epoch"] == newer
+    with pytest.raises(ResponseError, match=f"STALE_EPOCH {newer}"):
+        await append(r, [2], epoch=EPOCH)
 
 
 async def test_dedup_keys_hold_the_entry_id_with_the_ttl(r: Any) -> None:
-    [(entry_id, _)] = await append(r, [1])
-    key = KEYS.dedup(FEED, "1000.1")
-    assert (await r.get(key)).decode() == entry_id
+    await append(r, [1])
+    key = KEYS.dedup(FEED, message_id(EPOCH, 1))
+    assert (await r.get(key)).decode() == entry_id(1)
     assert 0 < await r.ttl(key) <= TTL
+
+
+async def test_malformed_entries_keep_their_seq(r: Any) -> None:
+    script = scripts.register(r, "ingest_append")
+    bad = codec.malformed_fields(message_id(EPOCH, 2), "not protobuf", b"\xff", "t1", "t2")
+    messages = [(1, message_id(EPOCH, 1), _fields(1)), (2, message_id(EPOCH, 2), bad)]
+    keys, args = scripts.ingest_append_call(KEYS, FEED, EPOCH, messages, TTL)
+    await script(keys=keys, args=args)
+    stored = await entries(r)
+    assert list(stored[1][1]) == ["seq", "message_id", "error", "payload_b64", "broker_time", "ingest_time"]
+    assert codec.is_malformed(stored[1][1]) and not codec.is_malformed(stored[0][1])
 
 
 async def test_feeds_are_independent(r: Any) -> None:
     await append(r, [1, 2], feed="execution")
-    await append(r, [3], feed="dead_letter")
-    assert [f["seq"] for _, f in await entries(r, "dead_letter")] == ["1"]
-    assert (await meta(r, "dead_letter"))["seq"] == "1"
+    await append(r, [1], feed="sport_event")
+    assert (await meta(r, "sport_event"))["seq"] == "1"
     assert (await meta(r, "execution"))["seq"] == "2"
