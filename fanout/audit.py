@@ -1,20 +1,20 @@
 """`fanout audit`: reconcile JetStream, the Redis streams and the PostgreSQL catalogue.
 
-Per feed it checks that every message JetStream still retains is accounted for exactly
-once, and that Redis and Postgres agree with each other:
+Contract v2: a message's position is its feed's JetStream stream (`<FANOUT_JS_STREAM>_<feed>`)
+epoch (the stream's creation time in ms) and sequence; its message id is `<epoch>.<seq>`,
+its Redis entry id `<seq>-0`. Per feed, per epoch, the audit checks that every seq is
+accounted for exactly once:
 
-- JetStream: the stream's retained sequences [first, last], counted per subject (the
-  feed's subject is Settings.subject(feed)). A message id is
-  `<stream created, unix ms>.<stream seq>`, so a Redis entry or a Postgres row names the
-  JetStream message it came from. A retained message is accounted for when it is in its
-  feed (Redis or Postgres) or in the dead letters; one the ingestor has not acked yet
-  (above its consumer's ack floor) is `in flight`, not missing.
-- Redis: within the stream, `seq` must go up by exactly one from entry to entry (one
-  epoch per stream), no message id twice, and the meta hash must name the last entry.
-- Postgres: no (epoch, seq) twice, no message twice (in two feeds, or in a feed and the
-  dead letters), no seq gap within an epoch, and every Redis entry the archiver has
-  already acked must have its row (an entry still pending in the archiver's consumer
-  group is `unarchived`, not missing).
+- JetStream: every retained seq [first, last] is in PostgreSQL or Redis; one the
+  ingestor has not acked yet (above its consumer's ack floor) is `in flight`, not missing.
+- Redis: entry ids are contiguous `<seq>-0`, each entry's `seq` field equals its id and
+  its message id is `<epoch>.<seq>` of the meta hash's epoch; an entry the archiver has
+  acked must be in PostgreSQL (one not yet acked is `unarchived`, not missing).
+- PostgreSQL: the feed's table and its `dead_letter` rows (malformed payloads, poison
+  entries) together hold each (epoch, seq) at most once, a row's message id is
+  `<epoch>.<seq>`, and no seq of an epoch (from 1 to its top) is missing unless Redis
+  or JetStream accounts for it. Rows of the old layout (epochs made in Redis) are
+  counted, not checked by seq.
 
 Exit status: 0 when everything reconciles, 1 on any discrepancy (each one is named
 below the table), 2 when a server cannot be reached. In-flight and unarchived messages
@@ -35,7 +35,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from shared import logs
 from shared.connections import redis_client
-from shared.feeds import DEAD_LETTER, FEED_NAMES
+from shared.feeds import FEED_NAMES, js_stream_name, seq_of_entry_id
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
 from shared.settings import Settings, nats_servers, parse_duration, parse_host_port, setting
@@ -84,20 +84,22 @@ class Unreachable(Exception):
 @dataclass
 class FeedAudit:
     feed: str
-    jetstream: int = 0  # messages JetStream retains on the feed's subject
+    jetstream: int = 0  # messages the feed's JetStream stream retains
     redis: int = 0  # entries in the feed's Redis stream
     postgres: int = 0  # rows in the feed's catalogue table
-    dead_letters: int = 0  # JetStream messages of this feed's subject that were dead-lettered
+    dead_letters: int = 0  # dead_letter rows of the feed (malformed payloads, poison entries)
     in_flight: int = 0  # retained messages the ingestor has not acked yet
-    unarchived: int = 0  # Redis entries still pending in the archiver's group
+    unarchived: int = 0  # Redis entries not yet acked by the archiver's group
     missing: int = 0
     duplicates: int = 0
-    seq_gaps: int = 0  # seqs missing inside an epoch (Redis stream or Postgres)
+    seq_gaps: int = 0  # seqs of an epoch held nowhere (Redis stream, or PostgreSQL)
+    mismatches: int = 0  # entries or rows not at their position (id, seq and message id disagree)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def discrepancies(self) -> int:
-        return self.missing + self.duplicates + self.seq_gaps
+        return self.missing + self.duplicates + self.seq_gaps + self.mismatches
 
     def problem(self, kind: str, items: list[str], total: int) -> None:
         if total:
@@ -128,36 +130,32 @@ class Report:
 
 # --- collecting --------------------------------------------------------------------
 
+# A contract v2 epoch: a JetStream stream's creation time in ms (13 digits). Rows of the
+# old layout (random hex epochs made in Redis) are counted, not checked by seq.
+_V2_EPOCH = "^[0-9]{13}$"
+
 
 @dataclass
 class _JetStream:
-    created_ms: int | None = None
+    """One feed's JetStream stream (`<FANOUT_JS_STREAM>_<feed>`) and the ingestor's consumer on it."""
+
+    stream: str
+    epoch: str | None = None  # creation time in ms; None when the stream does not exist
     first_seq: int = 0
     last_seq: int = 0
     messages: int = 0
-    per_subject: dict[str, int] = field(default_factory=dict)
-    ack_floor: int | None = None
+    deleted: int = 0  # interior deletes: seqs of the range that hold nothing
+    ack_floor: int = 0
     js: Any = None  # the JetStream context, to look messages up by seq
 
-    def seq_of(self, message_id: str) -> int | None:
-        """The stream seq a message id names, if it names a message of this stream's
-        life (a recreated stream has another creation time) still retained."""
-        created, _, seq = message_id.partition(".")
-        if self.created_ms is None or not (created.isdigit() and seq.isdigit()):
-            return None
-        # Allow 1 ms either way: creation times are rounded differently by clients.
-        if abs(int(created) - self.created_ms) > 1:
-            return None
-        n = int(seq)
-        return n if self.first_seq <= n <= self.last_seq else None
 
-
-async def _jetstream(settings: AuditSettings, report: Report, stack: contextlib.AsyncExitStack) -> _JetStream:
+async def _jetstream(
+    settings: AuditSettings, report: Report, stack: contextlib.AsyncExitStack
+) -> dict[str, _JetStream]:
     import nats
     import nats.errors
     from nats.js.errors import NotFoundError
 
-    out = _JetStream()
     try:
         nc = await nats.connect(
             servers=nats_servers(settings.nats_url),
@@ -171,64 +169,37 @@ async def _jetstream(settings: AuditSettings, report: Report, stack: contextlib.
         raise Unreachable("NATS", settings.nats_url, exc) from None
     stack.push_async_callback(nc.close)
     js = nc.jetstream(timeout=5)
-    try:
-        info = await js.stream_info(settings.js_stream, subjects_filter=">")
-    except NotFoundError:
-        report.notes.append(f"JetStream stream {settings.js_stream!r} does not exist: nothing to reconcile")
-        return out
-    except (nats.errors.Error, TimeoutError) as exc:  # timeout, no responders: no JetStream
-        raise Unreachable("NATS JetStream", settings.nats_url, f"{type(exc).__name__} {exc}") from None
-    if info.created is not None:
-        out.created_ms = int(info.created.timestamp() * 1000)
-    state = info.state
-    out.first_seq, out.last_seq, out.messages = state.first_seq, state.last_seq, state.messages
-    out.per_subject = dict(state.subjects or {})
-    out.js = js
-    try:
-        consumer = await js.consumer_info(settings.js_stream, settings.js_consumer)
-        out.ack_floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
-    except NotFoundError:
-        report.notes.append(
-            f"JetStream consumer {settings.js_consumer!r} does not exist: the ingestor has not run"
-        )
-        out.ack_floor = 0
+    out: dict[str, _JetStream] = {}
+    for feed in FEED_NAMES:
+        info = out[feed] = _JetStream(js_stream_name(settings.js_stream, feed))
+        try:
+            stream = await js.stream_info(info.stream)
+        except NotFoundError:
+            report.notes.append(
+                f"JetStream stream {info.stream!r} does not exist: {feed} has nothing to reconcile"
+            )
+            continue
+        except (nats.errors.Error, TimeoutError) as exc:  # timeout, no responders: no JetStream
+            raise Unreachable("NATS JetStream", settings.nats_url, f"{type(exc).__name__} {exc}") from None
+        if stream.created is not None:
+            info.epoch = str(int(stream.created.timestamp() * 1000))
+        state = stream.state
+        info.first_seq, info.last_seq, info.messages = state.first_seq, state.last_seq, state.messages
+        info.deleted = state.num_deleted or 0
+        info.js = js
+        try:
+            consumer = await js.consumer_info(info.stream, settings.js_consumer)
+            info.ack_floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+        except NotFoundError:
+            report.notes.append(
+                f"JetStream consumer {settings.js_consumer!r} on {info.stream!r} does not exist: "
+                "the ingestor has not run"
+            )
     return out
 
 
 async def _quiet(exc: Exception) -> None:
     """nats-py logs a traceback per failed attempt by default; the caller reports it once."""
-
-
-@dataclass
-class _Entry:
-    id: str
-    seq: int
-    message_id: str
-    subject: str = ""
-
-
-async def _xrange(redis: Any, key: str) -> AsyncIterator[list[_Entry]]:
-    start = "-"
-    while True:
-        rows = await redis.xrange(key, min=start, max="+", count=_XRANGE_CHUNK)
-        if not rows:
-            return
-        batch = []
-        for raw_id, raw in rows:
-            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            get = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-            batch.append(
-                _Entry(
-                    entry_id,
-                    int(get.get("seq", b"0")),
-                    _str(get.get("message_id", b"")),
-                    _str(get.get("subject", b"")),
-                )
-            )
-        yield batch
-        if len(rows) < _XRANGE_CHUNK:
-            return
-        start = "(" + batch[-1].id
 
 
 def _str(v: bytes | str) -> str:
@@ -238,6 +209,66 @@ def _str(v: bytes | str) -> str:
 def _id_tuple(entry_id: str) -> tuple[int, int]:
     ms, _, n = entry_id.partition("-")
     return int(ms), int(n or 0)
+
+
+class _Seqs:
+    """A set of seqs within [lo, hi], one byte each (hot windows and retained JetStream
+    ranges are dense)."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.bits = bytearray(max(0, hi - lo + 1))
+
+    def add(self, seq: int) -> None:
+        if self.lo <= seq <= self.hi:
+            self.bits[seq - self.lo] = 1
+
+    def __contains__(self, seq: int) -> bool:
+        return self.lo <= seq <= self.hi and self.bits[seq - self.lo] == 1
+
+    def count(self, lo: int, hi: int) -> int:
+        """How many of lo..hi are in the set."""
+        lo, hi = max(lo, self.lo), min(hi, self.hi)
+        if lo > hi:
+            return 0
+        part = self.bits[lo - self.lo : hi - self.lo + 1]
+        return len(part) - part.count(0)
+
+    def absent(self, lo: int, hi: int) -> Iterator[int]:
+        """The seqs of lo..hi (within the set's range) that are not in it, in order."""
+        lo, hi = max(lo, self.lo), min(hi, self.hi)
+        i, end = lo - self.lo, hi - self.lo + 1
+        while i < end:
+            i = self.bits.find(0, i, end)
+            if i < 0:
+                return
+            yield self.lo + i
+            i += 1
+
+
+_EMPTY = _Seqs(1, 0)
+
+
+@dataclass
+class _Redis:
+    """What one feed's Redis stream holds, checked."""
+
+    epoch: str | None = None
+    held: _Seqs = _EMPTY
+    frontier: tuple[int, int] | None = None  # the archiver acked every entry below; None: no group
+
+
+async def _xrange(redis: Any, key: str) -> AsyncIterator[list[tuple[str, dict[str, str]]]]:
+    start = "-"
+    while True:
+        rows = await redis.xrange(key, min=start, max="+", count=_XRANGE_CHUNK)
+        if not rows:
+            return
+        batch = [(_str(i), {_str(k): _str(v) for k, v in raw.items()}) for i, raw in rows]
+        yield batch
+        if len(rows) < _XRANGE_CHUNK:
+            return
+        start = "(" + batch[-1][0]
 
 
 async def _archiver_frontier(redis: Any, stream: str, group: str) -> tuple[int, int] | None:
@@ -265,6 +296,60 @@ async def _archiver_frontier(redis: Any, stream: str, group: str) -> tuple[int, 
     return None
 
 
+async def _redis_feed(redis: Any, keys: Keys, settings: AuditSettings, feed: str, audit: FeedAudit) -> _Redis:
+    """Redis checks for one feed: entry ids `<seq>-0` contiguous, the seq field equal to
+    the id, message ids `<epoch>.<seq>` of the meta hash's epoch."""
+    meta = {_str(k): _str(v) for k, v in (await redis.hgetall(keys.meta(feed))).items()}
+    stream = keys.stream(feed)
+    out = _Redis(epoch=meta.get("epoch"))
+    first: Any = await redis.xrange(stream, count=1)
+    last: Any = await redis.xrevrange(stream, count=1)
+    if not first:
+        return out
+    try:
+        out.held = _Seqs(seq_of_entry_id(first[0][0]), seq_of_entry_id(last[0][0]))
+    except ValueError:
+        out.held = _EMPTY  # not contract v2 ids: every entry is named below
+    if out.epoch is None:  # the meta hash was lost: the newest entry's message id names the epoch
+        out.epoch = _str(last[0][1].get(b"message_id", b"")).rpartition(".")[0] or None
+    gaps: list[str] = []
+    odd: list[str] = []
+    gap_total = odd_total = 0
+    prev: int | None = None
+    async for batch in _xrange(redis, stream):
+        for entry_id, fields in batch:
+            audit.redis += 1
+            try:
+                seq = seq_of_entry_id(entry_id)
+            except ValueError:
+                odd_total += 1
+                if len(odd) < _NAMED:
+                    odd.append(f"entry {entry_id}: its id is not <seq>-0")
+                continue
+            expected = f"{out.epoch}.{seq}"
+            if fields.get("seq") != str(seq) or fields.get("message_id") != expected:
+                odd_total += 1
+                if len(odd) < _NAMED:
+                    odd.append(
+                        f"entry {entry_id}: seq {fields.get('seq')!r}, message id "
+                        f"{fields.get('message_id')!r} (expected {expected!r})"
+                    )
+            if prev is not None and seq != prev + 1:
+                gap_total += seq - prev - 1
+                if len(gaps) < _NAMED:
+                    gaps.append(f"seq {prev + 1}..{seq - 1}")
+            out.held.add(seq)
+            prev = seq
+    audit.seq_gaps += gap_total
+    audit.mismatches += odd_total
+    audit.problem("seqs missing in the Redis stream", gaps, gap_total)
+    audit.problem("Redis entries not at their position", odd, odd_total)
+    if prev is not None and meta.get("seq") and int(meta["seq"]) != prev:
+        audit.notes.append(f"Redis meta seq {meta['seq']} is not the last entry's seq {prev} (informational)")
+    out.frontier = await _archiver_frontier(redis, stream, settings.archive_group)
+    return out
+
+
 async def _pg_connect(settings: AuditSettings) -> Any:
     import asyncpg
 
@@ -282,261 +367,172 @@ def _q(schema: str, table: str) -> str:
     return f'"{schema.replace(chr(34), chr(34) * 2)}"."{table}"'
 
 
-class _Ledger:
-    """Which retained JetStream sequences were seen where: a bytearray over
-    [first_seq, last_seq], one bit per place (feed stream/row per feed, dead letter)."""
-
-    DEAD = 0x80
-
-    def __init__(self, js: _JetStream) -> None:
-        self.js = js
-        self.size = js.last_seq - js.first_seq + 1 if js.created_ms is not None and js.last_seq else 0
-        self.bits = bytearray(self.size)
-        self.feed_bit = {name: 1 << i for i, name in enumerate(FEED_NAMES)}
-        self.twice: dict[str, list[str]] = {}  # feed -> message ids accounted twice
-
-    def mark(self, message_id: str, place: str) -> None:
-        seq = self.js.seq_of(message_id)
-        if seq is None:
-            return
-        i = seq - self.js.first_seq
-        bit = self.DEAD if place == DEAD_LETTER else self.feed_bit[place]
-        if self.bits[i] & ~bit:
-            # In a feed and in the dead letters, or in two feeds.
-            self.twice.setdefault(place, []).append(message_id)
-        self.bits[i] |= bit
-
-
-async def _redis_feed(
-    redis: Any, keys: Keys, settings: AuditSettings, feed: str, audit: FeedAudit, ledger: _Ledger
-) -> tuple[str, dict[int, _Entry], tuple[int, int] | None]:
-    """Redis checks for one feed; returns (epoch, entries by seq, archiver frontier)."""
-    meta = {_str(k): _str(v) for k, v in (await redis.hgetall(keys.meta(feed))).items()}
-    epoch = meta.get("epoch", "")
-    stream = keys.stream(feed)
-    by_seq: dict[int, _Entry] = {}
-    seen: dict[str, str] = {}
-    dups: list[str] = []
-    gaps: list[str] = []
-    gap_total = 0
-    dup_total = 0
-    prev: _Entry | None = None
-    async for batch in _xrange(redis, stream):
-        for e in batch:
-            audit.redis += 1
-            if e.message_id in seen:
-                dup_total += 1
-                if len(dups) < _NAMED:
-                    dups.append(f"{e.message_id} at {seen[e.message_id]} and {e.id}")
-            else:
-                seen[e.message_id] = e.id
-                ledger.mark(e.message_id, feed)
-            if prev is not None and e.seq != prev.seq + 1:
-                if e.seq > prev.seq + 1:
-                    gap_total += e.seq - prev.seq - 1
-                    if len(gaps) < _NAMED:
-                        gaps.append(f"seq {prev.seq + 1}..{e.seq - 1} (between {prev.id} and {e.id})")
-                else:
-                    dup_total += 1
-                    if len(dups) < _NAMED:
-                        dups.append(f"seq {e.seq} again at {e.id} after seq {prev.seq}")
-            by_seq.setdefault(e.seq, e)
-            prev = e
-    audit.duplicates += dup_total
-    audit.seq_gaps += gap_total
-    audit.problem("duplicate entries in Redis", dups, dup_total)
-    audit.problem("seqs missing in the Redis stream", gaps, gap_total)
-    if prev is not None and meta.get("seq") and int(meta["seq"]) != prev.seq:
-        audit.problems.append(
-            f"{feed}: Redis meta seq {meta['seq']} is not the last entry's seq {prev.seq} ({prev.id})"
-        )
-        audit.seq_gaps += abs(int(meta["seq"]) - prev.seq)
-    frontier = await _archiver_frontier(redis, stream, settings.archive_group)
-    return epoch, by_seq, frontier
+async def _catalogued(pg: Any, settings: AuditSettings, feed: str, epoch: str, lo: int, hi: int) -> _Seqs:
+    """The seqs lo..hi of one feed's epoch in the catalogue (feed table or dead_letter)."""
+    out = _Seqs(lo, hi)
+    if lo > hi:
+        return out
+    union = (
+        f"SELECT seq FROM {_q(settings.db_schema, feed)} WHERE epoch = $1 AND seq BETWEEN $2 AND $3 UNION ALL"
+        f" SELECT seq FROM {_q(settings.db_schema, 'dead_letter')} WHERE feed = $4 AND epoch = $1"
+        " AND seq BETWEEN $2 AND $3"
+    )
+    async with pg.transaction():
+        async for r in pg.cursor(union, epoch, lo, hi, feed, prefetch=10_000):
+            out.add(int(r["seq"]))
+    return out
 
 
 async def _postgres_feed(
-    pg: Any,
-    settings: AuditSettings,
-    feed: str,
-    audit: FeedAudit,
-    ledger: _Ledger,
-    epoch: str,
-    redis_by_seq: dict[int, _Entry],
-    frontier: tuple[int, int] | None,
-    poisoned: set[str],
+    pg: Any, settings: AuditSettings, feed: str, audit: FeedAudit, js: _JetStream, rds: _Redis
 ) -> None:
-    table = _q(settings.db_schema, feed)
-    if not await _table_exists(pg, settings.db_schema, feed):
-        pg_seqs: set[int] = set()
-        pg_ids: set[str] = set()
-    else:
+    """Every seq of an epoch exactly once across the feed's table and its dead letters,
+    no seq missing; the seqs JetStream retains and Redis holds are accounted for."""
+    table, dead = _q(settings.db_schema, feed), _q(settings.db_schema, "dead_letter")
+    exists = await _table_exists(pg, settings.db_schema, feed) and await _table_exists(
+        pg, settings.db_schema, "dead_letter"
+    )
+    gap_rows: list[Any] = []
+    tops: dict[str, int] = {}
+    if exists:
         audit.postgres = int(await pg.fetchval(f"SELECT count(*) FROM {table}"))
-        # The same (epoch, seq) twice: the same stream entry catalogued twice.
+        audit.dead_letters = int(await pg.fetchval(f"SELECT count(*) FROM {dead} WHERE feed = $1", feed))
+        union = (
+            f"SELECT epoch, seq, message_id FROM {table} UNION ALL SELECT epoch, seq, message_id"
+            f" FROM {dead} WHERE feed = $1 AND epoch IS NOT NULL AND seq IS NOT NULL"
+        )
+        # The same position twice: in the table and the dead letters, or two dead letters.
         rows = await pg.fetch(
-            f"SELECT epoch, seq, array_agg(message_id ORDER BY message_id) AS ids, count(*) AS n"
-            f" FROM {table} GROUP BY epoch, seq HAVING count(*) > 1 ORDER BY epoch, seq"
+            f"SELECT epoch, seq, array_agg(coalesce(message_id, '?') ORDER BY message_id) AS ids,"
+            f" count(*) AS n FROM ({union}) u GROUP BY epoch, seq HAVING count(*) > 1 ORDER BY epoch, seq",
+            feed,
         )
         total = sum(int(r["n"]) - 1 for r in rows)
         audit.duplicates += total
         audit.problem(
-            "duplicate rows in Postgres",
+            "positions catalogued twice (feed table or dead letters)",
             [f"epoch {r['epoch']} seq {r['seq']} ({', '.join(r['ids'])})" for r in rows[:_NAMED]],
             total,
         )
-        # Seq gaps within each epoch (the first seq of an epoch is 1).
-        gap_rows = await pg.fetch(
-            f"SELECT epoch, prev + 1 AS lo, seq - 1 AS hi FROM ("
-            f" SELECT epoch, seq, coalesce(lag(seq) OVER (PARTITION BY epoch ORDER BY seq), 0) AS prev"
-            f" FROM {table}) g WHERE seq > prev + 1 ORDER BY epoch, lo"
+        # Rows whose message id is not <epoch>.<seq>.
+        odd = await pg.fetch(
+            f"SELECT message_id, epoch, seq, count(*) OVER () AS n FROM {table}"
+            f" WHERE epoch ~ '{_V2_EPOCH}' AND message_id <> epoch || '.' || seq LIMIT {_NAMED}"
         )
-        # Rows of the current epoch from the first seq Redis holds on: checked against Redis.
-        first_redis = min(redis_by_seq) if redis_by_seq else None
-        pg_seqs = set()
-        pg_ids = set()
-        if epoch:
-            low = first_redis if first_redis is not None else 1 << 62
+        if odd:
+            audit.mismatches += int(odd[0]["n"])
+            audit.problem(
+                "rows whose message id is not <epoch>.<seq>",
+                [f"{r['message_id']} at epoch {r['epoch']} seq {r['seq']}" for r in odd],
+                int(odd[0]["n"]),
+            )
+        legacy = int(await pg.fetchval(f"SELECT count(*) FROM {table} WHERE epoch !~ '{_V2_EPOCH}'"))
+        if legacy:
+            audit.notes.append(f"{legacy} rows of the old layout (before contract v2) are not checked by seq")
+        # Holes inside each epoch (an epoch starts at seq 1), and each epoch's top.
+        gap_rows = await pg.fetch(
+            f"SELECT epoch, prev + 1 AS lo, seq - 1 AS hi FROM (SELECT epoch, seq,"
+            f" coalesce(lag(seq) OVER (PARTITION BY epoch ORDER BY seq), 0) AS prev"
+            f" FROM ({union}) u WHERE epoch ~ '{_V2_EPOCH}') g WHERE seq > prev + 1 ORDER BY epoch, lo",
+            feed,
+        )
+        tops = {
+            r["epoch"]: int(r["top"])
             for r in await pg.fetch(
-                f"SELECT seq, message_id FROM {table} WHERE epoch = $1 AND seq >= $2", epoch, low
-            ):
-                pg_seqs.add(int(r["seq"]))
-                pg_ids.add(r["message_id"])
-        # Every row's message id, for the JetStream ledger (streamed: tables can be big).
-        if ledger.size:
-            async with pg.transaction():
-                async for r in pg.cursor(f"SELECT message_id FROM {table}", prefetch=10_000):
-                    ledger.mark(r["message_id"], feed)
-        gaps: list[str] = []
-        gap_total = 0
-        for r in gap_rows:
-            lo, hi = int(r["lo"]), int(r["hi"])
-            if r["epoch"] == epoch and redis_by_seq:
-                # A seq Redis still holds is checked below (unarchived lag, or a missing row).
-                absent = [s for s in range(lo, hi + 1) if s not in redis_by_seq]
-                if not absent:
-                    continue
-                gap_total += len(absent)
-                lo, hi = absent[0], absent[-1]
-            else:
-                gap_total += hi - lo + 1
-            if len(gaps) < _NAMED:
-                gaps.append(f"epoch {r['epoch']} seq {lo}..{hi}")
-        audit.seq_gaps += gap_total
-        audit.problem("seqs missing in Postgres", gaps, gap_total)
-
-    # Redis entries the archiver has acked must have their row.
-    candidates: list[_Entry] = []
-    for seq, e in redis_by_seq.items():
-        if seq in pg_seqs:
-            continue
-        if frontier is None or _id_tuple(e.id) >= frontier:
-            audit.unarchived += 1
-        elif e.message_id not in pg_ids and e.message_id not in poisoned and e.id not in poisoned:
-            candidates.append(e)
-    if candidates and await _table_exists(pg, settings.db_schema, feed):
-        # A message re-ingested under a new epoch (Redis lost its data) keeps its first row.
-        kept = {
-            r["message_id"]
-            for r in await pg.fetch(
-                f"SELECT message_id FROM {table} WHERE message_id = ANY($1::text[])",
-                [e.message_id for e in candidates],
+                f"SELECT epoch, max(seq) AS top FROM ({union}) u WHERE epoch ~ '{_V2_EPOCH}' GROUP BY epoch",
+                feed,
             )
         }
-        candidates = [e for e in candidates if e.message_id not in kept]
-    missing_total = len(candidates)
-    missing = [f"{e.message_id} (seq {e.seq}, entry {e.id})" for e in candidates[:_NAMED]]
+    live = {e for e in (js.epoch, rds.epoch) if e}
+    held_epoch = rds.epoch if rds.held.hi >= rds.held.lo else None
+    # What PostgreSQL holds where JetStream retains and Redis holds, per live epoch.
+    catalogued: dict[str, _Seqs] = {}
+    for epoch in live:
+        ranges = []
+        if epoch == js.epoch and js.last_seq >= js.first_seq > 0:
+            ranges.append((js.first_seq, js.last_seq))
+        if epoch == held_epoch:
+            ranges.append((rds.held.lo, rds.held.hi))
+        lo = min((r[0] for r in ranges), default=1)
+        hi = max((r[1] for r in ranges), default=0)
+        catalogued[epoch] = await _catalogued(pg, settings, feed, epoch, lo, hi) if exists else _Seqs(lo, hi)
+        # Seqs of a live epoch above everything PostgreSQL holds are a hole too (below
+        # they are found by the gap query), unless Redis or JetStream accounts for them.
+        top = tops.get(epoch, 0)
+        if hi > top:
+            gap_rows.append({"epoch": epoch, "lo": top + 1, "hi": hi})
+
+    def accounted(epoch: str, lo: int, hi: int) -> int:
+        """How many of lo..hi Redis or JetStream accounts for (checked below)."""
+        n = 0
+        js_lo, js_hi = (js.first_seq, js.last_seq) if epoch == js.epoch and js.first_seq > 0 else (1, 0)
+        if max(lo, js_lo) <= min(hi, js_hi):
+            n += min(hi, js_hi) - max(lo, js_lo) + 1
+        if epoch == held_epoch:
+            n += rds.held.count(lo, min(hi, js_lo - 1)) + rds.held.count(max(lo, js_hi + 1), hi)
+        return n
+
+    gaps: list[str] = []
+    gap_total = 0
+    for r in gap_rows:
+        lo, hi = int(r["lo"]), int(r["hi"])
+        lost = hi - lo + 1 - accounted(r["epoch"], lo, hi)
+        if lost > 0:
+            gap_total += lost
+            if len(gaps) < _NAMED:
+                gaps.append(f"epoch {r['epoch']} seq {lo}..{hi}")
+    audit.seq_gaps += gap_total
+    audit.problem("seqs in neither PostgreSQL, Redis nor JetStream", gaps, gap_total)
+
+    # Redis entries: archived (acked by the archiver) ones must be catalogued.
+    missing: list[str] = []
+    missing_total = 0
+    if held_epoch:
+        pg_seqs = catalogued[held_epoch]
+        for seq in (
+            pg_seqs.absent(rds.held.lo, rds.held.hi) if exists else range(rds.held.lo, rds.held.hi + 1)
+        ):
+            if seq not in rds.held:
+                continue
+            if rds.frontier is None or (seq, 0) >= rds.frontier:
+                audit.unarchived += 1
+            else:
+                missing_total += 1
+                if len(missing) < _NAMED:
+                    missing.append(f"{held_epoch}.{seq}")
     audit.missing += missing_total
-    audit.problem("archived Redis entries without a Postgres row", missing, missing_total)
+    audit.problem("archived Redis entries without a row or dead letter", missing, missing_total)
+    await _unaccounted(js, rds, catalogued, audit)
 
 
-async def _dead_letters(
-    redis: Any, pg: Any, keys: Keys, settings: AuditSettings, report: Report, ledger: _Ledger
-) -> set[str]:
-    """Mark dead letters in the ledger; count them per feed; return the message ids and
-    entry ids the archiver dead-lettered (poison entries: no row expected)."""
-    by_subject = {settings.subject(f): f for f in FEED_NAMES}
-    seen: set[str] = set()
-    async for batch in _xrange(redis, keys.dead_letter_stream()):
-        for e in batch:
-            if e.message_id in seen:
-                continue
-            seen.add(e.message_id)
-            ledger.mark(e.message_id, DEAD_LETTER)
-            feed = by_subject.get(e.subject)
-            if feed:
-                report.feeds[feed].dead_letters += 1
-    poisoned: set[str] = set()
-    if await _table_exists(pg, settings.db_schema, "dead_letter"):
-        table = _q(settings.db_schema, "dead_letter")
-        for r in await pg.fetch(f"SELECT source, feed, message_id, subject, stream_id FROM {table}"):
-            if r["source"] == "archiver":
-                poisoned.update(x for x in (r["message_id"], r["stream_id"]) if x)
-                continue
-            if r["message_id"] and r["message_id"] not in seen:
-                seen.add(r["message_id"])
-                ledger.mark(r["message_id"], DEAD_LETTER)
-                feed = by_subject.get(r["subject"] or "")
-                if feed:
-                    report.feeds[feed].dead_letters += 1
-    return poisoned
-
-
-async def _unaccounted(js: _JetStream, ledger: _Ledger, settings: AuditSettings, report: Report) -> None:
-    """Retained JetStream messages found nowhere: missing, or in flight if the ingestor
-    has not acked them yet. Each is looked up (up to _LOOKUPS) to name its feed."""
+async def _unaccounted(js: _JetStream, rds: _Redis, catalogued: dict[str, _Seqs], audit: FeedAudit) -> None:
+    """Retained JetStream messages neither in PostgreSQL nor in Redis: missing, or in
+    flight if the ingestor has not acked them yet."""
     from nats.js.errors import NotFoundError
 
-    by_subject = {settings.subject(f): f for f in FEED_NAMES}
-    floor = js.ack_floor or 0
-    named: dict[str, list[str]] = {f: [] for f in FEED_NAMES}
-    missing = dict.fromkeys(FEED_NAMES, 0)
-    unknown_missing = unknown_in_flight = 0
-    looked = 0
-    for i, b in enumerate(ledger.bits):
-        if b:
+    if js.epoch is None or js.first_seq == 0 or js.last_seq < js.first_seq:
+        return
+    pg_seqs = catalogued[js.epoch]
+    redis_seqs = rds.held if rds.epoch == js.epoch else _EMPTY
+    named: list[str] = []
+    total = looked = 0
+    for seq in pg_seqs.absent(js.first_seq, js.last_seq):
+        if seq in redis_seqs:
             continue
-        seq = js.first_seq + i
-        feed: str | None = None
-        if js.js is not None and looked < _LOOKUPS:
+        if seq > js.ack_floor:
+            audit.in_flight += 1
+            continue
+        if js.deleted and looked < _LOOKUPS:  # the range has holes: is this one of them?
             looked += 1
             try:
-                msg = await js.js.get_msg(settings.js_stream, seq)
+                await js.js.get_msg(js.stream, seq)
             except NotFoundError:
-                continue  # deleted from the stream: nothing to hold
-            feed = by_subject.get(msg.subject or "")
-            if feed is None:
-                continue  # a subject that is not a feed's
-        if seq > floor:
-            if feed:
-                report.feeds[feed].in_flight += 1
-            else:
-                unknown_in_flight += 1
-        elif feed:
-            missing[feed] += 1
-            if len(named[feed]) < _NAMED:
-                named[feed].append(f"{js.created_ms}.{seq}")
-        else:
-            unknown_missing += 1
-    for feed, total in missing.items():
-        report.feeds[feed].missing += total
-        report.feeds[feed].problem(
-            "JetStream messages in neither Redis, Postgres nor the dead letters", named[feed], total
-        )
-    if unknown_missing or unknown_in_flight:
-        report.notes.append(
-            f"{unknown_missing} missing and {unknown_in_flight} in-flight JetStream messages beyond "
-            f"the first {_LOOKUPS} looked up; counted under {FEED_NAMES[0]}"
-        )
-        report.feeds[FEED_NAMES[0]].missing += unknown_missing
-        report.feeds[FEED_NAMES[0]].in_flight += unknown_in_flight
-    for place, twice in ledger.twice.items():
-        target = report.feeds.get(place) or report.feeds[FEED_NAMES[0]]
-        target.duplicates += len(twice)
-        target.problem(
-            "messages accounted twice (in two feeds, or in a feed and the dead letters)",
-            twice[:_NAMED],
-            len(twice),
-        )
+                continue
+        total += 1
+        if len(named) < _NAMED:
+            named.append(f"{js.epoch}.{seq}")
+    audit.missing += total
+    audit.problem("JetStream messages in neither Redis nor PostgreSQL", named, total)
 
 
 async def audit(settings: AuditSettings) -> Report:
@@ -544,7 +540,7 @@ async def audit(settings: AuditSettings) -> Report:
     report = Report({f: FeedAudit(f) for f in FEED_NAMES})
     keys = Keys(settings.key_prefix)
     async with contextlib.AsyncExitStack() as stack:
-        js = await _jetstream(settings, report, stack)
+        streams = await _jetstream(settings, report, stack)
         redis = redis_client(settings.redis_url)
         stack.push_async_callback(redis.aclose)
         try:
@@ -553,15 +549,19 @@ async def audit(settings: AuditSettings) -> Report:
             raise Unreachable("Redis", settings.redis_url, exc) from None
         pg = await _pg_connect(settings)
         stack.push_async_callback(pg.close)
-        ledger = _Ledger(js)
-        for feed in FEED_NAMES:
-            report.feeds[feed].jetstream = js.per_subject.get(settings.subject(feed), 0)
-        poisoned = await _dead_letters(redis, pg, keys, settings, report, ledger)
         for feed in FEED_NAMES:
             a = report.feeds[feed]
-            epoch, by_seq, frontier = await _redis_feed(redis, keys, settings, feed, a, ledger)
-            await _postgres_feed(pg, settings, feed, a, ledger, epoch, by_seq, frontier, poisoned)
-        await _unaccounted(js, ledger, settings, report)
+            js = streams[feed]
+            a.jetstream = js.messages
+            rds = await _redis_feed(redis, keys, settings, feed, a)
+            if js.epoch and rds.epoch and rds.epoch != js.epoch:
+                a.notes.append(
+                    f"Redis holds epoch {rds.epoch}, JetStream's stream is epoch {js.epoch} "
+                    "(recreated; the ingestor starts the new epoch in Redis with its next message)"
+                )
+            await _postgres_feed(pg, settings, feed, a, js, rds)
+        for a in report.feeds.values():
+            report.notes += [f"{a.feed}: {n}" for n in a.notes]
         return report
 
 
@@ -578,6 +578,7 @@ _COLUMNS = (
     ("missing", "missing"),
     ("duplicates", "duplicates"),
     ("seq_gaps", "seq gaps"),
+    ("mismatches", "mismatches"),
 )
 
 
@@ -674,6 +675,12 @@ class AuditMetrics:
         self.seq_gaps = Gauge(
             "fanout_audit_seq_gaps_total", "seqs missing within an epoch", ["feed"], registry=reg
         )
+        self.mismatches = Gauge(
+            "fanout_audit_mismatches_total",
+            "entries or rows not at their position (entry id, seq and message id disagree)",
+            ["feed"],
+            registry=reg,
+        )
         self.lag = Gauge(
             "fanout_audit_lag_messages", "messages not yet ingested or archived", ["feed"], registry=reg
         )
@@ -687,6 +694,7 @@ class AuditMetrics:
             self.missing.labels(name).set(a.missing)
             self.duplicates.labels(name).set(a.duplicates)
             self.seq_gaps.labels(name).set(a.seq_gaps)
+            self.mismatches.labels(name).set(a.mismatches)
             self.lag.labels(name).set(a.in_flight + a.unarchived)
         self.up.set(1)
         self.last.set(time.time())
