@@ -15,13 +15,15 @@ from shared.monitoring import OpsServer
 log = logging.getLogger("services.archiver")
 
 DESCRIPTION = """\
-Archive every feed stream (and the ingestor's dead letters) from Redis into the
-PostgreSQL catalogue through a consumer group: batches stored in one transaction,
-acknowledged only after the commit, redeliveries skipped by message id, so each message
-gets exactly one row. Creates and upgrades the catalogue schema at start. Several
-archivers can run side by side; entries left by a dead one are claimed after
-FANOUT_ARCHIVE_CLAIM_IDLE. Trims each stream of entries that are archived and older
-than FANOUT_RETENTION. Ops endpoints: /healthz /readyz /metrics on FANOUT_ARCHIVE_HTTP.
+Archive every feed stream from Redis into the PostgreSQL catalogue through a consumer
+group: batches stored in one transaction, acknowledged only after the commit,
+redeliveries skipped by message id and position (epoch, seq), so each message gets
+exactly one row (malformed payloads one dead_letter row). Creates and upgrades the
+catalogue schema at start. Several archivers can run side by side; entries left by a
+dead one are claimed after FANOUT_ARCHIVE_CLAIM_IDLE. A stream that vanishes (Redis
+lost it) gets its consumer group back and is archived on. Trims each stream to the hot
+window: archived entries older than FANOUT_RETENTION (by broker_time) or beyond
+FANOUT_STREAM_MAXLEN. Ops endpoints: /healthz /readyz /metrics on FANOUT_ARCHIVE_HTTP.
 """
 
 
