@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from shared.codec import parse_iso
 from shared.connections import redis_client
-from shared.feeds import DEAD_LETTER, FEED_NAMES, js_stream_name
+from shared.feeds import DEAD_LETTER, FEED_NAMES, js_stream_name, seq_of_entry_id
 from shared.keys import Keys
 from shared.settings import Settings, nats_servers, setting
 
@@ -80,8 +80,11 @@ async def collect(settings: StatusSettings) -> dict[str, Any]:
 
 
 def _seq(entry_id: str | None) -> int | None:
-    """The seq of an entry id `<seq>-0` (None for none; the ms part of an old-layout id)."""
-    return None if entry_id is None else int(entry_id.partition("-")[0])
+    """The seq of an entry id `<seq>-0`; None for none, or an id of the old layout."""
+    try:
+        return None if entry_id is None else seq_of_entry_id(entry_id)
+    except ValueError:
+        return None
 
 
 def _broker_time(fields: Any) -> float | None:

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from shared import codec
 from shared.codec import parse_iso
-from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed
+from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed, seq_of_entry_id
 
 Row = tuple[Any, ...]
 
@@ -219,10 +219,11 @@ def malformed_row(feed: str, subject: str, stream_id: str, entry: Mapping[str, s
 
 
 def _seq_of_id(stream_id: str) -> int | None:
-    ms, dash, n = stream_id.partition("-")
-    if dash and ms.isdigit() and n == "0" and int(ms) in _INT64:
-        return int(ms)
-    return None
+    try:
+        seq = seq_of_entry_id(stream_id)
+    except ValueError:
+        return None
+    return seq if seq in _INT64 else None
 
 
 def poison_row(feed: str, stream_id: str, entry: Mapping[str, str], error: str) -> Row:
