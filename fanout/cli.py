@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
 from types import ModuleType
 
 from shared.settings import SettingsError
@@ -33,6 +34,14 @@ def _module(command: str) -> ModuleType | None:
         raise
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    try:
+        return metadata.version("feed-fanout")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -40,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         description="feed-fanout: NATS feeds catalogued in PostgreSQL and served live over SSE.",
         epilog="Every flag also reads an environment variable; `fanout COMMAND --help` lists them.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (_, summary) in COMMANDS.items():
