@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -402,7 +403,7 @@ async def test_archiver_trims_what_it_archived_and_measures_lag_by_broker_time(
 
 
 async def test_a_stream_lost_and_rebuilt_from_a_later_seq_is_archived_once(
-    base_settings: Settings, redis: Redis, pg: asyncpg.Connection
+    base_settings: Settings, redis: Redis, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis loses the stream (restart without persistence, failover, eviction) while the
     archiver is blocked reading it; the ingestor rebuilds it from a later seq with the same
@@ -431,6 +432,10 @@ async def test_a_stream_lost_and_rebuilt_from_a_later_seq_is_archived_once(
     # pending batch: more duplicates, never more rows).
     assert counts.rows == 80 and counts.duplicates >= 20
     assert counts.groups_created >= 2
+    # Handled as what it is, not as an error (no backoff on the way either).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "redis refused a command, retrying" not in caplog.text
+    assert "consumer group missing, creating it again" in caplog.text
 
 
 async def test_a_new_epoch_restarts_the_seqs_and_both_epochs_rows_stay(
