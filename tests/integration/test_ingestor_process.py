@@ -23,7 +23,15 @@ from redis.asyncio import Redis
 from services.ingestor.consumer import Ingestor
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.integration.test_ingestor import event, execution, ingestor_settings, read_stream, running, until
+from tests.integration.test_ingestor import (
+    event,
+    execution,
+    ingestor_settings,
+    read_entries,
+    read_stream,
+    stream_of,
+    until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,13 +123,16 @@ async def test_sigkill_under_load_then_restart_leaves_every_message_exactly_once
     proc, port = await start_ingestor(base_settings, FANOUT_INGEST_BATCH="500")
     try:
         n_exec = sum(1 for i in range(n) if i % 3)
-        executions = await read_stream(redis, keys.stream("execution"), n_exec, within=90)
-        events = await read_stream(redis, keys.stream("sport_event"), n - n_exec, within=90)
+        executions = await read_entries(redis, keys.stream("execution"), n_exec, within=90)
+        events = await read_entries(redis, keys.stream("sport_event"), n - n_exec, within=90)
         js = nats.jetstream()
 
         async def all_acked() -> bool:
-            info = await js.consumer_info(base_settings.js_stream, "ingestor")
-            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+            for feed in ("execution", "sport_event"):
+                info = await js.consumer_info(stream_of(base_settings, feed), "ingestor")
+                if info.num_pending or info.num_ack_pending:
+                    return False
+            return True
 
         await until(all_acked, within=60, what="every message acked")
     finally:
@@ -130,14 +141,15 @@ async def test_sigkill_under_load_then_restart_leaves_every_message_exactly_once
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert b'"msg": "ingestor stopped"' in stderr
 
-    # Exactly once: every stream sequence 1..n once, per feed seq contiguous from 1.
+    # Exactly once: per feed every JetStream seq 1..n_feed once, at entry id <seq>-0.
     assert await redis.xlen(keys.stream("execution")) == n_exec
     assert await redis.xlen(keys.stream("sport_event")) == n - n_exec
-    broker_seqs = sorted(int(e["message_id"].split(".")[1]) for e in executions + events)
-    assert broker_seqs == list(range(1, n + 1))
-    assert [int(e["seq"]) for e in executions] == list(range(1, n_exec + 1))
-    assert [int(e["seq"]) for e in events] == list(range(1, n - n_exec + 1))
-    assert len({e["message_id"].split(".")[0] for e in executions + events}) == 1
+    for feed, entries, count in (("execution", executions, n_exec), ("sport_event", events, n - n_exec)):
+        epoch = str(int((await js.stream_info(stream_of(base_settings, feed))).created.timestamp() * 1000))
+        assert [i for i, _ in entries] == [f"{s}-0" for s in range(1, count + 1)], feed
+        assert [e["message_id"] for _, e in entries] == [f"{epoch}.{s}" for s in range(1, count + 1)], feed
+    assert [e["symbol"] for _, e in executions] == [execution(i).symbol for i in range(n) if i % 3]
+    assert [e["match_title"] for _, e in events] == [f"Match {i}" for i in range(n) if not i % 3]
 
 
 async def _at_least(redis: Redis, key: str, count: int) -> bool:
@@ -166,6 +178,47 @@ async def test_sigterm_when_idle_exits_zero_with_a_summary(
     assert proc.returncode == 0
     assert b"Traceback" not in stderr
     assert b'"msg": "ingestor stopped"' in stderr
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+async def test_an_idle_ingestor_does_not_spin(base_settings: Settings, redis: Redis, nats: Any) -> None:
+    """Issue 10: an idle pull loop once woke without end (41% of a core). Idle, it wakes once
+    per expired pull request; over a few seconds that is a few milliseconds of CPU."""
+    proc, port = await start_ingestor(base_settings)
+    try:
+        await wait_ready(proc, port)
+        await publish_executions(nats, base_settings.subject("execution"), range(5))  # it has worked once
+        await read_stream(redis, Keys(base_settings.key_prefix).stream("execution"), 5)
+        before = _cpu_seconds(proc.pid)
+        await asyncio.sleep(3.0)  # measuring idle time (not synchronisation)
+        used = _cpu_seconds(proc.pid) - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert used < 0.3, f"the idle ingestor used {used:.2f} s of CPU in 3 s"
+
+
+async def test_a_legacy_stream_with_pending_messages_exits_1_with_one_clear_line(
+    base_settings: Settings, nats: Any
+) -> None:
+    js = nats.jetstream()
+    subjects = [base_settings.subject(f) for f in ("execution", "sport_event")]
+    await js.add_stream(name=base_settings.js_stream, subjects=subjects)
+    await js.add_consumer(base_settings.js_stream, durable_name="ingestor")
+    await publish_executions(nats, base_settings.subject("execution"), range(2))
+    proc, _ = await start_ingestor(base_settings, FANOUT_LOG_FORMAT="text")
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    text = stderr.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    [line] = [ln for ln in text.splitlines() if "ERROR" in ln]
+    assert base_settings.js_stream in line and "not yet delivered" in line and "nats consumer info" in line
 
 
 @contextmanager
@@ -258,14 +311,16 @@ async def test_redis_going_away_and_back_loses_nothing_and_repeats_nothing(
             await nats.flush()
             await until(lambda: _retrying(ingestor), what="the ingestor to hit the outage")
         async with private_redis(port, data):
-            entries = await read_stream(redis, keys.stream("execution"), 300, within=60)
+            reader = Redis.from_url(settings.redis_url)  # the old pool's connections died with the server
+            entries = await read_stream(reader, keys.stream("execution"), 300, within=60)
             stop.set()
             await asyncio.wait_for(task, 30)
-            assert await redis.xlen(keys.stream("execution")) == 300
+            assert await reader.xlen(keys.stream("execution")) == 300
+            await reader.aclose()
             await redis.aclose()
     assert [int(e["seq"]) for e in entries] == list(range(1, 301))
     assert [e["symbol"] for e in entries] == [execution(i).symbol for i in range(300)]
-    assert sum(ingestor.stats.appended.values()) + ingestor.stats.replayed == 300
+    assert sum(ingestor.stats.appended.values()) + sum(ingestor.stats.refilled.values()) == 300
 
 
 async def _retrying(ingestor: Ingestor) -> bool:
@@ -344,7 +399,9 @@ async def test_the_ingestor_waits_for_nats_that_is_not_up_yet(base_settings: Set
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-async def test_redis_coming_back_empty_is_refilled_from_jetstream(base_settings: Settings, nats: Any) -> None:
+async def test_redis_restarted_empty_is_noticed_by_its_run_id_and_refilled_with_the_same_ids(
+    base_settings: Settings, nats: Any
+) -> None:
     port = free_port()
     settings = ingestor_settings(base_settings, redis_url=f"redis://127.0.0.1:{port}/0")
     keys = Keys(settings.key_prefix)
@@ -367,48 +424,30 @@ async def test_redis_coming_back_empty_is_refilled_from_jetstream(base_settings:
         task = asyncio.create_task(ingestor.run())
         await until(ingestor.nats_ready)
         await publish_executions(nats, subject, range(150))
-        before = await read_stream(redis, keys.stream("execution"), 150)
+        before = await read_entries(redis, keys.stream("execution"), 150)
         old_epoch = await redis.hget(keys.meta("execution"), "epoch")
         server.kill()  # everything acked so far is gone with it
         server.wait(10)
     with private_server(no_persistence, port):
         await publish_executions(nats, subject, range(150, 200))
         reader = Redis.from_url(settings.redis_url)  # the ingestor's client is its own business
-        after = await read_stream(reader, keys.stream("execution"), 200, within=60)
+        after = await read_entries(reader, keys.stream("execution"), 200, within=60)
         stop.set()
         await asyncio.wait_for(task, 30)
         assert await reader.xlen(keys.stream("execution")) == 200
         new_epoch = await reader.hget(keys.meta("execution"), "epoch")
         await reader.aclose()
         await redis.aclose()
-    # Every message once, in stream order, under a new epoch that tells readers of the reset.
-    assert [e["message_id"] for e in after[:150]] == [e["message_id"] for e in before]
-    assert [e["symbol"] for e in after] == [execution(i).symbol for i in range(200)]
-    assert [int(e["seq"]) for e in after] == list(range(1, 201))
-    assert new_epoch != old_epoch
-    assert ingestor.stats.replayed >= 150  # the lost ones (and any delivered, not yet written)
-
-
-async def test_redis_keys_lost_while_the_ingestor_was_down_are_replayed_at_start(
-    base_settings: Settings, redis: Redis, nats: Any
-) -> None:
-    settings = ingestor_settings(base_settings)
-    keys = Keys(settings.key_prefix)
-    subject = settings.subject("execution")
-    async with running(settings, redis):
-        await publish_executions(nats, subject, range(80))
-        await read_stream(redis, keys.stream("execution"), 80)
-    # Every key of the prefix, the marker `Keys.ingest_run_id()` included: a real loss comes
-    # with a Redis restart (new run_id) or an emptied Redis (no marker); the shared Redis
-    # cannot be restarted here, so the missing marker stands for it.
-    async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
-        await redis.delete(key)
-    assert await redis.get(keys.ingest_run_id()) is None
-    async with running(settings, redis) as ingestor:
-        entries = await read_stream(redis, keys.stream("execution"), 80)
-    assert ingestor.stats.replayed == 80 and ingestor.stats.replays == 1
-    assert [int(e["seq"]) for e in entries] == list(range(1, 81))
-    assert await redis.xlen(keys.stream("execution")) == 80
+    # Every message once, at the same ids and seqs as before the loss, in the same epoch
+    # (the catalogue has nothing: rebuilt from what JetStream retains).
+    assert [i for i, _ in after] == [f"{s}-0" for s in range(1, 201)]
+    assert [e["message_id"] for _, e in after[:150]] == [e["message_id"] for _, e in before]
+    assert [e["symbol"] for _, e in after] == [execution(i).symbol for i in range(200)]
+    assert new_epoch == old_epoch
+    assert ingestor.watch.restarts == 1 and ingestor.stats.redis_restarts == 1
+    assert (
+        ingestor.stats.refilled["execution"] >= 150 - 1
+    )  # the lost ones (the batch in hand is not a refill)
 
 
 async def publish_executions(nc: Any, subject: str, numbers: range) -> None:
@@ -430,7 +469,7 @@ async def test_sigterm_under_load_finishes_and_acks_what_it_took_then_a_restart_
     _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     # Everything it was handed is written and acked: nothing waits for an ack timeout.
-    info = await nats.jetstream().consumer_info(base_settings.js_stream, "ingestor")
+    info = await nats.jetstream().consumer_info(stream_of(base_settings, "execution"), "ingestor")
     assert info.num_ack_pending == 0
     written = int(await redis.xlen(keys.stream("execution")))
     assert info.ack_floor.stream_seq == written
