@@ -114,6 +114,13 @@ class Run:
         end = record.healed_at + (record.recovery or 0.0)
         record.latency = live_latency(self.subs, self.pub, record.injected_at, end)
 
+    def reconnect_now(self) -> None:
+        """The reconnecting subscribers drop their connections and resume with their last
+        id at once (e.g. with a cursor ahead of what a refilling Redis holds)."""
+        for s in self.subs:
+            if s.reconnect_every:
+                s.reconnect()
+
     async def _come_back(self, s: Subscriber, after: float) -> int:
         """Bring a wanderer back `after` s; 1 if Redis's first entry is then beyond its
         position in a feed (so its catch-up must come from PostgreSQL), else 0."""

@@ -482,6 +482,7 @@ class Subscriber:
     received: dict[str, list[Got]] = field(default_factory=dict)
     notices: list[tuple[str, str]] = field(default_factory=list)  # (event, data): gap, reset, unknown
     bad_ids: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # non-200 answers: an EventSource stops for good
     connects: int = 0
     resumes: list[tuple[float, str | None]] = field(default_factory=list)  # (when, Last-Event-ID)
     errors: Counter[str] = field(default_factory=Counter)
@@ -504,6 +505,11 @@ class Subscriber:
     def back(self) -> None:
         self.present.set()
 
+    def reconnect(self) -> None:
+        """Drop the connection now: it resumes at once with its last id."""
+        if self._resp is not None:
+            self._resp.close()
+
     async def run(self, base_url: str, stop: asyncio.Event) -> None:
         url = f"{base_url}/v1/stream?feeds={','.join(self.feeds)}"
         rng = random.Random(self.name)
@@ -511,11 +517,17 @@ class Subscriber:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while not stop.is_set():
                 await self.present.wait()
-                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+                # What EventSource sends: the gateway answers it in-band (200) rather than
+                # with a 4xx/5xx, after which an EventSource would never reconnect.
+                headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+                if self.last_id:
+                    headers["Last-Event-ID"] = self.last_id
                 try:
                     async with http.get(url, headers=headers) as resp:
                         if resp.status != 200:
-                            self.errors[f"HTTP {resp.status}: {(await resp.text())[:200]}"] += 1
+                            text = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                            self.errors[text] += 1
+                            self.refusals.append(f"{text} (Last-Event-ID {self.last_id})")
                         else:
                             self.connects += 1
                             self.resumes.append((time.time(), self.last_id))
@@ -875,6 +887,9 @@ def judge_subscriber(s: Subscriber, truth: dict[str, FeedTruth]) -> SubVerdict:
     for bad in s.bad_ids[:3]:
         v.details.append(f"{s.name}: {bad}")
     v.wrong += len(s.bad_ids)
+    for refusal in s.refusals[:3]:
+        v.details.append(f"{s.name}: {refusal}: an EventSource would have stopped for good")
+    v.wrong += len(s.refusals)
     for feed, got in s.received.items():
         t = truth[feed]
         v.events += len(got)

@@ -19,6 +19,10 @@ so it catches up from rows the archiver wrote while servers failed. The faults, 
   case that stalled every subscriber for good in issue 9);
 - Redis replaced by an empty one under load (SIGKILL, data folder wiped, restart).
 
+Right after the promotion and after the empty restart, the reconnecting subscribers
+resume with cursors ahead of what Redis then holds: never a 4xx/5xx (after which an
+EventSource stops for good), they wait for the refill.
+
 Every subscriber must receive, per feed, every seq from 1 to the end exactly once and in
 order (malformed payloads as `event: malformed` at their seq), with no `gap` or `reset`;
 PostgreSQL holds each (epoch, seq) exactly once; `fanout audit` exits 0. The report
@@ -139,6 +143,7 @@ async def failover(r: Run) -> str:
     p.link.cut()  # what the link held never reaches the replica
     replica_tops = await asyncio.to_thread(redis_tops, p.standby)
     await p.failover()
+    r.reconnect_now()  # cursors ahead of the promoted replica's top: never a 400, they wait
     lost = {f: primary_tops[f] - replica_tops[f] for f in primary_tops}
     if min(lost.values()) <= READER_BATCH:
         r.problems.append(f"failover: the replica lost only {lost} entries, not more than a read batch "
@@ -151,6 +156,7 @@ async def empty_redis(r: Run) -> str:
     await asyncio.to_thread(r.p.redis.kill)
     await asyncio.to_thread(r.p.redis.wipe)
     await asyncio.to_thread(r.p.redis.start)
+    r.reconnect_now()  # cursors ahead of an empty Redis: never a 400, they wait for the refill
     if r.p.standby is not None:
         await r.p.replica_in_sync()  # the replica follows: empty too
     return "restarted without its data"
