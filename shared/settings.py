@@ -53,6 +53,18 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * _UNIT_SECONDS[match[2]]
 
 
+def parse_milliseconds(text: str) -> int:
+    """Milliseconds from a bare number (the unit of a `_MS` setting: `2000`) or from a
+    duration in any unit (`200ms`, `2s`), like every other duration setting."""
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    try:
+        return round(parse_duration(stripped) * 1000)
+    except ValueError:
+        raise ValueError("expected milliseconds (2000) or a duration such as 500ms or 2s") from None
+
+
 def format_duration(seconds: float) -> str:
     """The inverse of parse_duration, in the largest unit (up to hours) that is whole: 86400 -> `24h`,
     90 -> `90s`, 0.5 -> `500ms`."""
@@ -91,6 +103,8 @@ def _show(meta: Mapping[str, Any], value: Any) -> str:
         return "unset"
     if meta["parse"] is parse_duration:
         return format_duration(value)
+    if meta["parse"] is parse_milliseconds:
+        return format_duration(value / 1000)
     if meta["parse"] is parse_host_port or isinstance(value, tuple):
         host, port = value
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -8,7 +8,14 @@ import socket
 from dataclasses import dataclass
 
 from shared.connections import MAX_BLOCK_MS
-from shared.settings import Settings, SettingsError, parse_duration, parse_host_port, setting
+from shared.settings import (
+    Settings,
+    SettingsError,
+    parse_duration,
+    parse_host_port,
+    parse_milliseconds,
+    setting,
+)
 
 
 @dataclass(frozen=True)
@@ -22,7 +29,10 @@ class ArchiverSettings(Settings):
         "FANOUT_ARCHIVE_WORKERS", 2, "batches of a feed read and stored side by side (1: one at a time)"
     )
     block_ms: int = setting(
-        "FANOUT_ARCHIVE_BLOCK_MS", 2000, f"XREADGROUP block time in milliseconds (at most {MAX_BLOCK_MS})"
+        "FANOUT_ARCHIVE_BLOCK_MS",
+        2000,
+        f"XREADGROUP block time: a duration (2s) or bare milliseconds (2000), at most {MAX_BLOCK_MS}ms",
+        parse_milliseconds,
     )
     claim_idle: float = setting(
         "FANOUT_ARCHIVE_CLAIM_IDLE",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.settings import Settings, SettingsError, parse_duration, setting
+from shared.settings import Settings, SettingsError, parse_duration, parse_milliseconds, setting
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,12 @@ class GatewaySettings(Settings):
     heartbeat: float = setting(
         "FANOUT_HEARTBEAT", 15.0, "interval of the `:` heartbeat comments on an idle stream", parse_duration
     )
-    retry_ms: int = setting("FANOUT_RETRY_MS", 2000, "the `retry:` reconnection hint sent to clients, in ms")
+    retry_ms: int = setting(
+        "FANOUT_RETRY_MS",
+        2000,
+        "the `retry:` reconnection hint sent to clients: a duration (2s) or bare milliseconds (2000)",
+        parse_milliseconds,
+    )
     client_buffer: int = setting(
         "FANOUT_CLIENT_BUFFER",
         2000,

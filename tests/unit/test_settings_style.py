@@ -11,8 +11,10 @@ import pytest
 
 from shared.settings import (
     Settings,
+    SettingsError,
     format_duration,
     parse_duration,
+    parse_milliseconds,
     read_urls_file,
     urls_file,
     with_up_urls,
@@ -29,6 +31,22 @@ def test_format_duration_writes_what_parse_duration_reads(seconds: float, text: 
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize(("text", "ms"), [("2000", 2000), ("200ms", 200), ("2s", 2000), (" 1.5s ", 1500)])
+def test_millisecond_settings_take_bare_milliseconds_or_any_duration(text: str, ms: int) -> None:
+    assert parse_milliseconds(text) == ms
+
+
+def test_the_millisecond_settings_read_durations_and_name_the_variable() -> None:
+    from services.archiver.settings import ArchiverSettings
+    from services.sse_gateway.settings import GatewaySettings
+
+    assert ArchiverSettings.from_env({"FANOUT_ARCHIVE_BLOCK_MS": "1s"}).block_ms == 1000
+    assert ArchiverSettings.from_env({"FANOUT_ARCHIVE_BLOCK_MS": "300"}).block_ms == 300
+    assert GatewaySettings.from_env({"FANOUT_RETRY_MS": "5s"}).retry_ms == 5000
+    with pytest.raises(SettingsError, match=r"FANOUT_RETRY_MS=.soon.: expected milliseconds \(2000\)"):
+        GatewaySettings.from_env({"FANOUT_RETRY_MS": "soon"})
+
+
 def test_help_shows_defaults_as_they_are_written() -> None:
     from services.ingestor.settings import IngestorSettings
 
@@ -38,6 +56,14 @@ def test_help_shows_defaults_as_they_are_written() -> None:
     assert "(default: 24h)" in text  # FANOUT_JS_MAX_AGE, not 86400.0
     assert "(default: 127.0.0.1:9101)" in text  # FANOUT_INGEST_HTTP, not a tuple
     assert "(default: postgresql://127.0.0.1:5432/fanout)" in text
+
+    from services.archiver.settings import ArchiverSettings
+
+    parser = argparse.ArgumentParser()
+    ArchiverSettings.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "at most 5000ms (default: 2s)" in text  # FANOUT_ARCHIVE_BLOCK_MS
+    assert "(default: 127.0.0.1:9102)" in text and "a free port is used and logged" in text
 
 
 def test_the_default_database_is_fanout() -> None:
