@@ -65,7 +65,8 @@ class AuditSettings(Settings):
     audit_http: tuple[str, int] = setting(
         "FANOUT_AUDIT_HTTP",
         ("127.0.0.1", 9104),
-        "--watch: ops http address (/metrics, /healthz, /readyz); port 0 = any free port",
+        "--watch: HOST:PORT of /healthz /readyz /metrics; if the port is taken, a free port is used "
+        "and logged (port 0: always a free port)",
         parse_host_port,
     )
     audit_interval: float = setting(

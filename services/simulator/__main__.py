@@ -62,7 +62,10 @@ class SimulatorSettings(Settings):
         "FANOUT_FEEDS_SEED", None, "random seed, for a reproducible sequence", parse=int
     )
     http: tuple[str, int] | None = setting(
-        "FANOUT_FEEDS_HTTP", None, "HOST:PORT of /healthz /readyz /metrics (unset: not served)",
+        "FANOUT_FEEDS_HTTP",
+        None,
+        "HOST:PORT of /healthz /readyz /metrics; if the port is taken, a free port is used and logged "
+        "(unset: not served)",
         _optional_host_port,
     )
 
