@@ -1,17 +1,18 @@
 """Scaling out on the existing engines, tested where it can run here (issue 5, item 5).
 
-- Several ingestors on ONE JetStream durable consumer: JetStream hands each message to
-  one of them; the Lua script's dedup keys and its per-feed counter keep every message
-  exactly once and `seq` contiguous, whichever ingestor wrote it.
+- Several ingestors on ONE JetStream durable consumer per feed: JetStream hands each
+  message to one of them; its seq is its JetStream sequence, and the Lua script appends
+  seq N only after N-1 (an ingestor whose batch lies above a hole fills the hole from
+  JetStream itself), so every message is in Redis once, at `<seq>-0`, contiguous.
 - Several gateways on one Redis, as behind a load balancer: a cursor from one gateway
   resumes exactly on another (it names Redis entry ids and seqs, nothing local to a
   gateway), and a single-use ticket issued by one is redeemed by another, once.
 - A NATS cluster (3 nats-server processes started here) with an R3 stream: the ingestor
   loses and repeats nothing when the server it is connected to dies.
 
-- The Redis-behind-JetStream replay with several ingestors: a batch Redis lost below
-  another ingestor's later batch is replayed (the window starts from the newest broker
-  time Redis holds less FANOUT_REPLAY_MARGIN, not from its highest broker sequence).
+- An ingestor whose batch lies above another ingestor's unwritten batch (that one
+  crashed, or is slow) does not wait for the redelivery: it reads the missing seqs from
+  JetStream and appends them first.
 - The ingestor's setup keeps an operator's R3 stream R3 when it updates subjects or
   max_age (it updates from the stream's current config).
 
@@ -36,12 +37,9 @@ import nats as nats_py
 import pytest
 from redis.asyncio import Redis
 
-from services.ingestor import jetstream, replay
+from services.ingestor import jetstream
 from services.ingestor.consumer import Ingestor
-from services.ingestor.jetstream import parse_ack_subject
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.writer import Delivery
-from services.ingestor.writer import Writer as IngestWriter
 from shared import codec
 from shared.connections import redis_client
 from shared.feeds import EXECUTION, FEED_NAMES, SPORT_EVENT
@@ -61,8 +59,10 @@ from tests.integration.test_ingestor import (
     execution,
     ingestor_settings,
     publish,
+    read_entries,
     read_stream,
     running,
+    stream_of,
     until,
 )
 
@@ -75,12 +75,15 @@ EPOCH = "5ca1e0ut"
 
 
 async def _all_settled(nats: Any, settings: IngestorSettings, ingestors: list[Ingestor], total: int) -> bool:
-    """Every message written by some ingestor and acked: nothing pending on the consumer."""
+    """Every message written by some ingestor and acked: nothing pending on the consumers."""
     done = sum(sum(i.stats.appended.values()) + sum(i.stats.duplicates.values()) for i in ingestors)
     if done < total:
         return False
-    info = await nats.jetstream().consumer_info(settings.js_stream, settings.js_consumer)
-    return not info.num_pending and not info.num_ack_pending
+    for feed in FEED_NAMES:
+        info = await nats.jetstream().consumer_info(stream_of(settings, feed), settings.js_consumer)
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
 
 
 async def test_two_ingestors_on_one_durable_consumer_append_each_message_once(
@@ -90,8 +93,8 @@ async def test_two_ingestors_on_one_durable_consumer_append_each_message_once(
     settings = ingestor_settings(base_settings, batch=50)
     keys = Keys(settings.key_prefix)
     n = 5_000
-    # Alternating subjects on one connection: stream sequence s (1-based) is an
-    # execution when s is odd, a sport event when it is even.
+    # Alternating subjects on one connection: message i is execution i // 2 + 1 when i is
+    # even (seq in the feed's own stream), sport event i // 2 + 1 when it is odd.
     payloads = [
         (settings.subject(EXECUTION.name), execution(i).SerializeToString())
         if i % 2 == 0
@@ -116,67 +119,53 @@ async def test_two_ingestors_on_one_durable_consumer_append_each_message_once(
                     within=60,
                     what=f"{n} messages written and acked by the two ingestors",
                 )
-            assert first.handle is not None
-            created_ms = first.handle.created_ms
+            handles = first.handles
     finally:
         await second_redis.aclose()
 
-    assert second.handle is not None and second.handle.created_ms == created_ms  # one stream, one id space
-    expected = {
-        EXECUTION.name: [f"{created_ms}.{s}" for s in range(1, n + 1, 2)],
-        SPORT_EVENT.name: [f"{created_ms}.{s}" for s in range(2, n + 1, 2)],
-    }
-    for feed, ids in expected.items():
+    assert second.handles == handles  # one stream per feed, one epoch each, shared by both
+    for feed in FEED_NAMES:
+        count = n // 2
+        epoch = handles[feed].epoch
         raw: Any = await redis.xrange(keys.stream(feed))
+        ids = [i.decode() for i, _ in raw]
         entries = [codec.str_entry(fields) for _, fields in raw]
-        got = [e["message_id"] for e in entries]
-        assert len(got) == len(ids), f"{feed}: {len(got)} entries for {len(ids)} messages"
-        assert len(set(got)) == len(got), f"{feed}: a message appended twice"
-        assert sorted(got) == sorted(ids), f"{feed}: messages missing"
-        # seq is contiguous in stream order whichever ingestor appended the entry (the
-        # two interleave their batches, so broker order within a feed is not promised).
-        assert [int(e["seq"]) for e in entries] == list(range(1, len(ids) + 1)), feed
+        # Each message once, at its JetStream seq, contiguous, whichever ingestor wrote it.
+        assert ids == [f"{s}-0" for s in range(1, count + 1)], feed
+        assert [e["message_id"] for e in entries] == [f"{epoch}.{s}" for s in range(1, count + 1)], feed
+        assert [int(e["seq"]) for e in entries] == list(range(1, count + 1)), feed
         meta = codec.str_entry(await redis.hgetall(keys.meta(feed)))
-        assert meta["seq"] == str(len(ids))
-        # Each appended by exactly one of the two: their counts add up to the feed's total.
-        assert first.stats.appended[feed] + second.stats.appended[feed] == len(ids), feed
-    assert await redis.xlen(keys.dead_letter_stream()) == 0
+        assert meta["seq"] == str(count)
+        # Each appended by exactly one of the two (by a batch, or filling a hole below one).
+        written = sum(i.stats.appended[feed] + i.stats.refilled[feed] for i in (first, second))
+        assert written == count, feed
+    executions = [codec.str_entry(f) for _, f in await redis.xrange(keys.stream(EXECUTION.name))]
+    assert [e["symbol"] for e in executions] == [execution(i).symbol for i in range(0, n, 2)]
     # Both did part of the work (JetStream serves the waiting pull requests of both).
     assert sum(second.stats.appended.values()) > 0, second.stats.summary()
     assert sum(first.stats.appended.values()) > 0, first.stats.summary()
 
 
-async def test_redis_losing_one_ingestors_batch_but_not_the_others_is_replayed(
+async def test_an_ingestor_above_another_ingestors_unwritten_batch_fills_it_from_jetstream(
     base_settings: Settings, redis: Redis, nats: Any
 ) -> None:
-    """Two ingestors, A with stream sequences 1..50 and B with 51..100: both answered by
-    Redis, both acked to JetStream. Redis received B's batch first, then A's, and restarted
-    (AOF `everysec`) keeping only B's. The check the ingestor runs at start and after every
-    Redis outage must find A's 50 in JetStream and append them again."""
-    settings = ingestor_settings(base_settings, batch=50)
+    """Ingestor A took seqs 1..50 and has not written them (it died, or is slow: its
+    batch is redelivered only after the ack wait, 30 s here). Ingestor B, handed 51..100,
+    does not wait: it reads 1..50 from JetStream and appends them before its own batch."""
+    settings = ingestor_settings(base_settings, js_ack_wait=30.0)
     keys = Keys(settings.key_prefix)
-    handle = await jetstream.setup(nats, settings)
-    subject = settings.subject(EXECUTION.name)
-    await publish(nats, subject, [execution(i).SerializeToString() for i in range(100)])
-    sub = await nats.jetstream().pull_subscribe_bind(settings.js_consumer, stream=settings.js_stream)
-    msgs = await sub.fetch(100, timeout=5)
-    assert len(msgs) == 100
-    deliveries = [
-        Delivery(m.subject, m.data, m.metadata.sequence.stream, 1, parse_ack_subject(m.reply)[2], m.reply)
-        for m in msgs
-    ]
-    writer = IngestWriter(redis, settings)
-    await writer.write(deliveries[50:], handle.created_ms)  # what Redis kept: B's batch
-    for m in msgs:  # both batches were answered, so both were acked
-        await m.ack()
-    await nats.flush()
-
-    result = await replay.replay_if_behind(nats, redis, writer, handle, keys, settings.batch)
-
-    assert result.delivered_stream_seq == 100 and result.redis_broker_seq == 100
-    raw: Any = await redis.xrange(keys.stream(EXECUTION.name))
-    got = [codec.str_entry(f)["message_id"] for _, f in raw]
-    assert sorted(got) == sorted(f"{handle.created_ms}.{s}" for s in range(1, 101))
+    handles = await jetstream.setup(nats, settings)
+    handle = handles[EXECUTION.name]
+    await publish(
+        nats, settings.subject(EXECUTION.name), [execution(i).SerializeToString() for i in range(100)]
+    )
+    held = await nats.jetstream().pull_subscribe_bind(handle.consumer, stream=handle.stream)
+    assert len(await held.fetch(50, timeout=5)) == 50  # A's batch, never acked
+    async with running(settings, redis) as b:
+        entries = await read_entries(redis, keys.stream(EXECUTION.name), 100, within=20)
+    assert [i for i, _ in entries] == [f"{s}-0" for s in range(1, 101)]
+    assert [e["message_id"] for _, e in entries] == [f"{handle.epoch}.{s}" for s in range(1, 101)]
+    assert b.stats.refilled[EXECUTION.name] == 50 and b.stats.appended[EXECUTION.name] == 50
 
 
 # -- a NATS cluster with a replicated JetStream stream -----------------------------------
@@ -209,23 +198,24 @@ def nats_cluster(size: int = 3) -> Iterator[list[tuple[str, subprocess.Popen[byt
 
 
 async def _add_replicated_stream(url: str, settings: IngestorSettings, **config: Any) -> None:
-    """What an operator does before the first deploy: the feeds' stream with 3 replicas
+    """What an operator does before the first deploy: each feed's stream with 3 replicas
     (retried while the cluster elects its JetStream meta leader)."""
     nc = await nats_py.connect(url)
     try:
-        wanted = jetstream.stream_config(settings)
-        wanted.num_replicas = 3
-        for name, value in config.items():
-            setattr(wanted, name, value)
-        deadline = time.monotonic() + 30
-        while True:  # nothing to await: the cluster forms on its own
-            try:
-                await nc.jetstream(timeout=2).add_stream(wanted)
-                return
-            except (nats_py.errors.Error, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        for feed in FEED_NAMES:
+            wanted = jetstream.stream_config(settings, feed)
+            wanted.num_replicas = 3
+            for name, value in config.items():
+                setattr(wanted, name, value)
+            deadline = time.monotonic() + 30
+            while True:  # nothing to await: the cluster forms on its own
+                try:
+                    await nc.jetstream(timeout=2).add_stream(wanted)
+                    break
+                except (nats_py.errors.Error, TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
     finally:
         await nc.close()
 
@@ -267,10 +257,9 @@ async def test_an_ingestor_on_a_nats_cluster_loses_nothing_when_its_server_dies(
                 nodes[0][1].kill()
                 await publish_acked(range(300, 600))
                 entries = await read_stream(redis, keys.stream(EXECUTION.name), 600, within=60)
-                assert ingestor.handle is not None
                 assert ingestor.stats.nats_reconnects >= 1  # it did move to another server
-                created_ms = ingestor.handle.created_ms
-                info = await js.stream_info(settings.js_stream)
+                created_ms = ingestor.handles[EXECUTION.name].created_ms
+                info = await js.stream_info(stream_of(settings, EXECUTION.name))
         finally:
             await publisher.close()
 
@@ -299,9 +288,9 @@ async def test_the_ingestors_setup_keeps_an_operators_replicated_stream_replicat
         nc = await nats_py.connect(nodes[0][0])
         try:
             await jetstream.setup(nc, settings)
-            info = await nc.jetstream(timeout=5).stream_info(settings.js_stream)
+            info = await nc.jetstream(timeout=5).stream_info(stream_of(settings, EXECUTION.name))
             await jetstream.setup(nc, fresh)
-            created = await nc.jetstream(timeout=5).stream_info(fresh.js_stream)
+            created = await nc.jetstream(timeout=5).stream_info(stream_of(fresh, SPORT_EVENT.name))
         finally:
             await nc.close()
     assert info.config.max_age == settings.js_max_age
