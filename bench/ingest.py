@@ -3,14 +3,15 @@
     .venv/bin/python -m bench.ingest              # 200k messages, the local NATS and Redis
     .venv/bin/python -m bench.ingest -n 50000 --batch 500
 
-Prefills a fresh JetStream stream (its own name, subjects and Redis key prefix, removed
-afterwards) with core publishes, then measures, on the same stream, one after another:
+Prefills fresh JetStream streams (one per feed, with their own names, subjects and Redis
+key prefix, removed afterwards) with core publishes, then measures, on the same streams,
+one after another:
 
 1. `fanout ingest` as its own process (the real thing: decode, Lua append, ack), from
    its first appended entry to the last;
-2. nats-py's plain `fetch(batch)` + `msg.ack()` loop on a second durable consumer
-   (NATS only, no Redis): the client-bound reference;
-3. the ingestor's lean pull loop with acks but no Redis, on a third consumer.
+2. nats-py's plain `fetch(batch)` + `msg.ack()` loop on a second durable consumer per
+   feed, the two feeds side by side (NATS only, no Redis): the client-bound reference;
+3. the ingestor's lean pull loop with acks but no Redis, on a third consumer per feed.
 
 Prints msgs/s for each and their ratios. Figures are noisy on a shared 2-core machine.
 """
@@ -36,6 +37,7 @@ from services.ingestor import jetstream
 from services.ingestor.consumer import PullLoop
 from services.ingestor.settings import IngestorSettings
 from shared.connections import redis_client
+from shared.feeds import FEED_NAMES, js_stream_name
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
 
@@ -74,10 +76,18 @@ async def prefill(nc: NATS, settings: IngestorSettings, n: int) -> float:
         if i % 2000 == 1999:
             await nc.flush()
     await nc.flush()
-    js = nc.jetstream()
-    while (await js.stream_info(settings.js_stream)).state.messages < n:  # noqa: ASYNC110 (no event for it)
+    while await _stored(nc, settings) < n:  # noqa: ASYNC110 (no event for it)
         await asyncio.sleep(0.05)
     return n / (time.perf_counter() - started)
+
+
+async def _stored(nc: NATS, settings: IngestorSettings) -> int:
+    js = nc.jetstream()
+    return sum([(await js.stream_info(_stream(settings, feed))).state.messages for feed in FEED_NAMES])
+
+
+def _stream(settings: IngestorSettings, feed: str) -> str:
+    return js_stream_name(settings.js_stream, feed)
 
 
 async def run_ingestor(settings: IngestorSettings, redis: Redis, n: int) -> float:
@@ -141,46 +151,55 @@ async def _redis_cpu(redis: Redis) -> float:
 
 async def run_fetch(nc: NATS, settings: IngestorSettings, n: int, batch: int) -> float:
     js = nc.jetstream()
-    await js.add_consumer(
-        settings.js_stream,
-        ConsumerConfig(durable_name="bench-fetch", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
-    )
-    sub = await js.pull_subscribe_bind("bench-fetch", stream=settings.js_stream)
-    got = 0
+
+    async def drain(stream: str) -> None:
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(durable_name="bench-fetch", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+        )
+        sub = await js.pull_subscribe_bind("bench-fetch", stream=stream)
+        pending = (await js.stream_info(stream)).state.messages
+        got = 0
+        while got < pending:
+            try:
+                msgs = await sub.fetch(batch, timeout=2)
+            except nats.errors.TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+            got += len(msgs)
+        await nc.flush()
+        await sub.unsubscribe()
+
     started = time.perf_counter()
-    while got < n:
-        try:
-            msgs = await sub.fetch(batch, timeout=2)
-        except nats.errors.TimeoutError:
-            continue
-        for m in msgs:
-            await m.ack()
-        got += len(msgs)
-    await nc.flush()
-    rate = n / (time.perf_counter() - started)
-    await sub.unsubscribe()
-    return rate
+    await asyncio.gather(*(drain(_stream(settings, feed)) for feed in FEED_NAMES))
+    return n / (time.perf_counter() - started)
 
 
 async def run_lean(nc: NATS, settings: IngestorSettings, n: int, batch: int) -> float:
     lean = IngestorSettings.from_env({}, **{**_values(settings), "js_consumer": "bench-lean"})
-    handle = await jetstream.setup(nc, lean)
-    loop = PullLoop(nc, handle, batch)
-    await loop.start()
-    got = 0
+    handles = await jetstream.setup(nc, lean)
+
+    async def drain(handle: jetstream.StreamHandle) -> None:
+        loop = PullLoop(nc, handle, batch)
+        await loop.start()
+        pending = (await nc.jetstream().stream_info(handle.stream)).state.messages
+        got = 0
+        while got < pending:
+            loop.arrived.clear()
+            await loop.top_up()
+            if not loop.buffer:
+                await asyncio.wait_for(loop.arrived.wait(), 5)
+                continue
+            for d in loop.take():
+                await nc.publish(d.reply, b"+ACK")
+                got += 1
+            await nc.flush()
+        await loop.close()
+
     started = time.perf_counter()
-    while got < n:
-        await loop.top_up()
-        if not loop.buffer:
-            await asyncio.wait_for(loop.arrived.wait(), 5)
-            continue
-        for d in loop.take():
-            await nc.publish(d.reply, b"+ACK")
-            got += 1
-        await nc.flush()
-    rate = n / (time.perf_counter() - started)
-    await loop.close()
-    return rate
+    await asyncio.gather(*(drain(h) for h in handles.values()))
+    return n / (time.perf_counter() - started)
 
 
 def _values(settings: IngestorSettings) -> dict[str, object]:
@@ -201,17 +220,19 @@ async def main(args: argparse.Namespace) -> int:
     nc = await nats.connect(settings.nats_url)
     redis = redis_client(settings.redis_url)
     try:
-        await jetstream.setup(nc, settings)  # stream and the ingestor's consumer, before the prefill
-        print(f"prefilling {args.n} messages into JetStream stream {settings.js_stream} ...", flush=True)
+        await jetstream.setup(nc, settings)  # streams and the ingestor's consumers, before the prefill
+        names = ", ".join(_stream(settings, feed) for feed in FEED_NAMES)
+        print(f"prefilling {args.n} messages into JetStream streams {names} ...", flush=True)
         publish_rate = await prefill(nc, settings, args.n)
         ingest = await run_ingestor(settings, redis, args.n)
         fetch = await run_fetch(nc, settings, args.n, args.batch)
         lean = await run_lean(nc, settings, args.n, args.batch)
     finally:
-        try:
-            await nc.jetstream().delete_stream(settings.js_stream)
-        except nats.js.errors.NotFoundError:
-            pass
+        for feed in FEED_NAMES:
+            try:
+                await nc.jetstream().delete_stream(_stream(settings, feed))
+            except nats.js.errors.NotFoundError:
+                pass
         await nc.close()
         async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
             await redis.delete(key)

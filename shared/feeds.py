@@ -27,7 +27,6 @@ FEEDS: Final[dict[str, Feed]] = {f.name: f for f in (EXECUTION, SPORT_EVENT)}
 FEED_NAMES: Final[tuple[str, ...]] = tuple(FEEDS)
 
 
-
 def js_stream_name(base: str, feed: str) -> str:
     """The JetStream stream that captures one feed (`FEEDS_execution`): its sequence
     numbers are the feed's `seq`, its creation time (ms) the feed's epoch."""

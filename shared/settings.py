@@ -220,7 +220,12 @@ class Settings:
         "",
         "prefix of the NATS subjects (the feeds are <prefix>execution, <prefix>sport_event)",
     )
-    js_stream: str = setting("FANOUT_JS_STREAM", "FEEDS", "JetStream stream that captures the feeds")
+    js_stream: str = setting(
+        "FANOUT_JS_STREAM",
+        "FEEDS",
+        "base name of the JetStream streams, one per feed (<name>_execution, <name>_sport_event); "
+        "a stream of this very name from the first layout is retired by the ingestor once drained",
+    )
     db_schema: str = setting("FANOUT_DB_SCHEMA", "fanout", "PostgreSQL schema of the catalogue tables")
     log_format: str = setting(
         "FANOUT_LOG_FORMAT", "auto", "log format: json, text, or auto (text on a terminal)"

@@ -548,7 +548,8 @@ def _delivery(subject: str, payload: bytes, seq: int = 1) -> Delivery:
     )
 )
 def test_the_packed_command_is_the_bytes_redis_py_would_send(rows: list[tuple[int, str, bytes]]) -> None:
-    from redis.connection import Encoder, PythonRespSerializer
+    from redis._parsers import Encoder
+    from redis.connection import PythonRespSerializer
 
     from services.ingestor.writer import Message, pack
 
@@ -558,7 +559,8 @@ def test_the_packed_command_is_the_bytes_redis_py_would_send(rows: list[tuple[in
     ]
     args = writer.command(messages, "1795862595094", start=7)
     assert args[:3] == ["EVALSHA", writer._sha, 2 + len(rows)]
-    python_packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    # redis-py's own packer in pure Python (its default is hiredis itself when installed).
+    python_packer: Any = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)  # type: ignore[no-untyped-call]
     assert pack(args) == b"".join(python_packer.pack(*args))
     raw: list[str | int | bytes] = ["SET", "k", *(blob for _, _, blob in rows), *(seq for seq, _, _ in rows)]
     assert pack(raw) == b"".join(python_packer.pack(*raw))

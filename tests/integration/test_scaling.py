@@ -139,7 +139,8 @@ async def test_two_ingestors_on_one_durable_consumer_append_each_message_once(
         # Each appended by exactly one of the two (by a batch, or filling a hole below one).
         written = sum(i.stats.appended[feed] + i.stats.refilled[feed] for i in (first, second))
         assert written == count, feed
-    executions = [codec.str_entry(f) for _, f in await redis.xrange(keys.stream(EXECUTION.name))]
+    raw_executions: Any = await redis.xrange(keys.stream(EXECUTION.name))
+    executions = [codec.str_entry(f) for _, f in raw_executions]
     assert [e["symbol"] for e in executions] == [execution(i).symbol for i in range(0, n, 2)]
     # Both did part of the work (JetStream serves the waiting pull requests of both).
     assert sum(second.stats.appended.values()) > 0, second.stats.summary()
