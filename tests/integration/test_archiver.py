@@ -468,7 +468,7 @@ async def test_a_new_epoch_restarts_the_seqs_and_both_epochs_rows_stay(
 
 
 async def test_a_row_whose_position_is_taken_by_another_message_is_skipped_not_fatal(
-    base_settings: Settings, pg: asyncpg.Connection
+    base_settings: Settings, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = Store(base_settings.database_url, base_settings.db_schema, pool_size=1)
     await store.open()
@@ -483,6 +483,9 @@ async def test_a_row_whose_position_is_taken_by_another_message_is_skipped_not_f
         # Seq 2 of the epoch claimed again by another message id: skipped, counted, no error.
         batch = [row(2, f"{EPOCH}.2"), row(2, f"{EPOCH}.02"), row(3, message_id(3))]
         assert await store.insert_feed("execution", batch) == 1
+        # The redelivery is quiet; the other message at seq 2 is named.
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert record.rows == [f"{EPOCH}.02 at {EPOCH}/2 (held by {EPOCH}.2)"]  # type: ignore[attr-defined]
     finally:
         await store.close()
     ids = {r[0] for r in await pg.fetch(f'SELECT message_id FROM "{base_settings.db_schema}".execution')}
