@@ -1,6 +1,6 @@
 """End to end: the feed simulator -> NATS JetStream -> the ingestor -> Redis -> the
-archiver -> PostgreSQL. Every published message is catalogued exactly once: as a row of
-its feed, or (malformed) as an ingestor dead letter."""
+archiver -> PostgreSQL. Every published message is catalogued exactly once, at its
+JetStream (epoch, seq): as a row of its feed, or (malformed) as an ingestor dead letter."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from fanout.status import StatusSettings, collect
 from services.archiver.service import Archiver
+from shared.feeds import FEED_NAMES, js_stream_name
 from shared.settings import Settings
 from tests.integration.test_archiver import archiver_settings, count_rows, eventually, running
 
@@ -58,14 +59,17 @@ async def test_every_published_message_is_catalogued_exactly_once(
     try:
         js = nats.jetstream()
 
-        async def stream_exists() -> bool:
+        streams = {feed: js_stream_name(base_settings.js_stream, feed) for feed in FEED_NAMES}
+
+        async def streams_exist() -> bool:
             try:
-                await js.stream_info(base_settings.js_stream)
+                for stream in streams.values():
+                    await js.stream_info(stream)
             except NotFoundError:
                 return False
             return True
 
-        await eventually(stream_exists, what="the ingestor to create the JetStream stream")
+        await eventually(streams_exist, what="the ingestor to create the JetStream streams")
         async with running(Archiver(archiver_settings(base_settings))):
             feeds = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -86,9 +90,9 @@ async def test_every_published_message_is_catalogued_exactly_once(
             )
             _, err = await asyncio.wait_for(feeds.communicate(), 120)
             assert feeds.returncode == 0, err.decode()[-2000:]
-            info = await js.stream_info(base_settings.js_stream)
-            published = info.state.messages
-            assert published == 2 * PER_FEED  # JetStream captured every published message
+            infos = {feed: await js.stream_info(stream) for feed, stream in streams.items()}
+            assert all(i.state.messages == PER_FEED for i in infos.values())  # JetStream captured each
+            published = 2 * PER_FEED
 
             schema = base_settings.db_schema
 
@@ -99,17 +103,19 @@ async def test_every_published_message_is_catalogued_exactly_once(
                 return sum(counts) >= published
 
             await eventually(all_catalogued, within=120, what=f"{published} messages catalogued")
-        ids = [
-            r[0]
-            for r in await pg.fetch(
-                f'SELECT message_id FROM "{schema}".execution UNION ALL '
-                f'SELECT message_id FROM "{schema}".sport_event UNION ALL '
-                f'SELECT message_id FROM "{schema}".dead_letter'
+        for feed, info in infos.items():
+            assert info.created is not None
+            epoch = str(int(info.created.timestamp() * 1000))
+            rows = await pg.fetch(
+                f'SELECT message_id, epoch, seq FROM "{schema}"."{feed}" UNION ALL '
+                f'SELECT message_id, epoch, seq FROM "{schema}".dead_letter WHERE feed = $1',
+                feed,
             )
-        ]
-        assert len(ids) == len(set(ids)) == published  # no message twice, across every table
-        seqs = sorted(int(i.rsplit(".", 1)[1]) for i in ids)
-        assert seqs == list(range(info.state.first_seq, info.state.last_seq + 1))  # none missing
+            # No message twice, none missing: every JetStream seq of the feed once, at its id.
+            assert sorted(r["seq"] for r in rows) == list(
+                range(info.state.first_seq, info.state.last_seq + 1)
+            )
+            assert all(r["epoch"] == epoch and r["message_id"] == f"{epoch}.{r['seq']}" for r in rows)
         dead = await pg.fetch(f'SELECT source, feed, error, payload FROM "{schema}".dead_letter')
         assert dead, "the malformed share should have produced dead letters"
         assert {d["source"] for d in dead} == {"ingestor"}
@@ -118,8 +124,9 @@ async def test_every_published_message_is_catalogued_exactly_once(
         values = {f.name: getattr(base_settings, f.name) for f in fields(Settings)}
         report = await collect(StatusSettings(**values))
         assert report["unreachable"] == {}
-        assert report["jetstream"]["messages"] == published
-        assert report["jetstream"]["consumer"]["ack_floor"] == info.state.last_seq
+        for feed, info in infos.items():
+            assert report["jetstream"][feed]["messages"] == PER_FEED
+            assert report["jetstream"][feed]["consumer"]["ack_floor"] == info.state.last_seq
         rows = sum(report["feeds"][f]["rows"] for f in ("execution", "sport_event"))
         assert rows + report["dead_letters"]["rows"]["ingestor"] == published
     finally:
