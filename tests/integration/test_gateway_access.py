@@ -5,6 +5,7 @@ the start-up log line. The routes are driven through ASGI directly."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -88,7 +89,7 @@ def gateway_settings(base: Settings, **overrides: Any) -> Any:
     """GatewaySettings on the test's isolated base settings."""
     from services.sse_gateway.settings import GatewaySettings
 
-    values = {k: getattr(base, k) for k in Settings.__dataclass_fields__}
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(Settings)}
     return GatewaySettings(**{**values, **overrides})
 
 

@@ -1,6 +1,7 @@
 """The gateway when its Redis goes away (a private redis-server, never the shared one):
 killed and restarted with its data, live subscribers go on with no gap and no duplicate;
-restarted empty (data lost), they are told with `event: reset` and go on in the new epoch."""
+restarted empty (data lost) and refilled with the same ids (as the ingestor does from
+JetStream), they go on exactly too, with no notice: positions come from JetStream."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fanout.servers import RedisServer
 from services.sse_gateway.settings import GatewaySettings
 from shared.connections import redis_client
 from shared.settings import Settings
-from tests.integration.test_gateway_helpers import Writer, inprocess_gateway, open_stream
+from tests.integration.test_gateway_helpers import EPOCH, Writer, inprocess_gateway, open_stream
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -72,23 +73,24 @@ async def test_redis_killed_and_restarted_with_its_data_live_streams_go_on_exact
             await redis.aclose()
             redis = redis_client(settings.redis_url)
             writer = Writer(redis, settings.key_prefix)
-            writer.counter = 5
+            writer.top["execution"] = 5
             await writer.append("execution", 5)
             events = await s.collect(5, within=60)
             s.close()
         assert [e.json()["seq"] for e in s.events if e.event == "execution"] == list(range(1, 11))
         assert not [e for e in s.events if e.event in ("gap", "reset")]
-        assert events[-1].json()["message_id"] == "1700000000000.10"
+        assert events[-1].json()["message_id"] == f"{EPOCH}.10"
     finally:
         await redis.aclose()
 
 
-async def test_redis_restarted_empty_sends_reset_to_live_subscribers(
+async def test_redis_restarted_empty_and_refilled_is_invisible_to_live_subscribers(
     settings: GatewaySettings, private_redis: RedisServer
 ) -> None:
     redis: Any = redis_client(settings.redis_url)
     try:
-        await Writer(redis, settings.key_prefix, "aaaa0001").append("execution", 4)
+        writer = Writer(redis, settings.key_prefix)
+        await writer.append("execution", 4)
         async with inprocess_gateway(settings) as app:
             s = await open_stream(app.state.port, "feeds=execution&from=earliest")
             await s.collect(4)
@@ -97,16 +99,16 @@ async def test_redis_restarted_empty_sends_reset_to_live_subscribers(
             await asyncio.to_thread(private_redis.start)
             await redis.aclose()
             redis = redis_client(settings.redis_url)
-            await Writer(redis, settings.key_prefix, "bbbb0002").append("execution", 3)
+            refill = Writer(redis, settings.key_prefix)
+            refill.top, refill.written = writer.top, writer.written
+            await refill.refill("execution", 1)  # nothing archived: from the first seq, same ids
+            await refill.append("execution", 3)
             await s.collect(3, within=60)
             s.close()
         named = [e for e in s.events if e.event]
-        assert [e.event for e in named] == ["execution"] * 4 + ["reset"] + ["execution"] * 3
-        reset = named[4].json()
-        assert (reset["asked_epoch"], reset["asked_after"]) == ("aaaa0001", 4)
-        # null if the gateway saw the empty Redis before the first new entry, else the new epoch
-        assert reset["current_epoch"] in (None, "bbbb0002")
-        assert [e.json()["seq"] for e in named[5:]] == [1, 2, 3]
+        assert [e.event for e in named] == ["execution"] * 7
+        assert [e.json()["message_id"] for e in named] == refill.expected("execution")
+        assert named[-1].id == f"v2:execution.{EPOCH}.7"
     finally:
         await redis.aclose()
 

@@ -29,10 +29,10 @@ class SwallowingRedis:
         self.release = asyncio.Event()
 
     async def hmget(self, key: str, fields: list[str]) -> list[Any]:
-        return ["e0e0e0e0", "0", None]
+        return ["1795862595094", "0"]
 
     async def hget(self, key: str, field: str) -> Any:
-        return "e0e0e0e0"
+        return "1795862595094"
 
     async def xread(self, streams: dict[str, str], count: int, block: int) -> list[Any]:
         while True:
