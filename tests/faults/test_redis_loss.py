@@ -38,8 +38,9 @@ from typing import Any
 
 import pytest
 
-from tests.faults.driver import Fault, Run, Setup, run
+from tests.faults.driver import Fault, Run, Setup, run, together
 from tests.faults.harness import KEY_PREFIX, redis_tops
+from tests.faults.test_faults import faults as service_faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -180,6 +181,18 @@ def caught_up_from_postgres(r: Run) -> list[str]:
     return []
 
 
+def soak_faults() -> dict[str, Fault]:
+    """The soak adds service crashes, alone and in the middle of a refill."""
+    kill = {k: v for k, v in service_faults(6.0).items() if k.startswith("SIGKILL")}
+    return {
+        **FAULTS,
+        **kill,
+        "empty Redis + SIGKILL ingestor": together([empty_redis, kill["SIGKILL ingestor"]]),
+        "failover + SIGKILL gateway": together([failover, kill["SIGKILL gateway"]]),
+        "SIGKILL Redis + SIGKILL archiver": together([sigkill_redis, kill["SIGKILL archiver"]]),
+    }
+
+
 async def test_any_redis_loss_is_invisible_to_subscribers(soak: bool) -> None:
     rate = float(os.environ.get("FANOUT_FAULTS_LOSS_RATE", "150"))
     setup = Setup(
@@ -202,4 +215,4 @@ async def test_any_redis_loss_is_invisible_to_subscribers(soak: bool) -> None:
         recovery_timeout=180.0 if soak else 90.0,
         random_seconds=float(os.environ.get("FANOUT_FAULTS_SOAK_SECONDS", "600")) if soak else 0.0,
     )
-    await run(setup, FAULTS, check=caught_up_from_postgres)
+    await run(setup, soak_faults() if soak else FAULTS, check=caught_up_from_postgres)
