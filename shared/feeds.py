@@ -7,6 +7,7 @@ hash tag, its Postgres table and the `event:` of its SSE events.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from google.protobuf.message import Message
@@ -31,6 +32,15 @@ def js_stream_name(base: str, feed: str) -> str:
     """The JetStream stream that captures one feed (`FEEDS_execution`): its sequence
     numbers are the feed's `seq`, its creation time (ms) the feed's epoch."""
     return f"{base}_{feed}"
+
+
+def epoch_of(created: datetime) -> str:
+    """A feed's epoch from its JetStream stream's creation time (nats-py's `StreamInfo.created`):
+    Unix ms as decimal text, floored, in integer arithmetic."""
+    return str((created - _UNIX) // timedelta(milliseconds=1))
+
+
+_UNIX = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def message_id(epoch: str, seq: int) -> str:

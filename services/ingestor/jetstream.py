@@ -23,7 +23,6 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -34,7 +33,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from services.ingestor.settings import IngestorSettings
-from shared.feeds import FEED_NAMES, js_stream_name
+from shared.feeds import FEED_NAMES, epoch_of, js_stream_name
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ async def setup_feed(nc: NATS, settings: IngestorSettings, feed: str) -> StreamH
                 )
         await js.add_consumer(config.name, consumer_config(settings))
     assert info.created is not None
-    handle = StreamHandle(feed, config.name, settings.js_consumer, _unix_ms(info.created))
+    handle = StreamHandle(feed, config.name, settings.js_consumer, int(epoch_of(info.created)))
     log.info(
         "JetStream ready",
         extra={
@@ -227,13 +226,6 @@ async def _translated(settings: IngestorSettings) -> AsyncIterator[None]:
         raise
     except NatsTimeoutError as exc:
         raise TimeoutError("JetStream did not answer the stream/consumer setup in time") from exc
-
-
-def _unix_ms(when: datetime) -> int:
-    return (when - _EPOCH) // timedelta(milliseconds=1)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def consumer_exists(nc: NATS, handle: StreamHandle) -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from services.ingestor import metrics
@@ -270,6 +271,18 @@ class Writer:
         return None
 
     async def _call(self, packed: bytes, meanwhile: Callable[[], None] | None) -> Any:
+        reused = self._conn.is_connected
+        try:
+            return await self._call_once(packed, meanwhile)
+        except RedisConnectionError:
+            if not reused:
+                raise
+        # A connection that died while it was not in use (Redis restarted, or closed it):
+        # once more on a new one, which also reads the run_id. Safe: the script is
+        # idempotent. `meanwhile` may have run already: not again.
+        return await self._call_once(packed, None)
+
+    async def _call_once(self, packed: bytes, meanwhile: Callable[[], None] | None) -> Any:
         conn = await self._connection()
         try:
             await conn.send_packed_command(packed, check_health=False)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from fanout.status import StatusSettings, collect
 from services.archiver.service import Archiver
-from shared.feeds import FEED_NAMES, js_stream_name
+from shared.feeds import FEED_NAMES, epoch_of, js_stream_name
 from shared.settings import Settings
 from tests.integration.test_archiver import archiver_settings, count_rows, eventually, running
 
@@ -105,7 +105,7 @@ async def test_every_published_message_is_catalogued_exactly_once(
             await eventually(all_catalogued, within=120, what=f"{published} messages catalogued")
         for feed, info in infos.items():
             assert info.created is not None
-            epoch = str(int(info.created.timestamp() * 1000))
+            epoch = epoch_of(info.created)
             rows = await pg.fetch(
                 f'SELECT message_id, epoch, seq FROM "{schema}"."{feed}" UNION ALL '
                 f'SELECT message_id, epoch, seq FROM "{schema}".dead_letter WHERE feed = $1',

@@ -29,7 +29,7 @@ from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.writer import Delivery, Writer
 from shared import codec
-from shared.feeds import EXECUTION, FEED_NAMES, SPORT_EVENT, js_stream_name
+from shared.feeds import EXECUTION, FEED_NAMES, SPORT_EVENT, epoch_of, js_stream_name
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
 from shared.settings import Settings
@@ -161,7 +161,7 @@ async def test_published_messages_become_entries_at_their_jetstream_seq(
     js = nats.jetstream()
     for feed, entries, n in (("execution", exec_entries, 700), ("sport_event", event_entries, 300)):
         info = await js.stream_info(stream_of(settings, feed))
-        epoch = str(int(info.created.timestamp() * 1000))
+        epoch = epoch_of(info.created)
         assert handles[feed].epoch == epoch and handles[feed].stream == f"{settings.js_stream}_{feed}"
         assert info.config.subjects == [settings.subject(feed)]
         assert (info.state.first_seq, info.state.last_seq) == (1, n)

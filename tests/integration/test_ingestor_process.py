@@ -21,6 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.ingestor.consumer import Ingestor
+from shared.feeds import epoch_of
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.integration.test_ingestor import (
@@ -145,7 +146,9 @@ async def test_sigkill_under_load_then_restart_leaves_every_message_exactly_once
     assert await redis.xlen(keys.stream("execution")) == n_exec
     assert await redis.xlen(keys.stream("sport_event")) == n - n_exec
     for feed, entries, count in (("execution", executions, n_exec), ("sport_event", events, n - n_exec)):
-        epoch = str(int((await js.stream_info(stream_of(base_settings, feed))).created.timestamp() * 1000))
+        created = (await js.stream_info(stream_of(base_settings, feed))).created
+        assert created is not None
+        epoch = epoch_of(created)
         assert [i for i, _ in entries] == [f"{s}-0" for s in range(1, count + 1)], feed
         assert [e["message_id"] for _, e in entries] == [f"{epoch}.{s}" for s in range(1, count + 1)], feed
     assert [e["symbol"] for _, e in executions] == [execution(i).symbol for i in range(n) if i % 3]
