@@ -288,7 +288,9 @@ class Archive:
                 return rows
             except _NOT_THERE:
                 continue  # nothing archived there yet
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:
+                raise ArchiveUnavailable(f"the catalogue database is unreachable: {exc}") from None
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise ArchiveUnavailable(f"reading the catalogue failed: {exc}") from None
         return []
 

@@ -4,7 +4,6 @@ written with the ingest Lua script, catalogue rows per the contract, driven via 
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,12 +14,16 @@ from services.sse_gateway import cursor
 from services.sse_gateway.history import Archive
 from shared import codec, scripts
 from shared.connections import redis_client
-from shared.feeds import FEEDS
+from shared.feeds import FEEDS, message_id
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.integration.test_gateway_access import TOKENS, bearer, call, gateway_settings, small_app
+from tests.integration.test_gateway_helpers import Writer, archive, create_catalogue
 
-EPOCH = "e1764321000"
+EPOCH = "1764321000123"  # the execution JetStream stream's creation ms
+SPORT_EPOCH = "1764321000456"  # the sport_event one's
+EPOCHS = {"execution": EPOCH, "sport_event": SPORT_EPOCH}
+BROKER_TIME, INGEST_TIME = "2026-11-28T09:00:00.000Z", "2026-11-28T09:00:00.005Z"
 
 
 def execution(i: int) -> dict[str, str]:
@@ -39,74 +42,33 @@ def sport_event(i: int) -> dict[str, str]:
 
 
 async def append(
-    redis: Any, prefix: str, feed: str, messages: list[tuple[str, dict[str, str]]], epoch: str = EPOCH
+    redis: Any, prefix: str, feed: str, messages: list[dict[str, str]], epoch: str | None = None
 ) -> list[str]:
-    """Append (message_id, fields) pairs once each with shared/lua/ingest_append.lua; entry ids."""
+    """Append messages (their fields) once each with shared/lua/ingest_append.lua at the
+    next seqs of the feed (contiguous, as JetStream numbers them), message id
+    `<epoch>.<seq>`; their entry ids."""
+    epoch = epoch or EPOCHS[feed]
     keys = Keys(prefix)
-    script = scripts.register(redis, "ingest_append")
-    args: list[Any] = [3600, epoch]
-    for n, (message_id, fields) in enumerate(messages, start=1):
-        flat = codec.entry_fields(message_id, fields, "2026-11-28T09:00:00.000Z", "2026-11-28T09:00:00.005Z")
-        args += [n, len(flat), *flat]
-    result = await script(
-        keys=[keys.stream(feed), keys.meta(feed), *(keys.dedup(feed, m) for m, _ in messages)], args=args
-    )
+    top = int(await redis.hget(keys.meta(feed), "seq") or 0)
+    batch = []
+    for seq, fields in enumerate(messages, start=top + 1):
+        mid = message_id(epoch, seq)
+        batch.append((seq, mid, codec.entry_fields(mid, fields, BROKER_TIME, INGEST_TIME)))
+    call_keys, argv = scripts.ingest_append_call(keys, feed, epoch, batch, 3600)
+    result = await scripts.register(redis, "ingest_append")(keys=call_keys, args=argv)
+    assert all(int(r[1]) == 1 for r in result), result
     return [r[0].decode() if isinstance(r[0], bytes) else r[0] for r in result]
-
-
-async def create_catalogue(pg: Any, schema: str) -> None:
-    """The catalogue tables per the contract (the archiver owns the real migration)."""
-    common = """message_id text PRIMARY KEY, epoch text NOT NULL, seq bigint NOT NULL,
-        stream_id text NOT NULL, entry_ms bigint NOT NULL, entry_n bigint NOT NULL,
-        broker_time timestamptz NOT NULL, ingest_time timestamptz NOT NULL,
-        archived_at timestamptz NOT NULL DEFAULT now()"""
-    await pg.execute(f'CREATE SCHEMA "{schema}"')
-    await pg.execute(
-        f"""CREATE TABLE "{schema}".execution ({common}, symbol text NOT NULL, market text NOT NULL,
-        price real NOT NULL, quantity real NOT NULL, execution_epoch bigint NOT NULL,
-        state_symbol text NOT NULL, message jsonb NOT NULL)"""
-    )
-    await pg.execute(
-        f"""CREATE TABLE "{schema}".sport_event ({common}, sport text NOT NULL, match_title text NOT NULL,
-        data_event text NOT NULL, message jsonb NOT NULL)"""
-    )
-    await pg.execute(
-        f"""CREATE TABLE "{schema}".dead_letter (id bigserial PRIMARY KEY, source text NOT NULL,
-        feed text, message_id text, subject text, broker_seq bigint, stream_id text, error text NOT NULL,
-        payload bytea, fields jsonb, broker_time timestamptz, ingest_time timestamptz,
-        archived_at timestamptz NOT NULL DEFAULT now(), UNIQUE (source, message_id))"""
-    )
 
 
 async def archive_entry(pg: Any, schema: str, redis: Any, prefix: str, feed: str, stream_id: str) -> None:
     """Copy one stream entry into the catalogue as the archiver would."""
-    [(_, raw)] = await redis.xrange(Keys(prefix).stream(feed), min=stream_id, max=stream_id)
-    entry = codec.str_entry(raw)
-    message = codec.typed_message(FEEDS[feed], entry)
-    ms, n = (int(x) for x in stream_id.split("-"))
-    common = [
-        entry["message_id"], EPOCH, int(entry["seq"]), stream_id, ms, n,
-        codec.parse_iso(entry["broker_time"]), codec.parse_iso(entry["ingest_time"]),
-    ]
-    if feed == "execution":
-        await pg.execute(
-            f'INSERT INTO "{schema}".execution (message_id, epoch, seq, stream_id, entry_ms, entry_n, '
-            "broker_time, ingest_time, symbol, market, price, quantity, execution_epoch, state_symbol, "
-            "message) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
-            *common, message["symbol"], message["market"], message["price"], message["quantity"],
-            message["executionEpoch"], message["stateSymbol"], json.dumps(message),
-        )
-    else:
-        await pg.execute(
-            f'INSERT INTO "{schema}".sport_event (message_id, epoch, seq, stream_id, entry_ms, entry_n, '
-            "broker_time, ingest_time, sport, match_title, data_event, message) "
-            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
-            *common, message["sport"], message["match_title"], message["data_event"], json.dumps(message),
-        )
+    [(entry_id, raw)] = await redis.xrange(Keys(prefix).stream(feed), min=stream_id, max=stream_id)
+    text_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    await archive(pg, schema, feed, [(text_id, codec.str_entry(raw))])
 
 
 @pytest.fixture
-async def archive(base_settings: Settings, pg: Any) -> AsyncIterator[Archive]:
+async def catalogue(base_settings: Settings, pg: Any) -> AsyncIterator[Archive]:
     archive = Archive(base_settings.database_url, base_settings.db_schema, 2)
     yield archive
     await archive.close()
@@ -121,8 +83,8 @@ async def str_redis(base_settings: Settings) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def app(base_settings: Settings, str_redis: Any, archive: Archive) -> Starlette:
-    return small_app(gateway_settings(base_settings, tokens=TOKENS), str_redis, archive)
+async def app(base_settings: Settings, str_redis: Any, catalogue: Archive) -> Starlette:
+    return small_app(gateway_settings(base_settings, tokens=TOKENS), str_redis, catalogue)
 
 
 @pytest.fixture
@@ -133,8 +95,8 @@ async def no_catalogue(base_settings: Settings) -> AsyncIterator[Archive]:
     await archive.close()
 
 
-def mid(n: int) -> str:
-    return f"1764321000123.{n}"
+def mid(n: int, epoch: str = EPOCH) -> str:
+    return message_id(epoch, n)
 
 
 # --- /v1/feeds ------------------------------------------------------------------------------
@@ -156,11 +118,11 @@ async def test_feeds_show_epoch_ids_seqs_length_and_archive(
     app: Starlette, redis: Any, pg: Any, base_settings: Settings
 ) -> None:
     prefix, schema = base_settings.key_prefix, base_settings.db_schema
-    ids = await append(redis, prefix, "execution", [(mid(i), execution(i)) for i in range(1, 6)])
-    await append(redis, prefix, "sport_event", [(mid(100), sport_event(1))])
+    ids = await append(redis, prefix, "execution", [execution(i) for i in range(1, 6)])
+    assert ids == ["1-0", "2-0", "3-0", "4-0", "5-0"]  # the entry id is the seq
+    await append(redis, prefix, "sport_event", [sport_event(1)])
     # Redis trimmed the oldest two: first id/seq move, the last ones do not
     await redis.xdel(Keys(prefix).stream("execution"), ids[0], ids[1])
-    await create_catalogue(pg, schema)
     for stream_id in ids[2:4]:
         await archive_entry(pg, schema, redis, prefix, "execution", stream_id)
 
@@ -169,21 +131,31 @@ async def test_feeds_show_epoch_ids_seqs_length_and_archive(
     execution_feed, sport_feed = reply.json()["feeds"]
     assert execution_feed["name"] == "execution"
     assert execution_feed["epoch"] == EPOCH
-    assert execution_feed["last_id"] == ids[-1]
+    assert execution_feed["last_id"] == "5-0"
     assert execution_feed["last_seq"] == 5
     assert execution_feed["length"] == 3
-    assert execution_feed["first_id"] == ids[2] and execution_feed["first_seq"] == 3
-    assert execution_feed["archive"] == {"available": True, "last_seq": 4, "last_id": ids[3]}
+    assert execution_feed["first_id"] == "3-0" and execution_feed["first_seq"] == 3
+    assert execution_feed["archive"] == {"available": True, "last_seq": 4, "last_id": "4-0"}
     # the cursor that resumes after the latest entry, as /v1/stream reads it
-    assert cursor.parse(execution_feed["resume_latest"]) == {
-        "execution": cursor.Position(EPOCH, ids[-1], 5)
-    }
-    assert (sport_feed["last_seq"], sport_feed["length"]) == (1, 1)
+    assert execution_feed["resume_latest"] == f"v2:execution.{EPOCH}.5"
+    assert (sport_feed["epoch"], sport_feed["last_seq"], sport_feed["length"]) == (SPORT_EPOCH, 1, 1)
     assert cursor.parse(reply.json()["resume_latest"]) == {
-        "execution": cursor.Position(EPOCH, ids[-1], 5),
-        "sport_event": cursor.Position(EPOCH, sport_feed["last_id"], 1),
+        "execution": cursor.Position(EPOCH, 5),
+        "sport_event": cursor.Position(SPORT_EPOCH, 1),
     }
     assert sport_feed["archive"]["last_seq"] is None  # nothing of it archived yet
+
+
+async def test_feeds_without_the_meta_hash_read_the_stream(
+    app: Starlette, redis: Any, base_settings: Settings
+) -> None:
+    prefix = base_settings.key_prefix
+    await append(redis, prefix, "execution", [execution(i) for i in range(1, 4)])
+    await redis.delete(Keys(prefix).meta("execution"))  # evicted
+    reply = await call(app, "GET", "/v1/feeds", headers=bearer("tok-all"))
+    feed = reply.json()["feeds"][0]
+    assert (feed["epoch"], feed["last_seq"], feed["last_id"]) == (EPOCH, 3, "3-0")
+    assert feed["resume_latest"] == f"v2:execution.{EPOCH}.3"
 
 
 async def test_feeds_show_only_the_tokens_feeds(app: Starlette) -> None:
@@ -197,7 +169,7 @@ async def test_feeds_without_the_catalogue_still_answer(
     base_settings: Settings, redis: Any, no_catalogue: Archive
 ) -> None:
     app = small_app(gateway_settings(base_settings, tokens=""), redis, no_catalogue)
-    await append(redis, base_settings.key_prefix, "execution", [(mid(1), execution(1))])
+    await append(redis, base_settings.key_prefix, "execution", [execution(1)])
     reply = await call(app, "GET", "/v1/feeds")
     assert reply.status == 200
     feed = reply.json()["feeds"][0]
@@ -212,52 +184,68 @@ async def test_feeds_without_the_catalogue_still_answer(
 async def test_message_in_redis_not_yet_archived(
     app: Starlette, redis: Any, pg: Any, base_settings: Settings
 ) -> None:
-    [stream_id] = await append(redis, base_settings.key_prefix, "sport_event", [(mid(7), sport_event(7))])
-    reply = await call(app, "GET", f"/v1/messages/{mid(7)}", headers=bearer("tok-both"))
+    [stream_id] = await append(redis, base_settings.key_prefix, "sport_event", [sport_event(7)])
+    reply = await call(app, "GET", f"/v1/messages/{mid(1, SPORT_EPOCH)}", headers=bearer("tok-both"))
     assert reply.status == 200
     body = reply.json()
-    assert body["feed"] == "sport_event" and body["stream_id"] == stream_id
-    assert body["in_redis"] is True
+    assert body["feed"] == "sport_event" and body["stream_id"] == stream_id == "1-0"
+    assert body["in_redis"] is True and body["malformed"] is False
     assert body["entry"]["id"] == stream_id
     assert body["entry"]["fields"] == {
         "seq": "1",
-        "message_id": mid(7),
+        "message_id": mid(1, SPORT_EPOCH),
         **sport_event(7),
-        "broker_time": "2026-11-28T09:00:00.000Z",
-        "ingest_time": "2026-11-28T09:00:00.005Z",
+        "broker_time": BROKER_TIME,
+        "ingest_time": INGEST_TIME,
     }
     # the catalogue schema does not exist yet: not archived, not an error
     assert (body["archived"], body["row"]) == (False, None)
+    # the same seq in another epoch (another feed's, or an older one) is another message
+    assert (await call(app, "GET", f"/v1/messages/{mid(1)}", headers=bearer("tok-both"))).status == 404
 
 
 async def test_message_archived_and_trimmed_from_redis(
     app: Starlette, redis: Any, pg: Any, base_settings: Settings
 ) -> None:
     prefix, schema = base_settings.key_prefix, base_settings.db_schema
-    ids = await append(redis, prefix, "execution", [(mid(i), execution(i)) for i in (1, 2)])
-    await create_catalogue(pg, schema)
+    ids = await append(redis, prefix, "execution", [execution(i) for i in (1, 2)])
     await archive_entry(pg, schema, redis, prefix, "execution", ids[0])
     await redis.xdel(Keys(prefix).stream("execution"), ids[0])
 
     body = (await call(app, "GET", f"/v1/messages/{mid(1)}", headers=bearer("tok-exec"))).json()
-    assert body["feed"] == "execution" and body["stream_id"] == ids[0]
-    assert (body["in_redis"], body["entry"], body["archived"]) == (False, None, True)
+    assert body["feed"] == "execution" and body["stream_id"] == "1-0"
+    where = (body["in_redis"], body["entry"], body["archived"], body["table"])
+    assert where == (False, None, True, "execution")
     row = body["row"]
-    assert row["seq"] == 1 and row["epoch"] == EPOCH and row["stream_id"] == ids[0]
+    assert row["seq"] == 1 and row["epoch"] == EPOCH and row["stream_id"] == "1-0"
     assert row["message"] == codec.typed_message(
         FEEDS["execution"],
-        {"seq": "1", "message_id": mid(1), **execution(1),
-         "broker_time": "2026-11-28T09:00:00.000Z", "ingest_time": "2026-11-28T09:00:00.005Z"},
+        {"seq": "1", "message_id": mid(1), **execution(1), "broker_time": BROKER_TIME,
+         "ingest_time": INGEST_TIME},
     )
     assert row["broker_time"] == "2026-11-28T09:00:00Z"
 
-    # dedup key expired too: found through the catalogue alone
-    await redis.delete(Keys(prefix).dedup("execution", mid(1)))
+
+async def test_malformed_message_in_redis_and_as_a_dead_letter_row(
+    app: Starlette, redis: Any, pg: Any, base_settings: Settings
+) -> None:
+    prefix, schema = base_settings.key_prefix, base_settings.db_schema
+    writer = Writer(redis, prefix, EPOCH)
+    await writer.append_malformed("execution", "missing required field(s): price")  # seq 1
     body = (await call(app, "GET", f"/v1/messages/{mid(1)}", headers=bearer("tok-exec"))).json()
-    assert (body["feed"], body["stream_id"], body["archived"]) == ("execution", ids[0], True)
+    assert (body["feed"], body["in_redis"], body["malformed"]) == ("execution", True, True)
+    assert body["entry"]["fields"]["error"] == "missing required field(s): price"
+    await archive_entry(pg, schema, redis, prefix, "execution", "1-0")
+    await redis.xdel(Keys(prefix).stream("execution"), "1-0")
+    body = (await call(app, "GET", f"/v1/messages/{mid(1)}", headers=bearer("tok-exec"))).json()
+    assert (body["feed"], body["in_redis"], body["malformed"], body["table"]) == (
+        "execution", False, True, "dead_letter"
+    )
+    assert (body["row"]["epoch"], body["row"]["seq"], body["row"]["feed"]) == (EPOCH, 1, "execution")
+    assert base64.b64decode(body["row"]["payload_b64"]) == b"\x0a\x02no"
 
 
-async def test_dead_lettered_message_is_found_for_all_feed_tokens(
+async def test_dead_letter_of_the_old_layout_is_found_for_all_feed_tokens(
     app: Starlette, redis: Any, pg: Any, base_settings: Settings
 ) -> None:
     schema = base_settings.db_schema
@@ -268,10 +256,10 @@ async def test_dead_lettered_message_is_found_for_all_feed_tokens(
         mid(9), b"\x0a\x04AAPL",
     )
     body = (await call(app, "GET", f"/v1/messages/{mid(9)}", headers=bearer("tok-all"))).json()
-    assert body["feed"] == "dead_letter" and body["archived"] is True
+    assert body["feed"] == "dead_letter" and body["archived"] is True and body["malformed"] is True
     assert body["row"]["error"] == "missing required field(s): price"
     assert base64.b64decode(body["row"]["payload_b64"]) == b"\x0a\x04AAPL"
-    # a token for one feed does not see dead letters
+    # it names no feed: a token for one feed does not see it
     assert (await call(app, "GET", f"/v1/messages/{mid(9)}", headers=bearer("tok-exec"))).status == 404
 
 
@@ -292,10 +280,10 @@ async def test_unknown_message_is_404_and_malformed_is_400(app: Starlette, pg: A
 async def test_message_of_a_feed_outside_the_token_is_not_revealed(
     app: Starlette, redis: Any, base_settings: Settings
 ) -> None:
-    await append(redis, base_settings.key_prefix, "sport_event", [(mid(5), sport_event(5))])
-    reply = await call(app, "GET", f"/v1/messages/{mid(5)}", headers=bearer("tok-exec"))
+    await append(redis, base_settings.key_prefix, "sport_event", [sport_event(5)])
+    reply = await call(app, "GET", f"/v1/messages/{mid(1, SPORT_EPOCH)}", headers=bearer("tok-exec"))
     assert reply.status == 404 and "searched: execution)" in reply.json()["detail"]
-    assert (await call(app, "GET", f"/v1/messages/{mid(5)}")).status == 401
+    assert (await call(app, "GET", f"/v1/messages/{mid(1, SPORT_EPOCH)}")).status == 401
 
 
 async def test_message_not_in_redis_with_catalogue_down_is_503(
@@ -306,7 +294,7 @@ async def test_message_not_in_redis_with_catalogue_down_is_503(
     assert reply.status == 503 and reply.headers["retry-after"] == "5"
     assert "catalogue cannot be searched" in reply.json()["detail"]
     # in Redis: answered, saying the archive state is unknown
-    await append(redis, base_settings.key_prefix, "execution", [(mid(1), execution(1))])
+    await append(redis, base_settings.key_prefix, "execution", [execution(1)])
     body = (await call(app, "GET", f"/v1/messages/{mid(1)}")).json()
     assert body["in_redis"] is True and body["archived"] is False
     assert "unreachable" in body["archive_detail"]
@@ -320,8 +308,8 @@ async def test_resume_latest_cursor_resumes_a_real_stream_right_after_the_latest
     from tests.integration.test_gateway_helpers import inprocess_gateway, open_stream
 
     prefix = base_settings.key_prefix
-    await append(redis, prefix, "execution", [(mid(i), execution(i)) for i in range(1, 4)])
-    await append(redis, prefix, "sport_event", [(mid(i), sport_event(i)) for i in range(10, 12)])
+    await append(redis, prefix, "execution", [execution(i) for i in range(1, 4)])
+    await append(redis, prefix, "sport_event", [sport_event(i) for i in range(10, 12)])
     async with inprocess_gateway(gateway_settings(base_settings, tokens="")) as app:
         port = app.state.port
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/v1/feeds") as reply:
@@ -329,8 +317,8 @@ async def test_resume_latest_cursor_resumes_a_real_stream_right_after_the_latest
         stream = await open_stream(port, "feeds=execution,sport_event", {"Last-Event-ID": resume})
         try:
             assert stream.status == 200
-            await append(redis, prefix, "sport_event", [(mid(12), sport_event(12))])
-            await append(redis, prefix, "execution", [(mid(4), execution(4))])
+            await append(redis, prefix, "sport_event", [sport_event(12)])
+            await append(redis, prefix, "execution", [execution(4)])
             first, second = await stream.collect(2)
             assert (first.event, first.json()["seq"]) == ("sport_event", 3)
             assert (second.event, second.json()["seq"]) == ("execution", 4)
