@@ -17,7 +17,10 @@
 -- appended because seq N-1 is missing (a hole the caller fills from JetStream first; the
 -- entry id is then the top's, `<top>-0`, and every later message of the batch is -1 too).
 -- A newer epoch (the JetStream stream was recreated) deletes the old stream and meta; an
--- older one is refused with the error `STALE_EPOCH <current epoch>`.
+-- older one is refused with the error `STALE_EPOCH <current epoch>`. The meta hash's
+-- seq/first_seq/last_id are written only while the stream exists (a hole reported for a
+-- missing stream leaves them as they were); an empty stream whose meta hash was lost is
+-- dropped (its top's epoch is unknown), so the caller rebuilds it.
 local stream = KEYS[1]
 local meta = KEYS[2]
 local ttl = ARGV[1]
@@ -48,6 +51,11 @@ if not current then
                 current = string.match(fields[i + 1], '^(.*)%.%d+$')
             end
         end
+    elseif redis.call('EXISTS', stream) == 1 then
+        -- An empty (trimmed) stream whose meta hash was lost: its top belongs to an epoch
+        -- nothing names any more, and would turn a new epoch's first seqs into
+        -- "duplicates". Dropped: the caller sees a missing stream and rebuilds it.
+        redis.call('DEL', stream)
     end
 end
 if current and current ~= epoch then
@@ -58,20 +66,12 @@ if current and current ~= epoch then
 end
 
 local top = top_of(stream)
-if top == 0 then
+local fresh = top == 0
+if fresh and start > 0 then
     -- A new stream, or one Redis lost: it begins at `start` (or 1).
-    if start > 0 then
-        top = start - 1
-    end
-    redis.call('HSET', meta, 'first_seq', top + 1)
-elseif redis.call('HEXISTS', meta, 'first_seq') == 0 then
-    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-    if #first > 0 then
-        redis.call('HSET', meta, 'first_seq', string.match(first[1][1], '^(%d+)-'))
-    else
-        redis.call('HSET', meta, 'first_seq', top + 1)
-    end
+    top = start - 1
 end
+local floor = top
 
 local results = {}
 local arg = 4
@@ -106,6 +106,22 @@ for i = 3, #KEYS do
         results[#results + 1] = {id, 1}
     end
     arg = arg + 2 + count
+end
+if redis.call('EXISTS', stream) == 0 then
+    -- Nothing appended to a missing stream (a hole, or only duplicates): what the meta
+    -- says of the stream (seq, first_seq) stays as it was until the stream exists again.
+    redis.call('HSET', meta, 'epoch', epoch)
+    return results
+end
+if fresh then
+    redis.call('HSET', meta, 'first_seq', floor + 1)
+elseif redis.call('HEXISTS', meta, 'first_seq') == 0 then
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    if #first > 0 then
+        redis.call('HSET', meta, 'first_seq', string.match(first[1][1], '^(%d+)-'))
+    else
+        redis.call('HSET', meta, 'first_seq', top + 1)
+    end
 end
 redis.call('HSET', meta, 'epoch', epoch, 'seq', top, 'last_id', top .. '-0')
 return results

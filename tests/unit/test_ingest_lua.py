@@ -102,6 +102,29 @@ async def test_a_new_stream_starts_at_1_and_an_explicit_start_rebuilds_a_lost_on
     assert (await meta(r))["first_seq"] == "4"
 
 
+async def test_a_hole_in_a_missing_stream_leaves_the_meta_as_it_was(r: Any) -> None:
+    await append(r, [1, 2, 3])
+    await r.delete(KEYS.stream(FEED))
+    assert await append(r, [7]) == [("0-0", -1)]
+    assert await meta(r) == {"epoch": EPOCH, "seq": "3", "last_id": "3-0", "first_seq": "1"}
+    assert await append(r, [6, 7], start=6) == [("6-0", 1), ("7-0", 1)]
+    assert await meta(r) == {"epoch": EPOCH, "seq": "7", "last_id": "7-0", "first_seq": "6"}
+
+
+async def test_an_empty_stream_whose_meta_was_lost_is_rebuilt_not_taken_for_duplicates(r: Any) -> None:
+    await append(r, [1, 2, 3])
+    await r.xtrim(KEYS.stream(FEED), maxlen=0)  # archived and trimmed
+    await r.delete(KEYS.meta(FEED))  # evicted: nothing names the epoch of top 3 any more
+    newer = str(int(EPOCH) + 1000)  # the JetStream stream was recreated meanwhile
+    assert await append(r, [1, 2], epoch=newer) == [("1-0", 1), ("2-0", 1)]
+    assert [f["message_id"] for _, f in await entries(r)] == [f"{newer}.1", f"{newer}.2"]
+    # Same epoch: a hole at top 0, and the caller rebuilds from the archived top.
+    await r.xtrim(KEYS.stream(FEED), maxlen=0)
+    await r.delete(KEYS.meta(FEED))
+    assert await append(r, [4], epoch=newer) == [("0-0", -1)]
+    assert await append(r, [3, 4], epoch=newer, start=3) == [("3-0", 1), ("4-0", 1)]
+
+
 async def test_the_top_survives_trimming(r: Any) -> None:
     await append(r, [1, 2, 3])
     await r.xtrim(KEYS.stream(FEED), maxlen=0)
