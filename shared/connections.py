@@ -65,8 +65,8 @@ async def create_database_if_missing(url: str, *, connect_timeout: float = 10.0)
     admin = await asyncpg.connect(url, database="postgres", timeout=connect_timeout)
     try:
         await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
-    except asyncpg.DuplicateDatabaseError:
-        return False  # another process created it meanwhile
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        return False  # another process created it meanwhile (a race can surface as either)
     finally:
         await admin.close()
     return True
