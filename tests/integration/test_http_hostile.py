@@ -28,7 +28,7 @@ import pytest
 
 from shared import codec, scripts
 from shared.connections import redis_client
-from shared.feeds import FEEDS
+from shared.feeds import FEEDS, message_id
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -65,17 +65,20 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
 
+EPOCH = "1764321212345"
+
+
 def _append_calls(
     settings: Settings, feed: str, count: int, start: int = 0, pad: int = 0
-) -> Iterator[tuple[list[str], list[Any]]]:
-    """(keys, args) of ingest_append calls appending `count` entries, 200 per call."""
+) -> Iterator[tuple[list[str], list[str | int]]]:
+    """(keys, args) of ingest_append calls appending `count` entries at seqs `start` + 1
+    on (contiguous, as JetStream numbers them), 200 per call."""
     keys = Keys(settings.key_prefix)
     per_call = 200
     for base in range(start, start + count, per_call):
         n = min(per_call, start + count - base)
-        ids = [f"1764321212345.{feed}{i}" for i in range(base, base + n)]
-        args: list[Any] = [3600, "ep0ch001"]
-        for i, mid in zip(range(base, base + n), ids, strict=True):
+        messages = []
+        for i in range(base, base + n):
             if feed == "execution":
                 own = {
                     "symbol": "AAPL",
@@ -91,9 +94,10 @@ def _append_calls(
                     "match_title": "Lakers vs Celtics",
                     "data_event": "x" * (pad + 5),
                 }
+            mid = message_id(EPOCH, i + 1)
             entry = codec.entry_fields(mid, own, "2026-11-28T09:13:32.123Z", "2026-11-28T09:13:32.125Z")
-            args += [i + 1, len(entry), *entry]
-        yield [keys.stream(feed), keys.meta(feed), *(keys.dedup(feed, m) for m in ids)], args
+            messages.append((i + 1, mid, entry))
+        yield scripts.ingest_append_call(keys, feed, EPOCH, messages, 3600)
 
 
 async def append(redis: Any, settings: Settings, feed: str, count: int, start: int = 0, pad: int = 0) -> None:
@@ -218,26 +222,33 @@ def get(path: str, headers: dict[str, str] | None = None) -> bytes:
 
 HOSTILE_CURSORS = [
     "garbage",
+    "v2:",
+    "v3:execution.1764321212345.1",
+    "v2:execution",
+    "v2:execution.1764321212345",
+    "v2:execution.1764321212345.x",
+    "v2:execution.1764321212345.-5",
+    "v2:execution.-1.1",
+    "v2:execution.1764321212345.99999999999999999999999",
+    "v2:execution.99999999999999999999999.1",
+    "v2:execution.ab12cd34.1",  # a v1-style epoch
+    "v2:nosuchfeed.1764321212345.1",
+    "v2:execution.1764321212345.1,execution.1764321212345.2",
+    "v2:execution.'; DROP TABLE execution; --.1",
+    "v2:execution.<script>alert(1)</script>.1",
+    "v2:execution.1764321212345.1" + "," * 5000,
+    "v2:" + ",".join(f"execution.1764321212345.{i}" for i in range(500)),
+    "v2:exécution.1764321212345.1",
+    "v2:execution.\u202e1764321212345.1",
+    "v2:execution.1764321212345.1\x00",
+    # v1 that is not a well-formed v1 cursor (a well-formed one is answered in-band)
     "v1:",
-    "v2:execution.ab12cd34.1-0.1",
     "v1:execution",
-    "v1:execution.ab12cd34",
     "v1:execution.ab12cd34.1-0",
     "v1:execution.ab12cd34.x-y.z",
-    "v1:execution.ab12cd34.-1-0.1",
-    "v1:execution.ab12cd34.1-0.-5",
-    "v1:execution.ab12cd34.99999999999999999999999-0.1",
-    "v1:execution.ab12cd34.1-0.99999999999999999999999",
     "v1:nosuchfeed.ab12cd34.1-0.1",
-    "v1:execution.ab12cd34.1-0.1,execution.ab12cd34.2-0.2",
-    "v1:execution.ep0ch001.9999999999999-0.99999",  # from the future (the real epoch)
     "v1:execution.'; DROP TABLE execution; --.1-0.1",
-    "v1:execution.<script>alert(1)</script>.1-0.1",
     "v1:execution.ab12cd34.1-0.1" + "," * 5000,
-    "v1:" + ",".join(f"execution.ab12cd34.{i}-0.{i}" for i in range(500)),
-    "v1:exécution.ab12cd34.1-0.1",
-    "v1:execution.\u202eab12cd34.1-0.1",
-    "v1:execution.ab12cd34.1-0.1\x00",
     "%00%0d%0a",
     "../../../../etc/passwd",
     "${jndi:ldap://127.0.0.1/a}",
@@ -265,10 +276,9 @@ async def test_hostile_cursors_are_a_400_json(gateway: Gateway, value: str) -> N
                 assert body.get("error") and "Traceback" not in str(body)
 
 
-# Non-ASCII digits: the cursor parser's `\\d` accepts them and int() normalises them to
-# ASCII before Redis sees them, so these are either refused (400) or resumed (200, a
-# reset here: the epoch is not the feed's); never a 5xx.
-LENIENT_CURSORS = ["v1:execution.ep0ch001.\uff11-0.\uff11", "v1:execution.ep0ch001.\u0663-0.\u0663"]
+# Non-ASCII digits, which `\\d` and int() accept: never a 5xx (they are a 400: only ASCII
+# 0-9 is a cursor digit).
+LENIENT_CURSORS = [f"v2:execution.{EPOCH}.\uff11", f"v2:execution.{EPOCH}.\u0663"]
 
 
 @pytest.mark.parametrize("value", LENIENT_CURSORS, ids=["fullwidth", "arabic-indic"])
@@ -281,6 +291,35 @@ async def test_non_ascii_digits_in_a_cursor_are_never_a_server_error(gateway: Ga
             if resp.status == 200:
                 first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
                 assert first  # the stream started (with a heartbeat, retry hint or an event)
+
+
+# Well-formed cursors that are no error: a v1 cursor (answered in-band with a reset, the
+# stream starting at `from=`), and a cursor far ahead of what Redis holds in the feed's
+# epoch (Redis may have lost data and be refilling: the stream waits, with heartbeats).
+ODD_BUT_VALID_CURSORS = [
+    "v1:execution.ep0ch001.9999999999999-0.99999",
+    f"v2:execution.{EPOCH}.99999999",
+    "v2:execution.1000000000000.5",  # an epoch that is not the feed's: the rest of it, then a reset
+]
+
+
+@pytest.mark.parametrize("value", ODD_BUT_VALID_CURSORS, ids=["v1", "ahead", "other-epoch"])
+async def test_well_formed_cursors_are_answered_in_band_never_a_4xx(gateway: Gateway, value: str) -> None:
+    headers = {**AUTH, "Last-Event-ID": value}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(gateway.url + "/v1/stream?feeds=execution", headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        head = b""
+        while head.count(b"\n\n") < 3:  # retry hint, start id, then a notice or a heartbeat
+            head += await asyncio.wait_for(resp.content.readany(), 10)
+    if value.startswith("v1:"):
+        assert b"event: reset" in head and b'"reason":"cursor_version"' in head
+    elif "1000000000000" in value:
+        assert b"event: reset" in head and b'"reason":"epoch"' in head
+    else:
+        assert b": heartbeat" in head and b"event:" not in head
 
 
 HOSTILE_QUERIES = [
@@ -491,7 +530,7 @@ async def test_clients_that_never_read_keep_memory_bounded(gateway: Gateway) -> 
     try:
         await asyncio.wait_for(subscribed.wait(), 30)  # it starts at the latest entry: before these
         for i in range(0, 20_000, 2000):
-            await append(redis, gateway.settings, "execution", 2000, start=1000 + i, pad=500)
+            await append(redis, gateway.settings, "execution", 2000, start=5 + i, pad=500)
             peak = max(peak, rss_kib(pid))
         try:
             await asyncio.wait_for(asyncio.shield(reading), 120)
