@@ -222,6 +222,7 @@ async def run(
         await caught_up(r.probe, subs, r.epochs, setup.recovery_timeout, fast_only=False)
         stop_subs.set()
         await asyncio.gather(*tasks)
+        not_ready = await p.not_ready()
         metrics = await p.metrics()
         audit = await asyncio.to_thread(_audit, p)
         truth, nats_problems = await read_truth(p.nats.url, pub)
@@ -264,6 +265,8 @@ async def run(
             failures.append(f"fanout audit exited {audit.returncode}")
         if dead:
             failures.append(f"services died on their own: {dead}")
+        if not_ready:
+            failures.append(f"services not ready after the drain: {not_ready}")
         if any(code != 0 for code in codes.values()):
             failures.append(f"not every service exited 0 on SIGTERM: {codes}")
         failures += scenario_problems

@@ -298,6 +298,21 @@ class Pipeline:
                     server.stop()
         return codes
 
+    async def not_ready(self) -> list[str]:
+        """The running services whose /readyz is not 200 (e.g. a feed reader that stopped)."""
+        out = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for name, service in self.services.items():
+                if service.ops is None or not service.alive():
+                    continue
+                try:
+                    async with http.get(service.ops + "/readyz") as resp:
+                        if resp.status != 200:
+                            out.append(f"{name}: /readyz {resp.status} {(await resp.text())[:300]}")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    out.append(f"{name}: /readyz {type(exc).__name__}")
+        return out
+
     def dead_services(self) -> list[str]:
         return [n for n, s in self.services.items() if s.process is not None and not s.alive()]
 
