@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -98,6 +99,7 @@ class Stats:
     holes: int = 0  # holes found below a batch (Redis lost writes)
     rebuilds: int = 0  # of which the stream was missing or empty
     redis_restarts: int = 0  # run_id changes seen by the writers
+    skipped: Counter[str] = field(default_factory=Counter)  # seqs held by nobody (aged out unwritten)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -114,6 +116,7 @@ class Stats:
             "holes": self.holes,
             "rebuilds": self.rebuilds,
             "redis_restarts": self.redis_restarts,
+            "skipped": sum(self.skipped.values()),
         }
 
 
@@ -578,12 +581,12 @@ class FeedPipeline:
             following = _Following(loop, self.writer, epoch)
             try:
                 result = await self._write(prepared, len(batch), following)
-            except StaleEpoch as exc:
-                # The feed's JetStream stream was recreated (Redis already holds the new
-                # epoch): what this loop holds belongs to the old one. Left unacked.
+            except (StaleEpoch, jetstream.StreamGone) as exc:
+                # The feed's JetStream stream was deleted or recreated: what this loop
+                # holds belongs to the old one. Left unacked; set up again.
                 log.warning(
-                    "Redis holds a newer epoch of the feed than this ingestor's stream; setting up again",
-                    extra={"feed": self.feed, "epoch": epoch, "redis_epoch": exc.current},
+                    "the feed's JetStream stream is not this ingestor's any more; setting up again",
+                    extra={"feed": self.feed, "epoch": epoch, "reason": str(exc)},
                 )
                 following()
                 loop.buffer.clear()
@@ -613,7 +616,7 @@ class FeedPipeline:
             try:
                 result = await self._append(prepared, meanwhile)
                 break
-            except StaleEpoch:
+            except (StaleEpoch, jetstream.StreamGone):
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if not outage:
@@ -675,19 +678,63 @@ class FeedPipeline:
             else:
                 start = 0
                 first = outcome.top + 1
-                log.warning(
-                    "Redis lost the feed's latest entries: filling the hole from JetStream",
-                    extra={
-                        "feed": self.feed,
-                        "epoch": epoch,
-                        "top": outcome.top,
-                        "from_seq": first,
-                        "to_seq": wanted - 1,
-                    },
-                )
+                retained = await jetstream.first_seq(self.nc, self.handle)
+                if retained > first:
+                    start = first = await self._restart_at(outcome.top, retained)
+                else:
+                    log.warning(
+                        "Redis lost the feed's latest entries: filling the hole from JetStream",
+                        extra={
+                            "feed": self.feed,
+                            "epoch": epoch,
+                            "top": outcome.top,
+                            "from_seq": first,
+                            "to_seq": wanted - 1,
+                        },
+                    )
             if first < wanted:
                 await self._fill(first, wanted - 1, start)
             outcome = await self.writer.append(messages, epoch, start)
+
+    async def _restart_at(self, top: int, retained: int) -> int:
+        """Seqs top+1..retained-1 are in neither Redis nor JetStream: start the Redis
+        stream again at `retained` once everything it holds is archived (RefillError
+        until then). Returns `retained`."""
+        lowest = await self.writer.lowest()
+        if lowest is not None:
+            try:
+                archived = await refill.archived_top(
+                    self.settings.database_url, self.settings.db_schema, self.handle, lowest - 1
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise RefillError(
+                    f"JetStream no longer holds seqs {top + 1}..{retained - 1} of the feed {self.feed} "
+                    f"(aged out or discarded before they were ingested), and the catalogue cannot be read "
+                    f"({exc or type(exc).__name__}) to check that Redis's seqs {lowest}..{top} are "
+                    f"archived before the stream restarts at {retained}; retrying"
+                ) from None
+            if archived < top:
+                raise RefillError(
+                    f"JetStream no longer holds seqs {top + 1}..{retained - 1} of the feed {self.feed} "
+                    f"(aged out or discarded before they were ingested): waiting for the archiver to "
+                    f"store Redis's seqs {archived + 1}..{top} before the stream restarts at {retained}"
+                )
+        dropped = await self.writer.restart(top)
+        self.stats.skipped[self.feed] += retained - top - 1
+        log.error(
+            "seqs of the feed are in neither Redis, PostgreSQL nor JetStream (they aged out of "
+            "JetStream before any ingestor wrote them): the Redis stream restarts at JetStream's "
+            "first retained seq; readers see a gap there",
+            extra={
+                "feed": self.feed,
+                "epoch": self.handle.epoch,
+                "lost_from_seq": top + 1,
+                "lost_to_seq": retained - 1,
+                "restart_seq": retained,
+                "dropped": dropped,
+            },
+        )
+        return retained
 
     async def _fill(self, first: int, last: int, start: int) -> None:
         """Append seqs first..last read from JetStream (stops at a new hole: Redis lost

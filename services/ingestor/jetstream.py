@@ -42,6 +42,10 @@ class JetStreamUnavailable(RuntimeError):
     """The NATS server answers but has no JetStream: a setup error, not a transient one."""
 
 
+class StreamGone(RuntimeError):
+    """A feed's stream was deleted or recreated since it was set up: set it up again."""
+
+
 class LegacyStreamBusy(RuntimeError):
     """The combined stream of the first layout still holds messages for the ingestor."""
 
@@ -236,9 +240,15 @@ async def consumer_exists(nc: NATS, handle: StreamHandle) -> bool:
     return True
 
 
-async def first_seq(nc: NATS, stream: str) -> int:
-    """The first sequence the stream still retains (last + 1 when it retains nothing)."""
-    info = await nc.jetstream(timeout=5.0).stream_info(stream)
+async def first_seq(nc: NATS, handle: StreamHandle) -> int:
+    """The first sequence the feed's stream still retains (last + 1 when it retains
+    nothing). Raises StreamGone if the stream is not the one `handle` names any more."""
+    try:
+        info = await nc.jetstream(timeout=5.0).stream_info(handle.stream)
+    except NotFoundError:
+        raise StreamGone(f"the JetStream stream {handle.stream} was deleted") from None
+    if info.created is None or epoch_of(info.created) != handle.epoch:
+        raise StreamGone(f"the JetStream stream {handle.stream} was recreated")
     return int(info.state.first_seq or 0) or int(info.state.last_seq or 0) + 1
 
 

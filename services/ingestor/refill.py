@@ -8,7 +8,13 @@ them (acked or not: a stream keeps its messages for FANOUT_JS_MAX_AGE), and appe
 at the same seqs, with the same message ids, before the batch: every cursor a client
 holds stays valid, and nothing is renumbered.
 
-- top > 0: the missing range is top+1 .. (first seq of the batch) - 1.
+- top > 0: the missing range is top+1 .. (first seq of the batch) - 1. If JetStream no
+  longer holds its start either (the seqs aged out, or were discarded by a stream limit,
+  before any ingestor wrote them: the ingestors were down longer than JetStream keeps
+  messages), nobody holds them: once the catalogue holds every seq Redis still has, the
+  Redis stream is dropped and started again at JetStream's first retained seq (readers
+  see a gap there, the only one possible). Until then the batch waits (nothing unarchived
+  is ever dropped).
 - top = 0 (the stream is missing or empty: Redis lost everything of this feed): the
   stream is rebuilt from S = the first seq not yet archived (what lies below S is in
   PostgreSQL), passed to the script as `start`. S comes from the catalogue (the
@@ -69,11 +75,9 @@ async def read_range(
 
 async def rebuild_start(nc: NATS, database_url: str, schema: str, handle: StreamHandle) -> int:
     """S: where a feed's emptied Redis stream starts again (see the module docstring)."""
-    retained = await jetstream.first_seq(nc, handle.stream)
+    retained = await jetstream.first_seq(nc, handle)
     try:
-        top = await asyncio.wait_for(
-            _archived_top(database_url, schema, handle, retained - 1), CATALOGUE_TIMEOUT
-        )
+        top = await archived_top(database_url, schema, handle, retained - 1)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning(
             "the catalogue cannot be read: rebuilding the Redis stream from JetStream's first retained seq",
@@ -88,9 +92,16 @@ async def rebuild_start(nc: NATS, database_url: str, schema: str, handle: Stream
     return top + 1
 
 
-async def _archived_top(database_url: str, schema: str, handle: StreamHandle, after: int) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await catalogue.archived_top(conn, schema, handle.feed, handle.epoch, after=after)
-    finally:
-        await conn.close()
+async def archived_top(database_url: str, schema: str, handle: StreamHandle, after: int) -> int:
+    """The catalogue's contiguous top of the feed's epoch from `after` + 1 (`after` when
+    that seq is not archived), within CATALOGUE_TIMEOUT. Raises asyncpg's errors,
+    OSError or TimeoutError when the catalogue cannot be read."""
+
+    async def read() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await catalogue.archived_top(conn, schema, handle.feed, handle.epoch, after=after)
+        finally:
+            await conn.close()
+
+    return await asyncio.wait_for(read(), CATALOGUE_TIMEOUT)

@@ -162,6 +162,8 @@ class Writer:
         self.max_payload = settings.max_payload
         self.subject = settings.subject(feed)
         self._sha = scripts.register(redis, "ingest_append").sha
+        self._restart = scripts.register(redis, "ingest_restart")
+        self._redis = redis
         self._stream_key = self.keys.stream(feed)
         self._meta_key = self.keys.meta(feed)
         pool = redis.connection_pool
@@ -246,6 +248,15 @@ class Writer:
     async def write(self, batch: Sequence[Delivery], epoch: str, start: int = 0) -> Outcome:
         """Decode and append a batch in one call (used by tests and tools)."""
         return await self.append(self.messages(batch, epoch, codec.iso_ms(datetime.now(UTC))), epoch, start)
+
+    async def lowest(self) -> int | None:
+        """The seq of the first entry the feed's stream still holds (None: none)."""
+        first: Any = await self._redis.xrange(self._stream_key, count=1)
+        return seq_of_entry_id(first[0][0]) if first else None
+
+    async def restart(self, top: int) -> bool:
+        """Drop the feed's stream if its top is still `top` (see `ingest_restart.lua`)."""
+        return bool(await self._restart(keys=[self._stream_key], args=[top]))
 
     async def _connection(self) -> Any:
         conn = self._conn

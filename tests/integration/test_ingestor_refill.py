@@ -7,7 +7,9 @@ new epoch), before the batch it holds, so every cursor a client holds stays vali
 - the last entries lost in a failover (the replica had not received them): the hole
   between the stream's top and the batch is filled;
 - everything lost while the ingestor was down, with no readable catalogue: rebuilt from
-  what JetStream retains.
+  what JetStream retains;
+- seqs that left JetStream before any ingestor wrote them: the stream restarts at
+  JetStream's first retained seq, once everything Redis holds is archived.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from services.ingestor import jetstream
 from shared import codec
 from shared.keys import Keys
 from shared.settings import Settings
@@ -166,3 +169,46 @@ async def test_redis_emptied_while_down_with_no_catalogue_is_rebuilt_from_what_j
     assert all(same_message(a, b) for (_, a), (_, b) in zip(after[:80], before, strict=True))
     assert again.stats.rebuilds == 1 and again.stats.refilled[FEED] == 80
     assert await redis.hget(keys.meta(FEED), "first_seq") == b"1"
+
+
+async def test_seqs_that_aged_out_unwritten_restart_the_stream_once_redis_is_archived(
+    base_settings: Settings, redis: Redis, nats: Any, pg: asyncpg.Connection
+) -> None:
+    """The ingestors were down longer than JetStream keeps messages (here a stream limited
+    by the operator to 50 messages): seqs 11..60 are gone from JetStream unwritten. The
+    ingestor waits until the catalogue holds what Redis has (1..10), then starts the Redis
+    stream again at JetStream's first retained seq: a gap nobody can fill, and no stall."""
+    settings = ingestor_settings(base_settings, batch=20)
+    keys = Keys(settings.key_prefix)
+    key = keys.stream(FEED)
+    schema = f'"{settings.db_schema}"'
+    await pg.execute(f"CREATE SCHEMA {schema}")
+    await pg.execute(f"CREATE TABLE {schema}.execution (epoch text, seq bigint)")
+    await pg.execute(f"CREATE TABLE {schema}.dead_letter (feed text, epoch text, seq bigint)")
+    limited = jetstream.stream_config(settings, FEED)
+    limited.max_msgs = 50
+    await nats.jetstream().add_stream(limited)
+    async with running(settings, redis) as ingestor:
+        epoch = ingestor.handles[FEED].epoch
+        await publish(nats, settings.subject(FEED), [execution(i).SerializeToString() for i in range(10)])
+        await until(lambda: _reaches(redis, key, 10), what="10 entries")
+    await publish(nats, settings.subject(FEED), [execution(i).SerializeToString() for i in range(10, 110)])
+    assert (await nats.jetstream().stream_info(stream_of(settings, FEED))).state.first_seq == 61
+
+    async with running(settings, redis) as again:
+
+        async def held_back() -> bool:
+            return again.stats.holes >= 2  # met the hole, and came back to it: waiting
+
+        await until(held_back, what="the ingestor to wait for the archiver")
+        assert [i for i, _ in await all_entries(redis, key)] == [f"{s}-0" for s in range(1, 11)]
+        await pg.executemany(
+            f"INSERT INTO {schema}.execution VALUES ($1, $2)", [(epoch, s) for s in range(1, 11)]
+        )
+        await until(lambda: _reaches(redis, key, 110), within=30, what="the stream to restart at 61")
+        await until(lambda: _all_acked(nats, settings, settings.js_consumer), what="every message acked")
+    after = await all_entries(redis, key)
+    assert [i for i, _ in after] == [f"{s}-0" for s in range(61, 111)]
+    assert [e["message_id"] for _, e in after] == [f"{epoch}.{s}" for s in range(61, 111)]
+    assert await redis.hget(keys.meta(FEED), "first_seq") == b"61"
+    assert again.stats.skipped[FEED] == 50

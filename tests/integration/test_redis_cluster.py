@@ -78,11 +78,12 @@ async def cluster() -> AsyncIterator[RedisCluster]:
 
 
 def _args(messages: list[tuple[int, dict[str, str]]], message_ids: list[str]) -> list[str | int]:
-    args: list[str | int] = [3600, "epoch-1"]
-    for (broker_seq, fields), message_id in zip(messages, message_ids, strict=True):
-        flat = codec.entry_fields(message_id, fields, "2026-11-28T09:00:00.000Z", "2026-11-28T09:00:00.001Z")
-        args += [broker_seq, len(flat), *flat]
-    return args
+    """The script's ARGV (contract v2: ttl, epoch, start, then per message seq, N, fields)."""
+    calls = [
+        (seq, message_id, codec.entry_fields(message_id, fields, "2026-11-28T09:00:00.000Z", "t"))
+        for (seq, fields), message_id in zip(messages, message_ids, strict=True)
+    ]
+    return scripts.ingest_append_call(Keys(), "execution", "1795857719000", calls, 3600)[1]
 
 
 SAMPLE = {
@@ -108,7 +109,8 @@ async def test_ingest_script_runs_per_feed_on_a_cluster(cluster: RedisCluster) -
         entries: Any = await cluster.xrange(keys.stream(feed))
         assert [e[1]["seq"] for e in entries] == ["1", "2", "3"]
         assert entries[0][1]["message_id"] == ids[0]
-        assert await cluster.hget(keys.meta(feed), "broker_seq") == "3"
+        assert [e[0] for e in entries] == ["1-0", "2-0", "3-0"]
+        assert await cluster.hget(keys.meta(feed), "seq") == "3"
 
 
 async def test_keys_of_two_feeds_in_one_call_are_refused(cluster: RedisCluster) -> None:

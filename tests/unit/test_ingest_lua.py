@@ -181,3 +181,14 @@ async def test_feeds_are_independent(r: Any) -> None:
     await append(r, [1], feed="sport_event")
     assert (await meta(r, "sport_event"))["seq"] == "1"
     assert (await meta(r, "execution"))["seq"] == "2"
+
+
+async def test_the_restart_script_drops_the_stream_only_at_the_top_the_caller_saw(r: Any) -> None:
+    restart = scripts.register(r, "ingest_restart")
+    await append(r, [1, 2, 3])
+    assert await restart(keys=[KEYS.stream(FEED)], args=[2]) == 0  # the top moved on: kept
+    assert await r.exists(KEYS.stream(FEED))
+    assert await restart(keys=[KEYS.stream(FEED)], args=[3]) == 1
+    assert not await r.exists(KEYS.stream(FEED))
+    assert await restart(keys=[KEYS.stream(FEED)], args=[3]) == 0  # already gone
+    assert await append(r, [61], start=61) == [("61-0", 1)]
