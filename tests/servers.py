@@ -66,19 +66,25 @@ def _host_port(url: str, default_port: int) -> str:
 
 
 def nats_answers(url: str) -> str:
-    """"" if a NATS server with JetStream answers at the first server of `url`, else why not."""
-    address = _host_port(nats_servers(url)[0], 4222)
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT) as sock:
-            info = sock.makefile("rb").readline()
-    except OSError:
-        return f"nothing answers at {address}"
-    if not info.startswith(b"INFO "):
-        return f"{address} is not a NATS server"
-    if not json.loads(info[5:]).get("jetstream"):
-        return f"the NATS server at {address} has no JetStream"
-    return ""
+    """"" if a NATS server with JetStream answers at one of the servers of `url` (several
+    comma-separated for a cluster), else why not."""
+    reasons = []
+    for server in nats_servers(url):
+        address = _host_port(server, 4222)
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT) as sock:
+                info = sock.makefile("rb").readline()
+        except OSError:
+            reasons.append(f"nothing answers at {address}")
+            continue
+        if not info.startswith(b"INFO "):
+            reasons.append(f"{address} is not a NATS server")
+        elif not json.loads(info[5:]).get("jetstream"):
+            reasons.append(f"the NATS server at {address} has no JetStream")
+        else:
+            return ""
+    return "; ".join(reasons)
 
 
 def redis_answers(url: str) -> str:
