@@ -31,8 +31,11 @@ import aiohttp
 import pytest
 
 from services.sse_gateway import cursor
+from shared import codec, scripts
+from shared.feeds import message_id
 from shared.keys import Keys
 from shared.settings import Settings
+from tests.integration.test_gateway_helpers import archive
 from tests.integration.test_gateway_lookup import EPOCH, append, execution, sport_event
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -386,20 +389,33 @@ async def rig(base_settings: Settings, redis: Any) -> AsyncIterator[tuple[Gatewa
 
 
 class Feeds:
-    """Appends numbered messages to the feeds with the ingest Lua script."""
+    """Appends numbered messages to the feeds with the ingest Lua script (contract v2:
+    contiguous seqs per feed, message id `<epoch>.<seq>`)."""
 
     def __init__(self, redis: Any, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
         self.n = 0
 
-    async def add(self, feed: str, count: int, epoch: str = EPOCH, **fields: str) -> list[str]:
+    async def add(self, feed: str, count: int, epoch: str | None = None, **fields: str) -> list[str]:
         batch = []
         for _ in range(count):
             self.n += 1
             made = execution(self.n) if feed == "execution" else sport_event(self.n)
-            batch.append((f"1764321000123.{self.n}", {**made, **fields}))
+            batch.append({**made, **fields})
         return await append(self.redis, self.prefix, feed, batch, epoch)
+
+    async def add_malformed(self, feed: str, epoch: str) -> str:
+        """A payload the ingestor could not decode: it keeps its seq in the feed's stream."""
+        keys = Keys(self.prefix)
+        seq = int(await self.redis.hget(keys.meta(feed), "seq") or 0) + 1
+        mid = message_id(epoch, seq)
+        when = "2026-11-28T09:00:00.000Z"
+        fields = codec.malformed_fields(mid, "missing required field(s): price", b"\x0a\x02no", when, when)
+        call_keys, argv = scripts.ingest_append_call(keys, feed, epoch, [(seq, mid, fields)], 3600)
+        [(entry_id, status)] = await scripts.register(self.redis, "ingest_append")(keys=call_keys, args=argv)
+        assert int(status) == 1
+        return str(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
 
 # --- the tests --------------------------------------------------------------------------------------
@@ -476,7 +492,7 @@ async def test_page_shows_both_feeds_and_resumes_across_gateway_restarts(
              firstSymbol: document.querySelector('#rows-execution tr td:nth-child(2)').textContent})"""
     )
     assert shown["gaps"] == "0" and shown["state"] == "live"
-    assert shown["lastId"] == stats["lastEventId"] and shown["lastId"].startswith("v1:")
+    assert shown["lastId"] == stats["lastEventId"] and shown["lastId"].startswith("v2:")
     assert shown["exec"] == list(range(expected_exec + 1, 1, -1))  # newest first
     assert shown["sport"] == expected_sport
     assert shown["firstSymbol"] in {"AAPL", "MSFT"}
@@ -531,8 +547,9 @@ async def test_filtered_eventsource_resumes_after_the_last_id_only_frame(
 
     await feeds.add("execution", 2, symbol="WATCHED")  # seq 2, 3
     skipped = await feeds.add("execution", 3, symbol="OTHER")  # seq 4, 5, 6: id-only frames
+    assert skipped[-1] == "6-0"
     # the cursor of the last id-only frame: after entry seq 6
-    after_skipped = cursor.format({"execution": cursor.Position(EPOCH, skipped[-1], 6)}, ["execution"])
+    after_skipped = cursor.format({"execution": cursor.Position(EPOCH, 6)}, ["execution"])
 
     async def sent_id_only_frame() -> bool:
         return any(f.get("id") == [after_skipped] and "data" not in f for f in relay.frames())
@@ -564,7 +581,7 @@ async def test_filtered_eventsource_resumes_after_the_last_id_only_frame(
     assert browser.errors == []
 
 
-async def test_page_shows_a_reset_when_redis_lost_a_stream(
+async def test_page_shows_a_reset_when_the_jetstream_stream_is_recreated(
     browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
 ) -> None:
     gateway, relay = rig
@@ -576,12 +593,11 @@ async def test_page_shows_a_reset_when_redis_lost_a_stream(
     await feeds.add("execution", 5)
     await eventually(lambda: browser.js(f"{STATS}.received.execution === 5"), "the first events")
 
-    # Redis loses the execution stream while the gateway is down; the ingestor starts it
-    # again in a new epoch, with seq from 1
+    # Redis losing data is invisible (the same ids come back); only a recreated JetStream
+    # stream is a new epoch, with seq from 1: the ingest script replaces the old stream
     assert await gateway.stop(signal.SIGKILL) == -signal.SIGKILL
-    keys = Keys(base_settings.key_prefix)
-    await redis.delete(keys.stream("execution"), keys.meta("execution"))
-    await feeds.add("execution", 3, epoch="e2")
+    new_epoch = str(int(EPOCH) + 1000)
+    await feeds.add("execution", 3, epoch=new_epoch)
     await gateway.start()
 
     async def reset_shown() -> Any:
@@ -590,8 +606,8 @@ async def test_page_shows_a_reset_when_redis_lost_a_stream(
         )
 
     text = await eventually(reset_shown, "a visible reset notice")
-    assert "execution: the stream was reset (epoch e1764321000 → e2)" in text
-    await feeds.add("execution", 2, epoch="e2")
+    assert f"execution: the stream was reset (epoch {EPOCH} → {new_epoch})" in text
+    await feeds.add("execution", 2, epoch=new_epoch)
     await eventually(lambda: browser.js(f"{STATS}.received.execution === 10"), "the events of the new epoch")
     stats = await browser.js(STATS)
     assert stats["notices"] == {"gap": 0, "reset": 1}
@@ -605,8 +621,37 @@ async def test_page_shows_a_reset_when_redis_lost_a_stream(
     assert browser.errors == []
 
 
-async def test_page_shows_a_gap_when_history_is_gone(
+async def test_page_shows_a_malformed_message_and_counts_no_gap_for_it(
     browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    _, relay = rig
+    feeds = Feeds(redis, base_settings.key_prefix)
+    await feeds.add("execution", 1)
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token&feeds=execution")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    await feeds.add("execution", 2)  # seq 2, 3
+    await feeds.add_malformed("execution", EPOCH)  # seq 4
+    await feeds.add("execution", 2)  # seq 5, 6
+    await eventually(lambda: browser.js(f"{STATS}.received.execution === 4"), "the events around it")
+
+    async def malformed_shown() -> Any:
+        return await browser.js(
+            "(n => n && n.textContent)(document.querySelector('#notices .notice.malformed'))"
+        )
+
+    text = await eventually(malformed_shown, "a visible malformed notice")
+    said = f"execution: message {EPOCH}.4 (seq 4) is not a valid message: missing required field(s): price"
+    assert said in text
+    stats = await browser.js(STATS)
+    assert stats["seqs"]["execution"] == [2, 3, 5, 6]
+    assert stats["malformed"] == {"execution": 1, "sport_event": 0}
+    assert stats["seqGaps"] == {"execution": 0, "sport_event": 0}
+    assert stats["lastEventId"] == f"v2:execution.{EPOCH}.6"
+    assert browser.errors == []
+
+
+async def test_page_shows_a_gap_when_history_is_gone(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, pg: Any, base_settings: Settings
 ) -> None:
     gateway, relay = rig
     feeds = Feeds(redis, base_settings.key_prefix)
@@ -617,9 +662,12 @@ async def test_page_shows_a_gap_when_history_is_gone(
     await eventually(lambda: browser.js(f"{STATS}.received.sport_event === 2"), "the first events")
 
     assert await gateway.stop(signal.SIGKILL) == -signal.SIGKILL
-    written = await feeds.add("sport_event", 6)  # seq 4..9 while down
-    # seq 4..6 are trimmed before anything archived them (no catalogue in this test)
-    await redis.xdel(Keys(base_settings.key_prefix).stream("sport_event"), *written[:3])
+    await feeds.add("sport_event", 6)  # seq 4..9 while down
+    # 7..9 archived and trimmed to 3 entries; 4..6 in neither store (lost from the catalogue)
+    key = Keys(base_settings.key_prefix).stream("sport_event")
+    entries = [(i.decode(), codec.str_entry(f)) for i, f in await redis.xrange(key)]
+    await archive(pg, base_settings.db_schema, "sport_event", entries[6:])
+    await redis.xtrim(key, maxlen=3, approximate=False)
     await gateway.start()
 
     async def gap_shown() -> Any:

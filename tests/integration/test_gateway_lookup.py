@@ -45,11 +45,13 @@ async def append(
     redis: Any, prefix: str, feed: str, messages: list[dict[str, str]], epoch: str | None = None
 ) -> list[str]:
     """Append messages (their fields) once each with shared/lua/ingest_append.lua at the
-    next seqs of the feed (contiguous, as JetStream numbers them), message id
+    next seqs of the feed in `epoch` (contiguous, as JetStream numbers them), message id
     `<epoch>.<seq>`; their entry ids."""
     epoch = epoch or EPOCHS[feed]
     keys = Keys(prefix)
-    top = int(await redis.hget(keys.meta(feed), "seq") or 0)
+    current, seq = await redis.hmget(keys.meta(feed), ["epoch", "seq"])
+    same = current is not None and (current.decode() if isinstance(current, bytes) else current) == epoch
+    top = int(seq or 0) if same else 0  # a new epoch (a recreated JetStream stream) starts at 1
     batch = []
     for seq, fields in enumerate(messages, start=top + 1):
         mid = message_id(epoch, seq)
