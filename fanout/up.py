@@ -35,6 +35,7 @@ from fanout.servers import (
 )
 from shared import logs
 from shared.connections import create_database_if_missing
+from shared.feeds import FEED_NAMES, js_stream_name
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
 from shared.settings import Settings, nats_servers, parse_duration, setting, write_urls_file
@@ -241,8 +242,9 @@ class Up:
             log.log(level, "child exited", extra={"command": f"fanout {command}", "code": code})
 
     async def wait_for_stream(self, stop: asyncio.Event, within: float = 60.0) -> bool:
-        """Wait until the ingestor has created the JetStream stream (so no feed message is
-        published before something captures it). False if it did not appear in time."""
+        """Wait until the ingestor has created the JetStream streams, one per feed (so no
+        feed message is published before something captures it). False if they did not
+        appear in time."""
         import nats
         from nats.js.errors import NotFoundError
 
@@ -252,7 +254,8 @@ class Up:
             js = nc.jetstream()
             while time.monotonic() < deadline:
                 with contextlib.suppress(NotFoundError):
-                    await js.stream_info(self.settings.js_stream)
+                    for feed in FEED_NAMES:
+                        await js.stream_info(js_stream_name(self.settings.js_stream, feed))
                     return True
                 ingest = self.children.get("ingest")
                 if ingest is None or ingest.returncode is not None:
