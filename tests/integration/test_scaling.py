@@ -323,7 +323,7 @@ def _feed_events(*streams: Stream) -> list[Event]:
 async def test_a_cursor_from_one_gateway_resumes_exactly_on_another(
     base_settings: Settings, redis: Redis
 ) -> None:
-    writer = Writer(redis, base_settings.key_prefix, EPOCH)
+    writer = Writer(redis, base_settings.key_prefix)  # the v2 helper: a numeric epoch
     await writer.append(EXECUTION.name, 30)
     await writer.append(SPORT_EVENT.name, 20)
     async with two_gateways(base_settings) as (a, b):
@@ -362,7 +362,7 @@ async def test_a_cursor_from_one_gateway_resumes_exactly_on_another(
 async def test_a_ticket_issued_by_one_gateway_is_redeemed_once_by_another(
     base_settings: Settings, redis: Redis
 ) -> None:
-    writer = Writer(redis, base_settings.key_prefix, EPOCH)
+    writer = Writer(redis, base_settings.key_prefix)  # the v2 helper: a numeric epoch
     await writer.append(EXECUTION.name, 5)
     async with two_gateways(base_settings, FANOUT_TOKENS="s3cret-token=execution") as (a, b):
         async with aiohttp.ClientSession() as http:
