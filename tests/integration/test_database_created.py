@@ -1,13 +1,15 @@
-"""The catalogue's database is created by whoever needs it first: the archiver at start
-(`fanout up` and the test session call the same helper)."""
+"""The catalogue's database is created by whoever needs it first: the archiver at start,
+`fanout up` (and the test session, through the same helper)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
+from fanout.up import Up, UpSettings
 from services.archiver.store import Store
 from shared.connections import create_database_if_missing
 from shared.settings import Settings
@@ -40,3 +42,12 @@ async def test_the_archiver_creates_a_missing_database_then_migrates(
     finally:
         await store.close()
     assert await create_database_if_missing(new_database_url) is False  # there now: nothing to do
+
+
+async def test_fanout_up_creates_a_missing_database(new_database_url: str) -> None:
+
+    up = Up(UpSettings.from_env({}), {"nats_url": False, "redis_url": False, "database_url": True}, "json")
+    up.urls["postgres"] = new_database_url
+    await asyncio.to_thread(up.create_database)  # up runs it before its event loop starts
+    conn = await asyncpg.connect(new_database_url)
+    await conn.close()
