@@ -257,7 +257,7 @@ class Ingestor:
         self.watch = RunIdWatch()
         self.nc: NATS | None = None
         self.feeds: dict[str, FeedPipeline] = {}
-        self._abandon = asyncio.Event()
+        self.abandon = asyncio.Event()  # set STOP_GRACE after stop: give up on what is in flight
         self._nats_down = False
         self._closing = False
 
@@ -329,7 +329,7 @@ class Ingestor:
             self.nc is not None
             and self.nc.is_connected
             and len(self.feeds) == len(FEED_NAMES)
-            and all(p.loop is not None for p in self.feeds.values())
+            and all(p.loop is not None and not p.failed for p in self.feeds.values())
         )
 
     async def redis_ready(self) -> bool:
@@ -377,11 +377,11 @@ class Ingestor:
             if not await self.connect() or not await self.setup():
                 return
             lag = asyncio.create_task(self._watch_consumers())
-            tasks = [asyncio.create_task(p.run(), name=f"ingest-{feed}") for feed, p in self.feeds.items()]
+            tasks = [
+                asyncio.create_task(self._supervised(p), name=f"ingest-{feed}")
+                for feed, p in self.feeds.items()
+            ]
             try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                if any(t.exception() for t in done):
-                    self.stop.set()  # one feed failed: the others finish what they hold
                 await asyncio.gather(*tasks)
             finally:
                 lag.cancel()
@@ -400,6 +400,27 @@ class Ingestor:
                 await self.nc.close()
             self.stats.redis_restarts = self.watch.restarts
             log.info("ingestor stopped", extra=self.stats.summary())
+
+    async def _supervised(self, pipeline: FeedPipeline) -> None:
+        """Run a feed's pipeline until stop; restart it (a fresh pull loop, with backoff)
+        if it fails on something unexpected, with /readyz red meanwhile. What it held
+        unacked is redelivered by JetStream, and the script makes that harmless."""
+        backoff = Backoff(base=1.0, cap=10.0)  # the first restart after 0.5-1 s
+        while True:
+            try:
+                if pipeline.failed:
+                    await pipeline.start(pipeline.handle)
+                    pipeline.failed = False
+                await pipeline.run()
+                return
+            except Exception:  # supervision: a bug on one path must not end the feed for good
+                pipeline.failed = True
+                log.exception(
+                    "the feed's pipeline failed; restarting it (what it held is redelivered)",
+                    extra={"feed": pipeline.feed},
+                )
+                if await backoff.wait(self.stop):
+                    return
 
     async def _watch_consumers(self) -> None:
         """Every few seconds: export each consumer's backlog, and warn (once per episode)
@@ -445,7 +466,7 @@ class Ingestor:
     async def _abandon_after_stop(self) -> None:
         await self.stop.wait()
         await asyncio.sleep(STOP_GRACE)
-        self._abandon.set()
+        self.abandon.set()
 
 
 class FeedPipeline:
@@ -461,6 +482,7 @@ class FeedPipeline:
         self.loop: PullLoop | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._stale = False
+        self.failed = False  # ended on an unexpected error; restarted by the supervisor
 
     @property
     def nc(self) -> NATS:
@@ -537,7 +559,7 @@ class FeedPipeline:
             if stopping:
                 if not loop.buffer and not loop.waiting:
                     return
-                if self.owner._abandon.is_set():
+                if self.owner.abandon.is_set():
                     self.stats.abandoned += len(loop.buffer)
                     return
             elif self.nc.is_connected:
@@ -554,7 +576,7 @@ class FeedPipeline:
         if not self.owner.stop.is_set():
             waiters.append(asyncio.ensure_future(self.owner.stop.wait()))
         else:
-            waiters.append(asyncio.ensure_future(self.owner._abandon.wait()))
+            waiters.append(asyncio.ensure_future(self.owner.abandon.wait()))
         try:
             await asyncio.wait(waiters, timeout=PULL_EXPIRES / 2, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -645,7 +667,7 @@ class FeedPipeline:
                 if not outage:
                     outage = True
                     log.error(str(exc), extra={"feed": self.feed, "batch": size})
-            if await backoff.wait(self.owner._abandon):
+            if await backoff.wait(self.owner.abandon):
                 return None
         if outage:
             log.info("Redis answered again; batch written", extra={"feed": self.feed, "batch": size})

@@ -591,3 +591,43 @@ def test_a_batch_is_sorted_by_seq() -> None:
     messages = _writer().messages(batch, "1000", "2026-11-28T09:00:00.000Z")
     assert [m.seq for m in messages] == [1, 2, 3]
     assert [m.message_id for m in messages] == ["1000.1", "1000.2", "1000.3"]
+
+
+async def test_an_unexpected_error_restarts_the_feeds_pipeline_and_loses_nothing(
+    base_settings: Settings, redis: Redis, nats: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = ingestor_settings(base_settings)
+    keys = Keys(settings.key_prefix)
+    original = Writer.send
+    failures: list[str] = []
+    readiness: list[bool] = []
+
+    async def buggy_once(self: Writer, prepared: Any, meanwhile: Any = None) -> Any:
+        if self.feed == "execution" and not failures:
+            failures.append(self.feed)
+            raise RuntimeError("a bug on the execution feed's path")
+        return await original(self, prepared, meanwhile)
+
+    monkeypatch.setattr(Writer, "send", buggy_once)
+    async with running(settings, redis) as ingestor:
+        await publish(
+            nats, settings.subject("execution"), [execution(i).SerializeToString() for i in range(30)]
+        )
+        await until(lambda: _failed(ingestor, readiness), what="the pipeline to fail")
+        await publish(
+            nats, settings.subject("sport_event"), [event(i).SerializeToString() for i in range(10)]
+        )
+        executions = await read_entries(redis, keys.stream("execution"), 30)
+        events = await read_entries(redis, keys.stream("sport_event"), 10)
+        await until(ingestor.nats_ready, what="/readyz green again")
+    assert failures == ["execution"] and readiness == [False]  # red while the feed was down
+    assert [i for i, _ in executions] == [f"{s}-0" for s in range(1, 31)]
+    assert [i for i, _ in events] == [f"{s}-0" for s in range(1, 11)]  # the other feed went on
+    assert await redis.xlen(keys.stream("execution")) == 30
+
+
+async def _failed(ingestor: Ingestor, readiness: list[bool]) -> bool:
+    if not ingestor.feeds["execution"].failed:
+        return False
+    readiness.append(await ingestor.nats_ready())
+    return True
