@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from datetime import UTC, datetime
@@ -147,3 +148,14 @@ def test_str_entry_and_feed_of() -> None:
     assert codec.feed_of("execution") is EXECUTION
     with pytest.raises(KeyError, match="unknown feed 'trades'; known feeds: execution, sport_event"):
         codec.feed_of("trades")
+
+
+@given(st.binary(max_size=200), st.text(min_size=1, max_size=80))
+def test_a_malformed_entry_keeps_the_bytes_and_the_error_in_a_fixed_order(payload: bytes, error: str) -> None:
+    fields = codec.malformed_fields("1795862595094.7", error, payload, "t-broker", "t-ingest")
+    entry = dict(zip(fields[::2], fields[1::2], strict=True))
+    assert fields[::2] == ["message_id", "error", "payload_b64", "broker_time", "ingest_time"]
+    assert base64.b64decode(entry["payload_b64"]) == payload and entry["error"] == error
+    assert codec.is_malformed({"seq": "7", **entry})
+    good = codec.entry_fields("1795862595094.8", {"symbol": "A"}, "t-broker", "t-ingest")
+    assert not codec.is_malformed(dict(zip(good[::2], good[1::2], strict=True)))
