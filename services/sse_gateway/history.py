@@ -95,12 +95,10 @@ def checked(fields: dict[str, str], seq: int) -> dict[str, str]:
 
 
 def entry_epoch(fields: Mapping[str, str]) -> str | None:
-    """The epoch an entry names in its message id `<epoch>.<seq>` (None without one)."""
-    message_id = fields.get("message_id")
-    if not message_id:
-        return None
-    epoch, dot, _ = message_id.rpartition(".")
-    return epoch if dot else None
+    """The epoch an entry names in its message id `<epoch>.<seq>` (None without a valid
+    one: an entry written by hand is not taken for another epoch)."""
+    epoch, dot, _ = fields.get("message_id", "").rpartition(".")
+    return epoch if dot and epoch.isascii() and epoch.isdigit() else None
 
 
 def from_entry(feed: str, fields: dict[str, str], seq: int) -> Record:

@@ -288,11 +288,16 @@ class Hub:
         epoch = next((e for e in (history.entry_epoch(f) for _, f in parsed) if e is not None), None)
         position = self.positions[feed]
         if epoch is not None and epoch != position.epoch:
-            if position.epoch != NO_EPOCH:
+            if position.epoch == NO_EPOCH:
+                first = next((s for s in (history.entry_seq(i) for i, _ in parsed) if s is not None), 1)
+                self.positions[feed] = Position(epoch, first - 1)  # the feed's first entries we see
+            else:
                 await self._sync(feed)  # another epoch: the reset, from the new epoch's top
-                return
-            first = next((s for s in (history.entry_seq(i) for i, _ in parsed) if s is not None), 1)
-            self.positions[feed] = Position(epoch, first - 1)  # the feed's first entries we see
+                if self.positions[feed].epoch != position.epoch:
+                    return
+                # Redis says the epoch is ours (an entry naming another was written by hand):
+                # not a reset, go on with the batch.
+                self._read_from[feed] = _s(entries[-1][0])
         self._dispatch(feed, parsed)
 
     def _dispatch(self, feed: str, entries: list[tuple[Any, dict[str, str]]]) -> None:

@@ -304,6 +304,9 @@ class Subscriber:
             rows = await self.history.archived_after(feed, mine.epoch, mine.seq, batch)
             if rows:
                 return self._deliver(feed, rows), False
+            current = await self.history.top(feed)
+            if current is not None and current[0] == mine.epoch:
+                return [], True  # ours is the feed's new epoch; the hub has not seen it yet: wait
             return [self._reset(feed, mine, hub.epoch)], False
         if hub.epoch != NO_EPOCH and mine.seq >= hub.seq:
             return [], False  # caught up (the join checks), or ahead of the hub (wait for it)

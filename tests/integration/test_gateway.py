@@ -595,7 +595,7 @@ async def test_malformed_entries_are_sent_as_malformed_with_their_seq_live_and_f
         await live.next()
         await writer.append_malformed("execution", "missing required field(s): price")  # seq 3
         # outside the contract, by hand: a price that is no number, and no seq field at all
-        bad = {"seq": "4", "message_id": f"{EPOCH}.4", "price": "x"}
+        bad = {"seq": "4", "message_id": "by-hand.4", "price": "x"}  # no epoch either
         await redis.xadd(keys.stream("execution"), bad, id="4-0")
         await redis.xadd(keys.stream("execution"), {"junk": "1"}, id="5-0")
         writer.top["execution"] = 5
