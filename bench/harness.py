@@ -76,6 +76,20 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
     return proc.returncode
 
 
+def raise_open_files(needed: int) -> str:
+    """Open files for thousands of connections: the soft limit up to the hard one, and both
+    up to `needed` where the process may (root). Children (servers, load clients) inherit
+    it. Returns the limit now in force, said in words for the report."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(hard, needed) if hard != resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return f"open files: soft limit {soft} -> {now} (hard {hard}{f' -> {now}' if now > hard else ''})"
+
+
 def need(binary: str, hint: str) -> str:
     path = shutil.which(binary) or (binary if os.path.exists(binary) else None)
     if path is None:
@@ -238,37 +252,72 @@ def private_nats() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             stop_process(proc)
 
 
-@contextlib.contextmanager
-def private_nchan(workers: int = 1) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """nginx + nchan (bench/nchan.conf) on a free port. Yields (port, master process)."""
-    binary = need("nginx", "apt-get install nginx libnginx-mod-nchan")
-    if not os.path.exists("/usr/lib/nginx/modules/ngx_nchan_module.so"):
-        raise BenchError("nchan module missing: apt-get install libnginx-mod-nchan")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-nchan-") as tmp:
+class NchanServer:
+    """nginx + nchan (bench/nchan.conf) in a temporary directory on a fixed free port; it
+    can be stopped and started again on the same port (the reconnect storm)."""
+
+    def __init__(self, tmp: str, workers: int = 1, connections: int = 16000) -> None:
+        self.binary = need("nginx", "apt-get install nginx libnginx-mod-nchan")
+        if not os.path.exists("/usr/lib/nginx/modules/ngx_nchan_module.so"):
+            raise BenchError("nchan module missing: apt-get install libnginx-mod-nchan")
+        self.tmp = tmp
+        self.port = free_port()
         conf = (BENCH_DIR / "nchan.conf").read_text()
-        conf = conf.replace("@DIR@", tmp).replace("@PORT@", str(port)).replace("@WORKERS@", str(workers))
+        for name, value in {
+            "DIR": tmp,
+            "PORT": str(self.port),
+            "WORKERS": str(workers),
+            "CONNECTIONS": str(connections),
+            "NOFILE": str(2 * connections + 100),
+        }.items():
+            conf = conf.replace(f"@{name}@", value)
         Path(tmp, "nginx.conf").write_text(conf)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        tmp = self.tmp
         proc = subprocess.Popen(
-            [binary, "-p", tmp, "-c", f"{tmp}/nginx.conf", "-e", f"{tmp}/error.log", "-g", "daemon off;"],
+            [
+                self.binary,
+                "-p",
+                tmp,
+                "-c",
+                f"{tmp}/nginx.conf",
+                "-e",
+                f"{tmp}/error.log",
+                "-g",
+                "daemon off;",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        self.proc = proc
         try:
-            try:
-                wait_port(port, proc, what="nginx")
-            except BenchError as exc:
-                err = (
-                    proc.stderr.read().decode(errors="replace")
-                    if proc.stderr and proc.poll() is not None
-                    else ""
-                )
-                raise BenchError(f"{exc}\n{err}") from None
-            yield port, proc
+            wait_port(self.port, proc, what="nginx")
+        except BenchError as exc:
+            err = (
+                proc.stderr.read().decode(errors="replace") if proc.stderr and proc.poll() is not None else ""
+            )
+            raise BenchError(f"{exc}\n{err}") from None
+        return proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+
+
+@contextlib.contextmanager
+def private_nchan(workers: int = 1, connections: int = 16000) -> Iterator[NchanServer]:
+    """nginx + nchan (bench/nchan.conf) on a free port, started; stopped at the end."""
+    with tempfile.TemporaryDirectory(prefix="bench-nchan-") as tmp:
+        server = NchanServer(tmp, workers, connections)
+        try:
+            server.start()
+            yield server
         finally:
-            stop_process(proc)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            server.stop()
 
 
 @contextlib.contextmanager
@@ -308,6 +357,34 @@ def fanout_service(
     finally:
         if log_path and not isinstance(log, int):
             log.close()
+
+
+class FanoutProcess:
+    """`fanout <command>` that can be stopped (SIGTERM) and started again with the same
+    environment, so on the same port (the reconnect storm). Its output goes to `log_path`
+    (appended to across restarts)."""
+
+    def __init__(self, command: str, env: Mapping[str, str], log_path: str, port: int) -> None:
+        fanout = REPO / ".venv" / "bin" / "fanout"
+        self.cmd = [str(fanout) if fanout.exists() else "fanout", command]
+        self.env = {**os.environ, "FANOUT_LOG_FORMAT": "json", **env}
+        self.log_path = log_path
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
+        wait_port(self.port, self.proc, timeout=60, what=" ".join(self.cmd[-1:]))
+        return self.proc
+
+    def stop(self, grace: float = 30) -> None:
+        if self.proc is not None:
+            code = stop_process(self.proc, grace=grace)
+            if code not in (0, -signal.SIGTERM):
+                print(f"  note: fanout {self.cmd[-1]} exited with {code} (log: {self.log_path})")
 
 
 def log_errors(path: Path) -> list[str]:

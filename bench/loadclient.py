@@ -22,21 +22,37 @@ lines on stdin/stdout:
     out     {"event": "report", "delivered", "lost", "duplicated", "closed", "hist", "cpu_s", ...}
     in      {"cmd": "quit"} or EOF                 close everything and exit
 
+    in      {"cmd": "reconnect", "on": true}      from now on a dropped connection comes back
+    out     {"event": "back", "dropped": n}       every connection was dropped and is back
+
 Per connection, within a window: the next expected seq starts at L; a seq above it counts
 the skipped ones as lost, a seq below it as a duplicate; at report time, what a
 connection still lacks up to H counts as missing. So lost + missing + delivered -
 duplicated = H-L+1 per connection, exactly.
+
+Reconnecting (the reconnect storm): with reconnect on, a connection the server ends or
+drops comes back like EventSource: after the `retry:` the server sent (else
+DEFAULT_RETRY_MS), with `Last-Event-ID:` set to the last `id:` it received, and keeps
+counting where it was, so whatever the resumed stream skips or repeats counts as lost or
+duplicated.
+
+Thousands of connections to one server address would exhaust the ephemeral ports of one
+source address (about 28,000 on Linux), so connections are spread over several loopback
+source addresses (127.0.0.x, `SOURCES`), bound with IP_BIND_ADDRESS_NO_PORT so the port
+is chosen at connect time per destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import resource
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,6 +63,10 @@ BUCKETS = 600_000
 
 _EPOCH = re.compile(rb'"executionEpoch":\s*(\d+)')
 _SEQ = re.compile(rb'"seq":\s*(\d+)')
+_RETRY = re.compile(rb"(?:^|\n)retry:\s*(\d+)")
+DEFAULT_RETRY_MS = 1000  # when the server sent no `retry:` (nchan), about what browsers use
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+PER_SOURCE_ADDRESS = 10_000  # connections per loopback source address
 
 
 class Stats:
@@ -91,23 +111,43 @@ class SSEConnection(asyncio.Protocol):
         "connected",
         "head",
         "is_done",
+        "last_id",
+        "looked_for_retry",
         "next",
+        "on_lost",
         "raw",
+        "retry_ms",
         "stats",
         "transport",
+        "up",
     )
 
-    def __init__(self, stats: Stats, connected: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        connected: asyncio.Future[None],
+        on_lost: Callable[[SSEConnection], bool] | None = None,
+    ) -> None:
         self.stats = stats
+        self.on_lost = on_lost  # True: the connection will come back (reconnect storm)
+        self.next = 0
+        self.is_done = False
+        self.last_id: bytes | None = None
+        self.retry_ms: int | None = None
+        self.looked_for_retry = False
+        self.reset(connected)
+
+    def reset(self, connected: asyncio.Future[None]) -> None:
+        """A new TCP connection for the same subscriber: the parser starts over, the
+        counting (next seq, last id) goes on."""
         self.connected = connected
         self.head = b""
         self.raw = b""
         self.body = b""
         self.chunked: bool | None = None  # None until the response headers are in
         self.chunk_left = 0
-        self.next = 0
-        self.is_done = False
         self.closed = False
+        self.up = False  # a 200 came: a later loss is a drop, not a failed connect
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,6 +184,7 @@ class SSEConnection(asyncio.Protocol):
             return b""
         self.chunked = b"transfer-encoding: chunked" in rest.lower()
         self.head = b""
+        self.up = True
         if not self.connected.done():
             self.connected.set_result(None)
         return head[end + 4 :]
@@ -192,6 +233,16 @@ class SSEConnection(asyncio.Protocol):
                     seqs.append(s[1])
                 elif b"\ndata:" in block or block.startswith(b"data:"):
                     stats.unparsed += 1
+        i = buf.rfind(b"\nid:", 0, end)
+        if i >= 0 or buf.startswith(b"id:"):  # the last complete event's id: the resume point
+            i += 1
+            eol = buf.find(b"\n", i)
+            self.last_id = buf[i + 3 : eol].strip()
+        if not self.looked_for_retry:  # sent once, before the first event
+            self.looked_for_retry = True
+            m = _RETRY.search(buf, 0, end)
+            if m:
+                self.retry_ms = int(m[1])
         lo, hi, hist = stats.lo, stats.hi, stats.hist
         nxt = self.next
         for raw_seq, raw_epoch in zip(seqs, epochs, strict=True):
@@ -222,8 +273,11 @@ class SSEConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        was_up, self.up = self.up, False
         if not self.connected.done():
             self.connected.set_exception(exc or ConnectionError("closed before the response headers"))
+        elif was_up and self.on_lost is not None and self.on_lost(self):
+            return  # it reconnects and goes on counting
         elif not self.is_done and self.stats.hi >= self.stats.lo:
             self._mark_done()  # nothing more will come; what is missing counts as lost
 
@@ -231,21 +285,29 @@ class SSEConnection(asyncio.Protocol):
 class Worker:
     """The worker process: opens the connections, then follows the controller's commands."""
 
-    def __init__(self, url: str, connections: int) -> None:
+    def __init__(self, url: str, connections: int, sources: Sequence[str] = ()) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        self.request = (
+        self.request_head = (
             f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n"
-            "Cache-Control: no-cache\r\n\r\n"
+            "Cache-Control: no-cache\r\n"
         ).encode()
         self.n = connections
+        self.sources = list(sources) or [""]
         self.stats = Stats()
         self.conns: list[SSEConnection] = []
         self.cpu_mark = self._cpu()
+        self.reconnect = False
+        self.quitting = False
+        self.dropped = 0
+        self.back = 0
+        self.first_drop_ns = 0
+        self.last_back_ns = 0
+        self._reconnects: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _cpu() -> float:
@@ -256,25 +318,75 @@ class Worker:
         sys.stdout.write(json.dumps(msg) + "\n")
         sys.stdout.flush()
 
-    async def _open(self, gate: asyncio.Semaphore, errors: list[str]) -> None:
+    async def _connect(self, conn: SSEConnection, source: str) -> None:
+        """One TCP connection + GET for `conn`, from `source` (127.0.0.x, or any); returns
+        once the response's 200 headers are in, raises if they are not."""
+        loop = asyncio.get_running_loop()
+        connected: asyncio.Future[None] = loop.create_future()
+        conn.reset(connected)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if source:
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
+            await asyncio.wait_for(loop.sock_connect(sock, (self.host, self.port)), 30)
+            transport, _ = await loop.create_connection(lambda: conn, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        head = self.request_head
+        if conn.last_id is not None:
+            head += b"Last-Event-ID: " + conn.last_id + b"\r\n"
+        transport.write(head + b"\r\n")
+        try:
+            await asyncio.wait_for(connected, 30)
+        except TimeoutError:
+            transport.abort()
+            raise
+
+    async def _open(self, i: int, gate: asyncio.Semaphore, errors: list[str]) -> None:
         loop = asyncio.get_running_loop()
         async with gate:
-            connected: asyncio.Future[None] = loop.create_future()
+            conn = SSEConnection(self.stats, loop.create_future(), self._lost)
             try:
-                transport, conn = await loop.create_connection(
-                    lambda: SSEConnection(self.stats, connected), self.host, self.port
-                )
-                transport.write(self.request)
-                await asyncio.wait_for(connected, 30)
+                await self._connect(conn, self.sources[i % len(self.sources)])
             except (OSError, TimeoutError, ConnectionError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 return
             self.conns.append(conn)
 
+    def _lost(self, conn: SSEConnection) -> bool:
+        """A connection that was up ended: with reconnect on, bring it back (True)."""
+        if not self.reconnect or self.quitting:
+            return False
+        if self.dropped == 0:
+            self.first_drop_ns = time.time_ns()
+        self.dropped += 1
+        task = asyncio.get_running_loop().create_task(self._come_back(conn))
+        self._reconnects.add(task)
+        task.add_done_callback(self._reconnects.discard)
+        return True
+
+    async def _come_back(self, conn: SSEConnection) -> None:
+        """Like EventSource: wait `retry:`, reconnect with Last-Event-ID, again until it works."""
+        source = self.sources[id(conn) % len(self.sources)]
+        while not self.quitting:
+            await asyncio.sleep((conn.retry_ms if conn.retry_ms is not None else DEFAULT_RETRY_MS) / 1000)
+            try:
+                await self._connect(conn, source)
+            except (OSError, TimeoutError, ConnectionError):
+                continue
+            self.back += 1
+            self.last_back_ns = time.time_ns()
+            if self.back == self.dropped == len(self.conns):
+                self.emit(event="back", dropped=self.dropped)
+            return
+
     async def run(self) -> None:
         errors: list[str] = []
         gate = asyncio.Semaphore(50)
-        await asyncio.gather(*(self._open(gate, errors) for _ in range(self.n)))
+        await asyncio.gather(*(self._open(i, gate, errors) for i in range(self.n)))
         self.emit(event="connected", ok=len(self.conns), failed=len(errors), errors=sorted(set(errors))[:5])
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
@@ -285,8 +397,14 @@ class Worker:
                 self.window(int(cmd["id"]), int(cmd["lo"]), int(cmd["hi"]))
             elif cmd["cmd"] == "report":
                 self.report()
+            elif cmd["cmd"] == "reconnect":
+                self.reconnect = bool(cmd["on"])
+                self.dropped = self.back = self.first_drop_ns = self.last_back_ns = 0
             elif cmd["cmd"] == "quit":
                 break
+        self.quitting = True
+        for task in list(self._reconnects):
+            task.cancel()
         for c in self.conns:
             if c.transport is not None:
                 c.transport.close()
@@ -330,22 +448,46 @@ class Worker:
             hist=hist,
             cpu_s=self._cpu() - self.cpu_mark,
             last_ns=s.last_ns,
+            dropped=self.dropped,
+            back=self.back,
+            first_drop_ns=self.first_drop_ns,
+            last_back_ns=self.last_back_ns,
         )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2:
-        print("usage: python -m bench.loadclient URL CONNECTIONS", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: python -m bench.loadclient URL CONNECTIONS [SOURCE,SOURCE...]", file=sys.stderr)
         return 2
+    _raise_open_files()
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(Worker(argv[0], int(argv[1])).run())
+    sources = [a for a in argv[2].split(",") if a] if len(argv) == 3 else []
+    asyncio.run(Worker(argv[0], int(argv[1]), sources).run())
     return 0
+
+
+def _raise_open_files() -> None:
+    """Open files: soft limit up to the hard one (each connection is a file)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def source_addresses(url: str, connections: int, procs: int) -> list[list[str]]:
+    """Per worker process, the loopback source addresses its connections spread over:
+    one per PER_SOURCE_ADDRESS connections (at least one per process), 127.0.0.10 on; none
+    when the server is not on loopback."""
+    if not (urlsplit(url).hostname or "").startswith("127."):
+        return [[] for _ in range(procs)]
+    count = max(procs, math.ceil(connections / PER_SOURCE_ADDRESS))
+    addresses = [f"127.0.0.{10 + k}" for k in range(count)]
+    return [addresses[w::procs] for w in range(procs)]
 
 
 # --- the controller side ----------------------------------------------------------------
@@ -375,7 +517,8 @@ class LoadClients:
             self.connections // self.procs + (1 if i < self.connections % self.procs else 0)
             for i in range(self.procs)
         ]
-        for n in share:
+        sources = source_addresses(self.url, self.connections, self.procs)
+        for n, mine in zip(share, sources, strict=True):
             self.workers.append(
                 await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -383,6 +526,7 @@ class LoadClients:
                     "bench.loadclient",
                     self.url,
                     str(n),
+                    ",".join(mine),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     cwd=str(_repo()),
@@ -446,6 +590,10 @@ class LoadClients:
             "connections": 0,
             "cpu_s": 0.0,
             "last_ns": 0,
+            "dropped": 0,
+            "back": 0,
+            "first_drop_ns": 0,
+            "last_back_ns": 0,
             "hist": {},
         }
         for w in self.workers:
@@ -459,12 +607,35 @@ class LoadClients:
                 "closed",
                 "connections",
                 "cpu_s",
+                "dropped",
+                "back",
             ):
                 total[k] += msg[k]
             total["last_ns"] = max(total["last_ns"], msg["last_ns"])
+            total["last_back_ns"] = max(total["last_back_ns"], msg["last_back_ns"])
+            if msg["first_drop_ns"]:
+                first = total["first_drop_ns"]
+                total["first_drop_ns"] = min(first, msg["first_drop_ns"]) if first else msg["first_drop_ns"]
             for b, v in msg["hist"].items():
                 total["hist"][int(b)] = total["hist"].get(int(b), 0) + v
         return total
+
+    async def reconnecting(self, on: bool) -> None:
+        """Dropped connections come back from now on (on) or stay closed (off)."""
+        self._send(cmd="reconnect", on=on)
+        for w in self.workers:
+            assert w.stdin is not None
+            await w.stdin.drain()
+
+    async def all_back(self, wait_s: float) -> bool:
+        """True once every connection of every worker was dropped and came back."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._expect(w, "back", wait_s) for w in self.workers)), wait_s
+            )
+        except TimeoutError:
+            return False
+        return True
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]

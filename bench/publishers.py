@@ -79,19 +79,27 @@ class NchanPublisher:
         self._answered_all = asyncio.Event()
 
     async def __aenter__(self) -> NchanPublisher:
-        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._task = asyncio.create_task(self._responses())
+        await self.connect()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._task is not None:
+        await self.disconnect()
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._task = asyncio.create_task(self._responses())
+
+    async def disconnect(self) -> None:
+        """Close the connection (nginx is about to restart); `connect()` opens a new one."""
+        if self._task is not None:  # first, so closing is no error of nchan's
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = self._reader = self._task = None
 
     @property
     def last_seq(self) -> int:

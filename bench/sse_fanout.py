@@ -31,8 +31,26 @@ tree from /proc: nginx master and workers; the gateway) and RSS, and the load cl
 CPU. The machine has 2 cores shared by server, clients and publisher (and anything else
 running), so treat figures as comparative, not absolute.
 
-Writes the markdown table to bench/results/sse_fanout.md (and the raw figures to
-bench/results/sse_fanout.json).
+Many viewers (issue 10), server by server after the scenarios above:
+- 1,000, 10,000 and 30,000 subscribers (--viewers) at 1 and 5 msg/s (--viewer-rates),
+  with the memory per idle subscriber at each count;
+- a reconnect storm with the largest count: the server is restarted (SIGTERM, started
+  again on the same port) while publishing goes on, so every subscriber is dropped at
+  once and comes back like EventSource (after the server's `retry:`, with Last-Event-ID);
+  reported: time from the first drop until every subscriber is connected again, and
+  lost / duplicated / missing over the whole window (nchan's memory store forgets its
+  messages when it restarts; its publisher waits while nginx is down).
+
+Servers (--servers): `nchan` and `nchan2` (nginx with 1 and 2 worker processes),
+`gateway` and `gateway2` (`fanout gateway` with FANOUT_GATEWAY_WORKERS 1 and 2; gateway2
+is left out, with a note, while the gateway has no worker model), `lean`.
+
+The open-file limit is raised at start (soft to hard, and above it where allowed), and
+the load client spreads its connections over several loopback source addresses
+(127.0.0.x) so the ephemeral ports of one address do not run out.
+
+Writes the markdown table to bench/results/sse_fanout.md, the raw figures to
+bench/results/sse_fanout.json and the charts (bench/charts.py) beside them as PNG and SVG.
 """
 
 from __future__ import annotations
@@ -60,6 +78,8 @@ from bench.publishers import NchanPublisher, StreamPublisher, pace
 RESULTS = harness.BENCH_DIR / "results"
 SUSTAINED_SHARE = 0.99
 SUSTAINED_P99_MS = 1000.0
+SERVERS = ("nchan", "nchan2", "gateway", "gateway2", "lean")
+PEERS = {"gateway": "nchan", "gateway2": "nchan2", "lean": "nchan"}  # compared at the same worker count
 
 
 class Target(Protocol):
@@ -72,6 +92,7 @@ class Target(Protocol):
     async def last_seq(self) -> int: ...
     async def publish(self, count: int) -> None: ...
     async def settle(self) -> None: ...
+    async def restart(self) -> float: ...
 
 
 @dataclass
@@ -99,6 +120,10 @@ class Window:
     other_cpu_pct: float  # the rest of the machine: other engineers' runs, Redis, the kernel...
     drained: bool
     attempt: int = 1
+    restart_s: float | None = None  # reconnect storm: server stopped and listening again
+    all_back_s: float | None = None  # reconnect storm: first drop -> every subscriber connected again
+    dropped: int = 0
+    back: int = 0
 
     @property
     def delivered_per_s(self) -> float:
@@ -120,6 +145,7 @@ class Run:
     started: str
     args: dict[str, Any]
     idle_kb_per_client: dict[str, float] = field(default_factory=dict)
+    idle_kb_by_count: dict[str, dict[int, float]] = field(default_factory=dict)  # server -> viewers -> KB
     windows: list[Window] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -128,26 +154,79 @@ class Run:
 
 
 class Nchan:
-    name = "nchan"
-
-    def __init__(self, port: int, pid: int, publisher: NchanPublisher) -> None:
-        self.pid = pid
-        self.sub_url = f"http://127.0.0.1:{port}/sub/execution"
+    def __init__(self, name: str, server: harness.NchanServer, publisher: NchanPublisher) -> None:
+        self.name = name
+        self.server = server
+        assert server.proc is not None
+        self.pid = server.proc.pid
+        self.sub_url = f"http://127.0.0.1:{server.port}/sub/execution"
         self.publisher = publisher
+        self._down = asyncio.Lock()  # held while nginx restarts: publishing waits
 
     async def last_seq(self) -> int:
         await self.publisher.settle()
         return self.publisher.last_seq
 
     async def settle(self) -> None:
-        await self.publisher.settle()
+        async with self._down:
+            await self.publisher.settle()
+
+    async def publish(self, count: int) -> None:
+        async with self._down:
+            await self.publisher.publish(count)
+
+    async def restart(self) -> float:
+        """Stop nginx and start it again on the same port; publishing waits meanwhile
+        (nothing is published that nginx could not take)."""
+        async with self._down:
+            await self.publisher.settle()
+            await self.publisher.disconnect()
+            started = time.monotonic()
+            await asyncio.to_thread(self.server.stop)
+            self.pid = (await asyncio.to_thread(self.server.start)).pid
+            took = time.monotonic() - started
+            await self.publisher.connect()
+        return took
+
+
+class Gateway:
+    def __init__(self, name: str, service: harness.FanoutProcess, publisher: StreamPublisher) -> None:
+        self.name = name
+        self.service = service
+        assert service.proc is not None
+        self.pid = service.proc.pid
+        self.sub_url = f"http://127.0.0.1:{service.port}/v1/stream?feeds=execution"
+        self.publisher = publisher
+
+    async def last_seq(self) -> int:
+        return await self.publisher.last_seq()
+
+    async def settle(self) -> None:
+        """Each append was awaited: nothing in flight."""
 
     async def publish(self, count: int) -> None:
         await self.publisher.publish(count)
 
+    async def restart(self) -> float:
+        """SIGTERM (every stream ends), then start it again on the same port; publishing
+        to Redis goes on meanwhile, so the subscribers must resume exactly."""
+        started = time.monotonic()
+        await asyncio.to_thread(self.service.stop)
+        self.pid = (await asyncio.to_thread(self.service.start)).pid
+        return time.monotonic() - started
 
-class Gateway:
-    name = "gateway"
+
+@asynccontextmanager
+async def start_nchan(
+    stack: AsyncExitStack, name: str, workers: int, connections: int
+) -> AsyncIterator[Nchan]:
+    server = stack.enter_context(harness.private_nchan(workers, connections))
+    publisher = await stack.enter_async_context(NchanPublisher(server.port, "execution"))
+    yield Nchan(name, server, publisher)
+
+
+class Lean:
+    name = "lean"
 
     def __init__(self, port: int, pid: int, publisher: StreamPublisher) -> None:
         self.pid = pid
@@ -163,20 +242,8 @@ class Gateway:
     async def publish(self, count: int) -> None:
         await self.publisher.publish(count)
 
-
-@asynccontextmanager
-async def start_nchan(stack: AsyncExitStack, workers: int) -> AsyncIterator[Nchan]:
-    port, proc = stack.enter_context(harness.private_nchan(workers))
-    publisher = await stack.enter_async_context(NchanPublisher(port, "execution"))
-    yield Nchan(port, proc.pid, publisher)
-
-
-class Lean(Gateway):
-    name = "lean"
-
-    def __init__(self, port: int, pid: int, publisher: StreamPublisher) -> None:
-        super().__init__(port, pid, publisher)
-        self.sub_url = f"http://127.0.0.1:{port}/v1/stream?feeds=execution"
+    async def restart(self) -> float:
+        raise BenchError("lean (the reference) has no resume: no reconnect storm for it")
 
 
 @asynccontextmanager
@@ -196,30 +263,45 @@ async def start_lean(stack: AsyncExitStack) -> AsyncIterator[Lean]:
 
 
 @asynccontextmanager
-async def start_gateway(stack: AsyncExitStack, log_dir: str, env: dict[str, str]) -> AsyncIterator[Gateway]:
+async def start_gateway(
+    stack: AsyncExitStack, name: str, log_dir: str, env: dict[str, str], workers: int | None
+) -> AsyncIterator[Gateway]:
     redis_url, _ = stack.enter_context(harness.private_redis())
     port = harness.free_port()
-    prefix = f"bench{os.getpid()}"
-    proc = stack.enter_context(
-        harness.fanout_service(
-            "gateway",
-            {
-                "REDIS_URL": redis_url,
-                "FANOUT_KEY_PREFIX": prefix,
-                "FANOUT_GATEWAY_HOST": "127.0.0.1",
-                "FANOUT_GATEWAY_PORT": str(port),
-                "FANOUT_MAX_SUBSCRIBERS": "20000",
-                "FANOUT_LOG_LEVEL": "WARNING",
-                **env,
-            },
-            log_path=f"{log_dir}/gateway.log",
-            port=port,
-        )
+    prefix = f"bench{os.getpid()}{name}"
+    service = harness.FanoutProcess(
+        "gateway",
+        {
+            "REDIS_URL": redis_url,
+            "FANOUT_KEY_PREFIX": prefix,
+            "FANOUT_GATEWAY_HOST": "127.0.0.1",
+            "FANOUT_GATEWAY_PORT": str(port),
+            "FANOUT_MAX_SUBSCRIBERS": "200000",
+            "FANOUT_TOKENS": "",
+            "FANOUT_LOG_LEVEL": "WARNING",
+            **({"FANOUT_GATEWAY_WORKERS": str(workers)} if workers else {}),
+            **env,
+        },
+        log_path=f"{log_dir}/{name}.log",
+        port=port,
     )
+    service.start()
+    stack.callback(service.stop)
     publisher = await stack.enter_async_context(StreamPublisher(redis_url, prefix))
     # The feed needs a stream before `from=latest` means anything: append one entry.
     await publisher.publish(1)
-    yield Gateway(port, proc.pid, publisher)
+    yield Gateway(name, service, publisher)
+
+
+def gateway_has_workers() -> bool:
+    """Whether `fanout gateway` has a worker model (--workers) yet."""
+    fanout = harness.REPO / ".venv" / "bin" / "fanout"
+    try:
+        out = subprocess.run([str(fanout) if fanout.exists() else "fanout", "gateway", "--help"],
+                             capture_output=True, text=True, timeout=60, check=False).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--workers" in out
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -302,9 +384,77 @@ async def measure(
     )
 
 
+async def storm(
+    scenario: str,
+    target: Target,
+    pool: LoadClients,
+    rate: float,
+    duration: float,
+    drop_at: float,
+    drain: float,
+) -> Window:
+    """The reconnect storm: publish for `duration` s; `drop_at` s in, restart the server so
+    every subscriber is dropped at once; they come back with Last-Event-ID."""
+    await quiesce(target.pid)
+    base = await target.last_seq()
+    total = max(1, round(rate * duration))
+    await pool.window(base + 1, base + total)
+    await pool.reconnecting(True)
+    busy0, self0 = harness.machine_busy_s(), harness.self_cpu_s()
+    started = time.monotonic()
+    publishing = asyncio.create_task(pace(target.publish, rate, duration))
+    try:
+        await asyncio.sleep(drop_at)  # the scenario's timeline: publish a while before the drop
+        restart_s = await target.restart()
+        server0 = usage(target.pid)  # a new process: its CPU counts from here
+        await pool.all_back(max(drain, 120.0))
+        published, _ = await publishing
+    finally:
+        if not publishing.done():
+            publishing.cancel()
+    await target.settle()
+    drained = await pool.wait_done(max(drain, 60.0))
+    seconds = time.monotonic() - started
+    server1, busy1, self1 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
+    rep = await pool.report()
+    await pool.reconnecting(False)
+    if published != total:
+        raise BenchError(f"{target.name}: published {published} of {total}")
+    cpu = server1.cpu_since(server0)
+    delivered = rep["delivered"]
+    return Window(
+        scenario=scenario,
+        server=target.name,
+        clients=rep["connections"],
+        rate=rate,
+        seconds=seconds,
+        published=published,
+        expected=published * rep["connections"],
+        delivered=delivered,
+        lost=rep["lost"],
+        duplicated=rep["duplicated"],
+        missing=rep["missing"],
+        closed=rep["closed"],
+        unparsed=rep["unparsed"],
+        p50_ms=percentile_ms(rep["hist"], 0.50),
+        p99_ms=percentile_ms(rep["hist"], 0.99),
+        server_cpu_pct=server1.cpu_percent_since(server0),
+        server_cpu_us_per_event=(cpu / delivered * 1e6) if delivered else None,
+        server_rss_mb=server1.rss_bytes / 2**20,
+        client_cpu_pct=100.0 * rep["cpu_s"] / seconds,
+        publisher_cpu_pct=100.0 * (self1 - self0) / seconds,
+        other_cpu_pct=max(0.0, 100.0 * (busy1 - busy0 - cpu - rep["cpu_s"] - (self1 - self0)) / seconds),
+        drained=drained,
+        restart_s=restart_s,
+        all_back_s=(rep["last_back_ns"] - rep["first_drop_ns"]) / 1e9 if rep["back"] else None,
+        dropped=rep["dropped"],
+        back=rep["back"],
+    )
+
+
 async def connect(target: Target, clients: int, procs: int) -> LoadClients:
     pool = LoadClients(target.sub_url, clients, procs)
-    await pool.start()
+    await pool.start(connect_s=max(120.0, clients / 100))
     if pool.connected != clients:
         await pool.close()
         raise BenchError(f"{target.name}: only {pool.connected} of {clients} clients connected")
@@ -318,9 +468,18 @@ def show(w: Window) -> None:
         f"p50 {_ms(w.p50_ms):>7} p99 {_ms(w.p99_ms):>7}  lost {w.lost} dup {w.duplicated} "
         f"missing {w.missing}  cpu {w.server_cpu_pct:.0f}%  rss {w.server_rss_mb:.0f} MB  "
         f"client cpu {w.client_cpu_pct:.0f}% other {w.other_cpu_pct:.0f}%  "
-        f"{'ok' if w.sustained else 'NOT SUSTAINED'}",
+        f"{'ok' if w.sustained else 'NOT SUSTAINED'}"
+        + (
+            f"  restart {w.restart_s:.1f} s, {w.back:,} of {w.dropped:,} dropped back in {_s(w.all_back_s)}"
+            if w.restart_s is not None
+            else ""
+        ),
         flush=True,
     )
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} s"
 
 
 def _ms(v: float | None) -> str:
@@ -328,48 +487,54 @@ def _ms(v: float | None) -> str:
 
 
 async def run(args: argparse.Namespace) -> Run:
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    servers = [x.strip() for x in args.servers.split(",") if x.strip()]
+    unknown = set(servers) - set(SERVERS)
+    if unknown:
+        raise BenchError(f"unknown servers {sorted(unknown)}: choose from {', '.join(SERVERS)}")
+    scenarios = {x.strip() for x in args.scenarios.split(",") if x.strip()}
+    viewers = sorted(int(v) for v in args.viewers.split(",") if v.strip()) if "viewers" in scenarios else []
     result = Run(started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), args=vars(args).copy())
+    most = max([args.clients, args.small_clients, *viewers])
+    result.notes.append(harness.raise_open_files(2 * most + 2000))
     load1 = os.getloadavg()[0]
     result.notes.append(f"load average at start: {load1:.2f} (2 cores; other processes share them)")
+    has_workers = await asyncio.to_thread(gateway_has_workers)
+    if "gateway2" in servers and not has_workers:
+        servers.remove("gateway2")
+        result.notes.append("gateway2 left out: `fanout gateway` has no --workers (no worker model) here")
     dirty = _dirty("services/sse_gateway", "shared")
-    if dirty and "gateway" in servers:
+    if dirty and any(x.startswith("gateway") for x in servers):
         result.notes.append(f"the gateway ran from a working tree with uncommitted changes in: {dirty}")
     dur, drain = args.duration, args.drain
+    env = dict(e.split("=", 1) for e in args.gateway_env)
     async with AsyncExitStack() as stack:
-        log_dir = tempfile.mkdtemp(prefix="bench-sse-")  # kept: the gateway's log, for a look
+        log_dir = tempfile.mkdtemp(prefix="bench-sse-")  # kept: the gateways' logs, for a look
         targets: list[Target] = []
-        if "nchan" in servers:
-            targets.append(await stack.enter_async_context(start_nchan(stack, args.nchan_workers)))
-        if "gateway" in servers:
-            env = dict(e.split("=", 1) for e in args.gateway_env)
-            targets.append(await stack.enter_async_context(start_gateway(stack, log_dir, env)))
-        if "lean" in servers:
-            targets.append(await stack.enter_async_context(start_lean(stack)))
-
-        # Memory per idle client, with the 1,000 clients the next scenarios use.
-        print(f"connecting {args.clients} idle clients to each server", flush=True)
+        for name in servers:
+            if name.startswith("nchan"):
+                workers = 2 if name == "nchan2" else args.nchan_workers
+                targets.append(
+                    await stack.enter_async_context(start_nchan(stack, name, workers, most + 1000))
+                )
+            elif name.startswith("gateway"):
+                workers = 2 if name == "gateway2" else (1 if has_workers else None)
+                targets.append(
+                    await stack.enter_async_context(start_gateway(stack, name, log_dir, env, workers))
+                )
+            else:
+                targets.append(await stack.enter_async_context(start_lean(stack)))
         pools: dict[str, LoadClients] = {}
-        for t in targets:
-            await quiesce(t.pid)
-            before = usage(t.pid).rss_bytes
-            pools[t.name] = await connect(t, args.clients, args.client_procs)
-            after = usage(t.pid).rss_bytes
-            result.idle_kb_per_client[t.name] = (after - before) / args.clients / 1024
-            print(
-                f"  {t.name}: {result.idle_kb_per_client[t.name]:.1f} KB per idle client "
-                f"(RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MB)",
-                flush=True,
-            )
 
-        async def each(scenario: str, rate: float, seconds: float, only: set[str] | None = None) -> set[str]:
+        async def each(
+            scenario: str, rate: float, seconds: float, only: set[str] | None = None, attempts: int = 2
+        ) -> set[str]:
             """One window per server (a second one if the first was not sustained: on a
             shared machine one bad window can be noise); returns the servers that failed twice."""
             failed = set()
             for t in targets:
                 if only is not None and t.name not in only:
                     continue
-                for attempt in (1, 2):
+                for attempt in range(1, attempts + 1):
                     w = await measure(scenario, t, pools[t.name], rate, seconds, drain, args.profile)
                     w.attempt = attempt
                     show(w)
@@ -380,34 +545,107 @@ async def run(args: argparse.Namespace) -> Run:
                     failed.add(t.name)
             return failed
 
-        print("warm-up (not reported)", flush=True)
-        for t in targets:
-            await measure("warm-up", t, pools[t.name], 50, 2, drain)
+        if "lab" in scenarios:
+            # Memory per idle client, with the 1,000 clients the next scenarios use.
+            print(f"connecting {args.clients} idle clients to each server", flush=True)
+            for t in targets:
+                await quiesce(t.pid)
+                before = usage(t.pid).rss_bytes
+                pools[t.name] = await connect(t, args.clients, args.client_procs)
+                after = usage(t.pid).rss_bytes
+                result.idle_kb_per_client[t.name] = (after - before) / args.clients / 1024
+                print(
+                    f"  {t.name}: {result.idle_kb_per_client[t.name]:.1f} KB per idle client "
+                    f"(RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MB)",
+                    flush=True,
+                )
 
-        print(f"{args.clients} clients", flush=True)
-        going = {t.name for t in targets}
-        for fixed in (50.0, 100.0):
-            going -= await each(f"{args.clients} clients @ {fixed:g}/s", fixed, dur)
-        if not args.no_ramp:
-            for rate in [float(r) for r in args.ramp.split(",")]:
-                if rate <= 100:
-                    continue
-                if not going:
-                    break
-                going -= await each(f"ramp {args.clients} @ {rate:g}/s", rate, args.ramp_duration, set(going))
-        for pool in pools.values():
-            await pool.close()
+            print("warm-up (not reported)", flush=True)
+            for t in targets:
+                await measure("warm-up", t, pools[t.name], 50, 2, drain)
 
-        small = args.small_clients
-        print(f"{small} clients", flush=True)
-        for t in targets:
-            pools[t.name] = await connect(t, small, args.client_procs)
-        await each(f"{small} clients @ {args.small_rate:g}/s", args.small_rate, dur)
-        for pool in pools.values():
-            await pool.close()
-    if "gateway" in servers:
-        result.notes.extend(await asyncio.to_thread(harness.log_errors, Path(log_dir, "gateway.log")))
+            print(f"{args.clients} clients", flush=True)
+            going = {t.name for t in targets}
+            for fixed in (50.0, 100.0):
+                going -= await each(f"{args.clients} clients @ {fixed:g}/s", fixed, dur)
+            if not args.no_ramp:
+                for rate in [float(r) for r in args.ramp.split(",")]:
+                    if rate <= 100:
+                        continue
+                    if not going:
+                        break
+                    scenario = f"ramp {args.clients} @ {rate:g}/s"
+                    going -= await each(scenario, rate, args.ramp_duration, set(going))
+            for pool in pools.values():
+                await pool.close()
+
+            small = args.small_clients
+            print(f"{small} clients", flush=True)
+            for t in targets:
+                pools[t.name] = await connect(t, small, args.client_procs)
+            await each(f"{small} clients @ {args.small_rate:g}/s", args.small_rate, dur)
+            for pool in pools.values():
+                await pool.close()
+            pools.clear()
+
+        if viewers or "storm" in scenarios:
+            await viewers_and_storm(args, result, targets, viewers if viewers else [args.storm_subscribers],
+                                    "storm" in scenarios, bool(viewers))  # fmt: skip
+    for name in servers:
+        if name.startswith("gateway"):
+            result.notes.extend(await asyncio.to_thread(harness.log_errors, Path(log_dir, f"{name}.log")))
     return result
+
+
+async def viewers_and_storm(
+    args: argparse.Namespace,
+    result: Run,
+    targets: list[Target],
+    counts: list[int],
+    with_storm: bool,
+    with_windows: bool,
+) -> None:
+    """Server by server (one server's thousands of sockets at a time): each subscriber
+    count at each viewer rate, the idle memory per subscriber at each count, and the
+    reconnect storm with the largest count."""
+    rates = [float(r) for r in args.viewer_rates.split(",") if r.strip()]
+    procs = max(args.client_procs, 2)
+    for t in targets:
+        if with_storm and isinstance(t, Lean):
+            continue
+        for n in counts:
+            await quiesce(t.pid)
+            before = usage(t.pid).rss_bytes
+            print(f"{t.name}: connecting {n:,} subscribers", flush=True)
+            pool = await connect(t, n, procs)
+            try:
+                await quiesce(t.pid)
+                after = usage(t.pid).rss_bytes
+                kb = (after - before) / n / 1024
+                result.idle_kb_by_count.setdefault(t.name, {})[n] = kb
+                print(f"  {t.name}: {kb:.1f} KB per idle subscriber at {n:,}", flush=True)
+                if with_windows:
+                    await measure(f"warm-up {n}", t, pool, rates[0], 1, args.drain)
+                    for rate in rates:
+                        w = await measure(
+                            f"{n:,} subscribers @ {rate:g}/s", t, pool, rate, args.viewer_duration, args.drain
+                        )
+                        show(w)
+                        result.windows.append(w)
+                if with_storm and n == counts[-1]:
+                    w = await storm(
+                        f"reconnect storm, {n:,} subscribers @ {args.storm_rate:g}/s",
+                        t,
+                        pool,
+                        args.storm_rate,
+                        args.storm_duration,
+                        args.storm_drop_at,
+                        args.drain,
+                    )
+                    show(w)
+                    result.windows.append(w)
+            finally:
+                await pool.close()
 
 
 # --- the report ------------------------------------------------------------------------
@@ -419,10 +657,10 @@ def markdown(run: Run) -> str:
         "",
         f"Run {run.started}, commit {_commit()}, `python -m bench.sse_fanout"
         f"{' --quick' if run.args.get('quick') else ''}`; {os.cpu_count()} cores shared by server, "
-        f"load client ({run.args['client_procs']} processes) and publisher; nchan with "
-        f"{run.args['nchan_workers']} worker(s), the gateway one process"
+        f"load client ({run.args['client_procs']} processes) and publisher. nchan: nginx with 1 worker "
+        "process, nchan2: 2 workers; gateway: `fanout gateway` with one worker, gateway2: 2 workers"
         + (
-            ", `lean` = bench/lean_fanout.py (a reference: the leanest Python fan-out, no features)."
+            "; `lean` = bench/lean_fanout.py (a reference: the leanest Python fan-out, no features)."
             if "lean" in run.args["servers"]
             else "."
         ),
@@ -438,19 +676,38 @@ def markdown(run: Run) -> str:
             f"{w.delivered_per_s:,.0f} | {w.rate * w.clients:,.0f} | "
             f"{_ms(w.p50_ms)} | {_ms(w.p99_ms)} | {w.lost} | {w.duplicated} | {w.missing} | "
             f"{w.server_cpu_pct:.0f} | {_ms(w.server_cpu_us_per_event)} | {w.server_rss_mb:.0f} | "
-            f"{w.client_cpu_pct:.0f} | {w.other_cpu_pct:.0f} | {'yes' if w.sustained else 'NO'} |"
+            f"{w.client_cpu_pct:.0f} | {w.other_cpu_pct:.0f} | "
+            f"{'(storm)' if w.restart_s is not None else 'yes' if w.sustained else 'NO'} |"
         )
+    storms = [w for w in run.windows if w.restart_s is not None]
+    if storms:
+        lines += [
+            "",
+            "Reconnect storms: the server restarted (SIGTERM, started again on the same port) while "
+            "every subscriber listened; they come back like EventSource (after the server's `retry:`, "
+            "else 1 s, with Last-Event-ID).",
+            "",
+            "| scenario | server | restart s | dropped | back | first drop -> all back | lost | dup "
+            "| missing at end | p50 ms | p99 ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for w in storms:
+            lines.append(
+                f"| {w.scenario} | {w.server} | {w.restart_s:.1f} | {w.dropped:,} | {w.back:,} | "
+                f"{_s(w.all_back_s)} | {w.lost} | {w.duplicated} | {w.missing} | {_ms(w.p50_ms)} | "
+                f"{_ms(w.p99_ms)} |"
+            )
     servers = list(dict.fromkeys(w.server for w in run.windows)) or list(run.idle_kb_per_client)
-    others = [x for x in servers if x != "nchan"] if "nchan" in servers else []
+    others = [x for x in servers if PEERS.get(x) in servers]
     lines += [
         "",
-        "| figure | " + " | ".join(servers) + "".join(f" | {x} / nchan" for x in others) + " |",
+        "| figure | " + " | ".join(servers) + "".join(f" | {x} / {PEERS[x]}" for x in others) + " |",
         "|---|" + "---:|" * (len(servers) + len(others)),
     ]
 
     def row(label: str, values: dict[str, float | None], digits: int = 0) -> None:
         cells = [_num(values.get(x), digits) for x in servers]
-        cells += [_ratio(values.get(x), values.get("nchan")) for x in others]
+        cells += [_ratio(values.get(x), values.get(PEERS[x])) for x in others]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     by: dict[tuple[str, str], Window] = {}
@@ -463,7 +720,16 @@ def markdown(run: Run) -> str:
         row(f"{scenario}: delivered ev/s", {x: w.delivered_per_s for x, w in found.items()})
     for scenario in scenarios:
         found = {x: by[scenario, x] for x in servers if (scenario, x) in by}
+        row(f"{scenario}: p99 ms", {x: w.p99_ms for x, w in found.items()}, 1)
+    for scenario in scenarios:
+        found = {x: by[scenario, x] for x in servers if (scenario, x) in by}
         row(f"{scenario}: server CPU µs/event", {x: w.server_cpu_us_per_event for x, w in found.items()}, 1)
+    for scenario in scenarios:
+        found = {x: by[scenario, x] for x in servers if (scenario, x) in by}
+        if any(w.restart_s is not None for w in found.values()):
+            row(f"{scenario}: first drop -> all back, s", {x: w.all_back_s for x, w in found.items()}, 2)
+            row(f"{scenario}: lost + duplicated + missing", {x: float(w.lost + w.duplicated + w.missing)
+                                                             for x, w in found.items()})  # fmt: skip
     clients = run.args["clients"]
     best = {
         x: max(
@@ -473,9 +739,17 @@ def markdown(run: Run) -> str:
         )
         for x in servers
     }
-    row(f"highest sustained rate, {clients:,} clients (msg/s)", {x: w.rate for x, w in best.items() if w})
-    row("sustained deliveries/s at that rate", {x: w.delivered_per_s for x, w in best.items() if w})
-    row("memory per idle client (KB)", dict(run.idle_kb_per_client), 1)
+    if any(best.values()):
+        row(f"highest sustained rate, {clients:,} clients (msg/s)", {x: w.rate for x, w in best.items() if w})
+        row("sustained deliveries/s at that rate", {x: w.delivered_per_s for x, w in best.items() if w})
+    if run.idle_kb_per_client:
+        row("memory per idle client (KB)", dict(run.idle_kb_per_client), 1)
+    for n in sorted({n for per in run.idle_kb_by_count.values() for n in per}):
+        row(
+            f"memory per idle subscriber at {n:,} (KB)",
+            {x: per.get(n) for x, per in run.idle_kb_by_count.items()},
+            1,
+        )
     ramp_top = max((float(r) for r in run.args["ramp"].split(",")), default=0)
     lines += [
         "",
@@ -538,8 +812,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--servers",
-        default="nchan,gateway",
-        help="comma-separated: nchan, gateway, lean (bench/lean_fanout.py, a reference Python fan-out)",
+        default="nchan,nchan2,gateway,gateway2",
+        help="comma-separated: nchan, nchan2 (2 nginx workers), gateway, gateway2 (2 gateway workers), "
+        "lean (bench/lean_fanout.py, a reference Python fan-out)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default="lab,viewers,storm",
+        help="comma-separated: lab (1,000 clients at 50/100/ramp, 100 clients at 1,000/s), "
+        "viewers (--viewers at --viewer-rates), storm (the reconnect storm)",
+    )
+    p.add_argument("--viewers", default="1000,10000,30000", help="subscriber counts of the viewers scenarios")
+    p.add_argument("--viewer-rates", default="1,5", help="msg/s of the viewers scenarios")
+    p.add_argument(
+        "--viewer-duration", type=float, default=12, help="seconds of publishing per viewers window"
+    )
+    p.add_argument(
+        "--storm-subscribers", type=int, default=30000, help="subscribers of the storm without --viewers"
+    )
+    p.add_argument("--storm-rate", type=float, default=5, help="msg/s during the reconnect storm")
+    p.add_argument("--storm-duration", type=float, default=20, help="seconds of publishing in the storm")
+    p.add_argument(
+        "--storm-drop-at", type=float, default=4, help="seconds into the storm when the server restarts"
     )
     p.add_argument(
         "--clients", type=int, default=1000, help="clients for the idle-memory, 50/100 msg/s and ramp runs"
@@ -567,11 +861,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="sample the gateway with py-spy during each window; raw profiles and summaries go to DIR",
     )
-    p.add_argument("--quick", action="store_true", help="5 s windows, 3 s ramp steps")
+    p.add_argument("--quick", action="store_true", help="5 s windows, 3 s ramp steps, 5 s viewer windows")
     p.add_argument("--out", default=str(RESULTS / "sse_fanout.md"), help="markdown output ('-': none)")
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.ramp_duration = 5.0, 3.0
+        args.duration, args.ramp_duration, args.viewer_duration = 5.0, 3.0, 5.0
     return args
 
 
@@ -588,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
                     "started": result.started,
                     "args": result.args,
                     "idle_kb_per_client": result.idle_kb_per_client,
+                    "idle_kb_by_count": result.idle_kb_by_count,
                     "windows": [
                         asdict(w) | {"delivered_per_s": w.delivered_per_s, "sustained": w.sustained}
                         for w in result.windows

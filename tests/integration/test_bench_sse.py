@@ -21,8 +21,9 @@ HAS_NCHAN = shutil.which("nginx") is not None and os.path.exists("/usr/lib/nginx
 def test_every_client_gets_every_event_once_from_every_server() -> None:
     servers = ["gateway"] + (["nchan"] if HAS_NCHAN else [])
     args = sse_fanout.parse_args(
-        ["--servers", ",".join(servers), "--clients", "20", "--small-clients", "5", "--small-rate", "200",
-         "--duration", "1", "--no-ramp", "--client-procs", "1", "--drain", "20", "--out", "-"]
+        ["--servers", ",".join(servers), "--scenarios", "lab", "--clients", "20", "--small-clients", "5",
+         "--small-rate", "200", "--duration", "1", "--no-ramp", "--client-procs", "1", "--drain", "20",
+         "--out", "-"]
     )  # fmt: skip
     run = asyncio.run(sse_fanout.run(args))
 
@@ -34,3 +35,32 @@ def test_every_client_gets_every_event_once_from_every_server() -> None:
         assert w.delivered == w.expected == w.published * w.clients, w
     text = sse_fanout.markdown(run)
     assert "| figure |" in text and "memory per idle client" in text
+
+
+def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:
+    """The many-viewers windows and the reconnect storm in miniature: every subscriber is
+    dropped by the server's restart and comes back with Last-Event-ID; the gateway's have
+    every event once. nchan's memory store forgets its messages when nginx restarts, so a
+    subscriber may miss what was published before it came back: its counts must add up."""
+    servers = ["gateway"] + (["nchan"] if HAS_NCHAN else [])
+    args = sse_fanout.parse_args(
+        ["--servers", ",".join(servers), "--scenarios", "viewers,storm", "--viewers", "10,40",
+         "--viewer-rates", "20", "--viewer-duration", "1", "--storm-rate", "20", "--storm-duration", "4",
+         "--storm-drop-at", "1", "--client-procs", "2", "--drain", "20", "--out", "-"]
+    )  # fmt: skip
+    run = asyncio.run(sse_fanout.run(args))
+
+    storms = [w for w in run.windows if w.restart_s is not None]
+    assert {w.server for w in storms} == set(servers)
+    for w in run.windows:
+        assert w.clients in (10, 40), w
+        assert w.expected == w.published * w.clients, w
+        assert w.delivered - w.duplicated + w.lost + w.missing == w.expected, w
+        if w.server == "gateway" or w.restart_s is None:
+            assert (w.lost, w.duplicated, w.missing, w.unparsed) == (0, 0, 0, 0), w
+    for w in storms:
+        assert w.clients == w.dropped == w.back == 40, w
+        assert w.all_back_s is not None
+    assert {n for per in run.idle_kb_by_count.values() for n in per} == {10, 40}
+    text = sse_fanout.markdown(run)
+    assert "Reconnect storms" in text and "memory per idle subscriber at 40" in text
