@@ -704,8 +704,11 @@ class FeedPipeline:
                 if retained > first:
                     start = first = await self._restart_at(outcome.top, retained)
                 else:
-                    log.warning(
-                        "Redis lost the feed's latest entries: filling the hole from JetStream",
+                    # Another ingestor's batch below this one not written yet (several ingestors
+                    # on one consumer), or entries Redis lost (a restart or failover, which the
+                    # writer logs as a run_id change): info, not a warning.
+                    log.info(
+                        "a hole below the batch: filling it from JetStream",
                         extra={
                             "feed": self.feed,
                             "epoch": epoch,
