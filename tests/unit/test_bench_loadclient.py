@@ -104,3 +104,52 @@ async def test_the_end_of_the_response_closes_the_connection() -> None:
     conn, _, _ = _connection(1, 1)
     conn.data_received(HEAD_CHUNKED + _chunked([b": hi\n\n"]) + b"0\r\n\r\n")
     assert conn.transport is not None and conn.transport.closed  # type: ignore[attr-defined]
+
+
+async def test_the_last_id_and_the_retry_are_kept_for_a_reconnect() -> None:
+    now = time.time_ns()
+    conn, _, _ = _connection(1, 10)
+    _feed(
+        conn, HEAD_PLAIN + b"retry: 2345\n\n" + b"".join(_event(s, now) for s in (1, 2)) + b": ping\n\n", 1000
+    )
+    assert conn.retry_ms == 2345
+    assert conn.last_id == b"v1:execution.e.1-2.2"  # the last complete event's id, not the ping's
+
+
+async def test_a_dropped_connection_that_comes_back_goes_on_counting_where_it_was() -> None:
+    now = time.time_ns()
+    lost: list[SSEConnection] = []
+    connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    stats = Stats()
+    stats.lo, stats.hi = 1, 6
+    conn = SSEConnection(stats, connected, _recorder(lost))
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    conn.next = 1
+    _feed(conn, HEAD_PLAIN + b"".join(_event(s, now) for s in (1, 2, 3)), 1000)
+    conn.connection_lost(None)
+    assert lost == [conn] and not conn.is_done and stats.done == 0  # it will come back: not done
+
+    conn.reset(asyncio.get_running_loop().create_future())
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    _feed(conn, HEAD_PLAIN + b"".join(_event(s, now) for s in (3, 4, 6)), 1000)
+    assert (stats.delivered, stats.duplicated, stats.lost) == (6, 1, 1)  # 3 again, 5 skipped
+    assert conn.is_done and stats.done == 1
+
+
+async def test_a_failed_reconnect_is_no_drop() -> None:
+    lost: list[SSEConnection] = []
+    conn = SSEConnection(Stats(), asyncio.get_running_loop().create_future(), _recorder(lost))
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    conn.data_received(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+    conn.connection_lost(None)
+    assert lost == []  # the reconnect loop sees the failed connect and tries again itself
+
+
+def _recorder(lost: list[SSEConnection]) -> Any:
+    """An on_lost callback that records the connection and says it will come back."""
+
+    def on_lost(conn: SSEConnection) -> bool:
+        lost.append(conn)
+        return True
+
+    return on_lost
