@@ -893,6 +893,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print(f"written to {out.with_suffix('.json')}")
+        try:
+            from bench import charts
+
+            for path in charts.write(json.loads(out.with_suffix(".json").read_text()), out.parent, out.stem):
+                print(f"written to {path}")
+        except ImportError as exc:
+            print(f"no charts: {exc} (install the bench extra: pip install -e '.[bench]')", file=sys.stderr)
     return 0
 
 

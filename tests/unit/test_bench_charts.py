@@ -1,0 +1,78 @@
+"""The SSE benchmark's charts (bench/charts.py) are drawn from a run's figures: against the
+rate with the lab's clients, against the number of subscribers per viewer rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import charts
+
+pytest.importorskip("matplotlib")
+
+
+def _window(server: str, clients: int, rate: float, sustained: bool = True, **extra: Any) -> dict[str, Any]:
+    return {
+        "scenario": f"{clients} @ {rate}",
+        "server": server,
+        "clients": clients,
+        "rate": rate,
+        "delivered_per_s": clients * rate * (1.0 if sustained else 0.8),
+        "p99_ms": 20.0 if sustained else 1500.0,
+        "sustained": sustained,
+        "restart_s": None,
+        **extra,
+    }
+
+
+def _run() -> dict[str, Any]:
+    windows = [
+        _window(server, n, rate, sustained=not (server == "nchan" and rate >= 200))
+        for server in ("nchan", "nchan2", "gateway", "gateway2")
+        for n, rate in [
+            (1000, 1),
+            (1000, 5),
+            (1000, 50),
+            (1000, 100),
+            (1000, 200),
+            (10000, 1),
+            (10000, 5),
+            (30000, 1),
+            (30000, 5),
+        ]
+    ]
+    windows.append(_window("gateway", 30000, 5, restart_s=2.0))  # a storm: not drawn
+    windows.append(_window("nchan", 1000, 100, sustained=False))  # a worse attempt: not drawn
+    return {
+        "started": "2026-12-03 09:00 UTC",
+        "args": {"clients": 1000, "viewers": "1000,10000,30000"},
+        "windows": windows,
+    }
+
+
+def test_both_charts_in_png_and_svg(tmp_path: Path) -> None:
+    written = charts.write(_run(), tmp_path, "run")
+    names = sorted(p.name for p in written)
+    assert names == ["run_rate.png", "run_rate.svg", "run_subscribers.png", "run_subscribers.svg"]
+    for path in written:
+        assert path.stat().st_size > 1000
+    assert (tmp_path / "run_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (tmp_path / "run_subscribers.svg").read_text()
+    assert "<svg" in svg and "gateway, 2 workers, 5 msg/s" in svg
+
+
+def test_the_better_attempt_and_no_storm_is_drawn() -> None:
+    best = charts._best(_run()["windows"])
+    assert best["nchan", 1000, 100]["sustained"] is True
+    assert best["gateway", 30000, 5]["restart_s"] is None
+
+
+def test_a_run_without_viewers_has_only_the_rate_chart(tmp_path: Path) -> None:
+    run = _run()
+    run["args"]["viewers"] = ""
+    assert sorted(p.name for p in charts.write(run, tmp_path)) == [
+        "sse_fanout_rate.png",
+        "sse_fanout_rate.svg",
+    ]
