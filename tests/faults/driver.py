@@ -222,7 +222,7 @@ async def run(
         await caught_up(r.probe, subs, r.epochs, setup.recovery_timeout, fast_only=False)
         stop_subs.set()
         await asyncio.gather(*tasks)
-        not_ready = await p.not_ready()
+        not_ready, ready_late = await p.not_ready()
         metrics = await p.metrics()
         audit = await asyncio.to_thread(_audit, p)
         truth, nats_problems = await read_truth(p.nats.url, pub)
@@ -234,6 +234,7 @@ async def run(
         extra = [*nats_problems[:10], *pub.wrong_stream[:5], *stores.details[:20], *scenario_problems]
         extra += [d for _, v in verdicts for d in v.details][:40]
         extra += [f"publisher errors: {dict(pub.errors)}", f"exit codes on SIGTERM: {codes}"]
+        extra += [f"not ready at the first probe only: {x}" for x in ready_late]
         extra += ["counters since each process's last start: "
                   + ", ".join(f"{k.removeprefix('fanout_')}={v:g}" for k, v in sorted(metrics.items()))]
         if audit.returncode != 0:

@@ -298,20 +298,31 @@ class Pipeline:
                     server.stop()
         return codes
 
-    async def not_ready(self) -> list[str]:
-        """The running services whose /readyz is not 200 (e.g. a feed reader that stopped)."""
-        out = []
+    async def not_ready(self) -> tuple[list[str], list[str]]:
+        """The running services whose /readyz is not 200 (e.g. a feed reader that stopped),
+        probed up to 3 times: (still red, red only at the first probe)."""
+        red, transient = [], []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             for name, service in self.services.items():
                 if service.ops is None or not service.alive():
                     continue
-                try:
-                    async with http.get(service.ops + "/readyz") as resp:
-                        if resp.status != 200:
-                            out.append(f"{name}: /readyz {resp.status} {(await resp.text())[:300]}")
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    out.append(f"{name}: /readyz {type(exc).__name__}")
-        return out
+                answers = []
+                for attempt in range(3):
+                    try:
+                        async with http.get(service.ops + "/readyz") as resp:
+                            if resp.status == 200:
+                                break
+                            answers.append(f"/readyz {resp.status} {(await resp.text())[:300]}")
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        answers.append(f"/readyz {type(exc).__name__}")
+                    if attempt < 2:
+                        await asyncio.sleep(0.5)  # a probe's interval, as an orchestrator's
+                else:
+                    red.append(f"{name}: {answers[-1]}")
+                    continue
+                if answers:
+                    transient.append(f"{name}: the first probe after the run said {answers[0]}")
+        return red, transient
 
     def dead_services(self) -> list[str]:
         return [n for n, s in self.services.items() if s.process is not None and not s.alive()]

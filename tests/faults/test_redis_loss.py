@@ -17,7 +17,8 @@ so it catches up from rows the archiver wrote while servers failed. The faults, 
   as a managed Redis's DNS name or virtual IP: the services are not restarted, so the
   connected subscribers and the gateway's shared reader live through the failover (the
   case that stalled every subscriber for good in issue 9);
-- Redis replaced by an empty one under load (SIGKILL, data folder wiped, restart).
+- Redis replaced by an empty one under load (SIGKILL, data folder wiped, restart), and
+  again while PostgreSQL is down (the archivers behind, the catalogue unreadable).
 
 Right after the promotion and after the empty restart, the reconnecting subscribers
 resume with cursors ahead of what Redis then holds: never a 4xx/5xx (after which an
@@ -51,11 +52,13 @@ CATCHUP_BATCH = 500  # FANOUT_CATCHUP_BATCH
 
 
 async def sigkill_redis(r: Run) -> str:
+    before = await asyncio.to_thread(redis_tops, r.p.redis)
     await asyncio.to_thread(r.p.redis.kill)
     await asyncio.to_thread(r.p.redis.start)  # replays its AOF (fsynced every second)
+    after = await asyncio.to_thread(redis_tops, r.p.redis)
     if r.p.standby is not None:
         await r.p.replica_in_sync()
-    return "AOF everysec"
+    return f"AOF everysec: tops before the kill {before}, as it came back {after}"
 
 
 async def sigkill_nats(r: Run) -> str:
@@ -163,6 +166,17 @@ async def empty_redis(r: Run) -> str:
     return "restarted without its data"
 
 
+async def empty_redis_while_postgres_is_down(r: Run) -> str:
+    """Redis comes back empty while the catalogue cannot be read and the archivers are
+    behind: the rebuild cannot start from the first unarchived seq, yet nothing may show."""
+    await asyncio.to_thread(r.p.postgres.kill)
+    await asyncio.sleep(2.0)  # the archivers fall behind: the fault itself
+    note = await empty_redis(r)
+    await asyncio.sleep(2.0)  # Redis refills while PostgreSQL is still down
+    await asyncio.to_thread(r.p.postgres.start)
+    return note + " while PostgreSQL was down (SIGKILL)"
+
+
 FAULTS: dict[str, Fault] = {
     "SIGKILL Redis": sigkill_redis,
     "SIGKILL NATS": sigkill_nats,
@@ -170,6 +184,7 @@ FAULTS: dict[str, Fault] = {
     "evict under maxmemory": evict,
     "failover": failover,
     "empty Redis": empty_redis,
+    "empty Redis while PostgreSQL is down": empty_redis_while_postgres_is_down,
 }
 
 
