@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.feeds import DEAD_LETTER
-
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -35,11 +33,6 @@ class Keys:
 
     def dedup(self, feed: str, message_id: str) -> str:
         return self._key(feed, f"msg:{message_id}")
-
-    def dead_letter_stream(self) -> str:
-        """The dead-letter stream of the first layout (retired by contract v2: a malformed
-        payload keeps its seq in its feed's stream); read only to drain what it still holds."""
-        return self.stream(DEAD_LETTER)
 
     def ticket(self, digest: str) -> str:
         """A gateway ticket, shared by every gateway behind a load balancer."""

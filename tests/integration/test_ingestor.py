@@ -29,7 +29,7 @@ from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.writer import Delivery, Writer
 from shared import codec
-from shared.feeds import EXECUTION, FEED_NAMES, SPORT_EVENT, epoch_of, js_stream_name
+from shared.feeds import DEAD_LETTER, EXECUTION, FEED_NAMES, SPORT_EVENT, epoch_of, js_stream_name
 from shared.keys import Keys
 from shared.proto import event_pb2, execution_pb2
 from shared.settings import Settings
@@ -281,7 +281,7 @@ async def test_malformed_payloads_keep_their_seq_as_error_entries_and_the_rest_f
         assert d["message_id"] == f"{epoch}.{d['seq']}"
     assert ingestor.stats.dead_letters == len(bad)
     assert ingestor.stats.appended["execution"] == len(bad) + 1
-    assert not await redis.exists(keys.dead_letter_stream())  # retired: nothing goes there
+    assert not await redis.exists(keys.stream(DEAD_LETTER))  # the first layout's, retired: nothing goes there
     info = await nats.jetstream().consumer_info(stream_of(settings, "execution"), settings.js_consumer)
     assert info.num_ack_pending == 0  # malformed ones are acked too
 
