@@ -80,7 +80,7 @@ async def test_the_pipeline_loses_and_repeats_nothing_under_faults(soak: bool) -
         reconnecting=2,
         wanderers=0,
         recovery_timeout=180.0 if soak else 90.0,
-        random_faults=0 if soak else int(os.environ.get("FANOUT_FAULTS_RANDOM", "3")),
+        random_faults=0 if soak else int(os.environ.get("FANOUT_FAULTS_RANDOM", "2")),
         random_seconds=float(os.environ.get("FANOUT_FAULTS_SOAK_SECONDS", "600")) if soak else 0.0,
         pairs=True,
         seed=seed,
