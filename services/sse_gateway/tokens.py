@@ -80,6 +80,35 @@ class JwtSettings(Protocol):
     def jwt_leeway(self) -> float: ...
 
 
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """The JWT settings as a hashable value (a cache key: the keys are read once)."""
+
+    jwt_secret: str = ""
+    jwt_secret_file: str = ""
+    jwt_public_key: str = ""
+    jwt_public_key_file: str = ""
+    jwt_jwks: str = ""
+    jwt_jwks_file: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway: float = 30.0
+
+    @classmethod
+    def of(cls, settings: JwtSettings) -> JwtConfig:
+        return cls(
+            settings.jwt_secret,
+            settings.jwt_secret_file,
+            settings.jwt_public_key,
+            settings.jwt_public_key_file,
+            settings.jwt_jwks,
+            settings.jwt_jwks_file,
+            settings.jwt_audience,
+            settings.jwt_issuer,
+            settings.jwt_leeway,
+        )
+
+
 def secret(value: str, path: str, env: str) -> str:
     """A secret setting given either inline (`env`) or as a file (`env`_FILE), never both.
     The file's text without its trailing newline; errors name the variable, not the value."""
