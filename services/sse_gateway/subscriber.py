@@ -317,6 +317,11 @@ class Subscriber:
             return self._deliver(feed, page.records), False
         if page.gap_to is not None:
             return [self._gap(feed, mine, page.gap_to)], False
+        if self._retry.attempt == 0:  # once per wait
+            log.info(
+                "catch-up waits: neither Redis nor the catalogue holds the next seq yet",
+                extra={"feed": feed, "epoch": mine.epoch, "after": mine.seq, "redis_first": page.redis_first},
+            )
         return [], True
 
     def _reset(self, feed: str, mine: Position, epoch: str) -> bytes:

@@ -518,8 +518,8 @@ async def test_a_client_that_stops_reading_is_disconnected_and_resumes_exactly(
     async with inprocess_gateway(settings) as app:
         s = await open_stream(app.state.port, "feeds=execution", receive_buffer=4096)
         await s.next()
-        for _ in range(20):  # far more than the socket buffers hold, and the client reads nothing
-            await writer.append("execution", 500)
+        for _ in range(20):  # far more than the socket buffers hold (~13 MB), and the client reads nothing
+            await writer.append("execution", 500, stateSymbol="CA" + "x" * 1000)
         async with asyncio.timeout(60):
             await app.state.subscribers.empty.wait()  # the server gave up on it
         with pytest.raises(EOFError):  # what was in the pipe, then the end: the server hung up

@@ -227,3 +227,24 @@ async def test_a_reader_that_raises_anything_restarts_and_readyz_is_red_meanwhil
     assert failures and failures[0].exc_info is not None
     assert "reading again" in caplog.text
     assert any(r.getMessage() == "stream entry without a valid seq skipped" for r in caplog.records)
+
+
+async def test_a_gateway_started_on_an_emptied_redis_resumes_cursors_from_the_catalogue_then_the_refill(
+    settings: GatewaySettings, redis: Any, pg: Any, writer: Writer
+) -> None:
+    await writer.append("execution", 2000)
+    entries = await xrange_all(redis, settings.key_prefix, "execution")
+    await archive(pg, settings.db_schema, "execution", entries[:1500])  # the archiver got to 1500
+    await lose(redis, settings.key_prefix)  # while the gateway was down
+    async with inprocess_gateway(settings) as app:
+        resumed = Listener(
+            await open_stream(app.state.port, "feeds=execution", {"Last-Event-ID": _at(1000)}), ("execution",)
+        )
+        await resumed.until({"execution": 500})  # 1001..1500 from the catalogue; then it waits
+        await writer.refill("execution", 1501)  # the ingestor refills what was not archived
+        await writer.append("execution", NEW)
+        await resumed.until({"execution": 1000 + NEW})
+        resumed.stream.close()
+        assert app.state.hub.positions["execution"] == Position(EPOCH, 2000 + NEW)
+    assert resumed.got("execution") == expected(writer, "execution", 1001)
+    assert resumed.notices() == []
