@@ -297,7 +297,7 @@ async def run(
         await asyncio.gather(*tasks, return_exceptions=True)
         await r.probe.close()
         await asyncio.to_thread(p.stop_all)
-        if ok:
+        if ok and not os.environ.get("FANOUT_FAULTS_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"fault suite: data and logs kept in {root}")

@@ -116,7 +116,8 @@ async def evict(r: Run) -> str:
                 await asyncio.wait_for(asyncio.shield(listening), 3.0)  # evictions come with writes
             if listening.done():
                 break
-        await asyncio.sleep(2.0)  # keep the pressure on for a moment: the fault itself
+        hold = float(os.environ.get("FANOUT_FAULTS_EVICT_HOLD", "2"))
+        await asyncio.sleep(hold)  # keep the pressure on for a moment: the fault itself
     finally:
         await asyncio.to_thread(server.call, "CONFIG", "SET", "maxmemory", 0)
         listening.cancel()
@@ -201,6 +202,7 @@ def soak_faults() -> dict[str, Fault]:
         "empty Redis + SIGKILL ingestor": together([empty_redis, kill["SIGKILL ingestor"]]),
         "failover + SIGKILL gateway": together([failover, kill["SIGKILL gateway"]]),
         "SIGKILL Redis + SIGKILL archiver": together([sigkill_redis, kill["SIGKILL archiver"]]),
+        "empty Redis + SIGKILL NATS": together([empty_redis, sigkill_nats]),
     }
 
 
