@@ -200,8 +200,12 @@ class History:
         return (named, last) if named is not None and last is not None else None
 
     async def earliest(self, feed: str, epoch: str) -> int | None:
-        """The first seq PostgreSQL or Redis holds of `epoch`."""
-        held = [s for s in (await self.first_seq(feed, epoch), await self.archive.first(feed, epoch)) if s]
+        """The first seq PostgreSQL or Redis holds of `epoch` (Redis holding seq 1: the
+        catalogue holds nothing older, and is not asked)."""
+        first = await self.first_seq(feed, epoch)
+        if first == 1:
+            return first
+        held = [s for s in (first, await self.archive.first(feed, epoch)) if s]
         return min(held) if held else None
 
     async def seq_at(self, feed: str, epoch: str, when: datetime) -> int | None:
