@@ -35,12 +35,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from typing import Any
 
 import pytest
 
 from tests.faults.driver import Fault, Run, Setup, run, together
-from tests.faults.harness import KEY_PREFIX, redis_tops
+from tests.faults.harness import KEY_PREFIX, HarnessError, redis_tops, until
 from tests.faults.test_faults import faults as service_faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -134,13 +135,25 @@ async def evict(r: Run) -> str:
 
 
 async def failover(r: Run) -> str:
-    """The replica stops receiving for `stall` s, the primary dies, the replica is promoted."""
+    """The replica stops receiving for `stall` s (longer, up to 30 s more, until it misses more
+    than a read batch per feed), the primary dies, the replica is promoted."""
     p = r.p
     assert p.link is not None and p.standby is not None
     stall = float(os.environ.get("FANOUT_FAULTS_FAILOVER_STALL", "12"))
     await p.replica_in_sync()
     p.link.stall()
+    started = time.monotonic()
     await asyncio.sleep(stall)  # how long the replica misses writes is the fault
+    standby = p.standby
+
+    async def lost_enough() -> bool:  # on a slow machine the publisher may fall behind its rate
+        ahead = await asyncio.to_thread(redis_tops, p.redis)
+        behind = await asyncio.to_thread(redis_tops, standby)
+        return min(ahead[f] - behind[f] for f in ahead) > READER_BATCH + 100
+
+    with contextlib.suppress(HarnessError):
+        await until("the replica to miss more than a read batch", lost_enough, 30.0, every=0.5)
+    stall = time.monotonic() - started
     primary_tops = await asyncio.to_thread(redis_tops, p.redis)
     await asyncio.to_thread(p.redis.kill)
     p.link.cut()  # what the link held never reaches the replica
@@ -152,7 +165,7 @@ async def failover(r: Run) -> str:
         r.problems.append(f"failover: the replica lost only {lost} entries, not more than a read batch "
                           f"({READER_BATCH}) per feed: raise the rate or FANOUT_FAULTS_FAILOVER_STALL")
     await p.restore_replica()  # the old primary comes back as the new one's replica
-    return f"link stalled {stall:g}s; the promoted replica lacked {lost} entries (at least)"
+    return f"link stalled {stall:.1f}s; the promoted replica lacked {lost} entries (at least)"
 
 
 async def empty_redis(r: Run) -> str:
