@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from fanout.servers import RedisServer, TcpProxy
 from tests.faults.harness import FeedTruth, Got, Sent, Subscriber, judge_subscriber, until
@@ -64,7 +65,7 @@ async def test_a_stalled_then_cut_link_makes_the_promoted_replica_miss_writes(tm
     primary = await asyncio.to_thread(RedisServer(tmp_path / "a").start)
     link = await asyncio.to_thread(TcpProxy(primary.port).start)
     replica = await asyncio.to_thread(RedisServer(tmp_path / "b", replica_of=("127.0.0.1", link.port)).start)
-    client = Redis.from_url(primary.url)
+    client: Any = Redis.from_url(primary.url)
     try:
         async def linked() -> bool:
             info = await asyncio.to_thread(replica.info, "replication")
