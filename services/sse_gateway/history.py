@@ -17,7 +17,9 @@ already has. When neither holds c+1:
 - a gap (`Page.gap_to`), only when PostgreSQL holds later seqs of the epoch and Redis's
   first entry is above c+1: c+1 is gone from both;
 - otherwise wait (`Page` empty): the archiver is behind, or the ingestor is refilling a
-  Redis that lost data; c+1 will come.
+  Redis that lost data; c+1 will come. The catalogue being unreadable is a wait too
+  while Redis is being refilled up to c+1; when only the catalogue can hold c+1 it
+  raises ArchiveUnavailable (the stream ends, the client resumes later by its id).
 
 `Archive` is the PostgreSQL side, read-only; it also finds where a subscription starts
 (the first seq of an epoch, the first seq at a broker time).
@@ -26,6 +28,7 @@ already has. When neither holds c+1:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -133,13 +136,19 @@ class History:
         previous call saw it; while c+1 is below it PostgreSQL is asked first."""
         want = after + 1
         if hint is not None and want < hint:
-            rows = await self.archive.after(feed, epoch, after, upto, limit)
-            if rows and rows[0].seq == want:
-                return Page(contiguous(rows, after), redis_first=hint)
+            with contextlib.suppress(ArchiveUnavailable):  # asked again below, after Redis
+                rows = await self.archive.after(feed, epoch, after, upto, limit)
+                if rows and rows[0].seq == want:
+                    return Page(contiguous(rows, after), redis_first=hint)
         recs, first = await self._redis_after(feed, epoch, after, upto, limit)
         if recs and recs[0].seq == want:
             return Page(contiguous(recs, after), redis_first=first)
-        rows = await self.archive.after(feed, epoch, after, upto, limit)
+        try:
+            rows = await self.archive.after(feed, epoch, after, upto, limit)
+        except ArchiveUnavailable:
+            if first is None or first <= want:
+                return Page(redis_first=first)  # Redis is being refilled up to it: wait for Redis
+            raise  # only the catalogue can hold it, and it cannot be read
         if rows and rows[0].seq == want:
             return Page(contiguous(rows, after), redis_first=first)
         if rows and first is not None and first > want:

@@ -11,6 +11,7 @@ an entry that cannot be placed (stepped over loudly)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -248,3 +249,29 @@ async def test_a_gateway_started_on_an_emptied_redis_resumes_cursors_from_the_ca
         assert app.state.hub.positions["execution"] == Position(EPOCH, 2000 + NEW)
     assert resumed.got("execution") == expected(writer, "execution", 1001)
     assert resumed.notices() == []
+
+
+async def test_redis_emptied_while_postgres_is_down_resumed_cursors_wait_for_the_refill(
+    settings: GatewaySettings, redis: Any, writer: Writer
+) -> None:
+    from tests.integration.test_gateway_helpers import free_port
+
+    no_catalogue = dataclasses.replace(settings, database_url=f"postgresql://127.0.0.1:{free_port()}/nothing")
+    await writer.append("execution", 100)
+    async with inprocess_gateway(no_catalogue) as app:
+        live = Listener(await open_stream(app.state.port, "feeds=execution&from=earliest"), ("execution",))
+        await live.until({"execution": 100})
+        await lose(redis, settings.key_prefix)
+        resumed = Listener(
+            await open_stream(app.state.port, "feeds=execution", {"Last-Event-ID": _at(50)}), ("execution",)
+        )
+        await resumed.stream.next()  # its start frame: it waits (not the end of the stream)
+        await writer.refill("execution", 1)  # nothing was archived: the ingestor refills from seq 1
+        await writer.append("execution", NEW)
+        await live.until({"execution": 100 + NEW})
+        await resumed.until({"execution": 50 + NEW})
+        live.stream.close()
+        resumed.stream.close()
+    assert live.got("execution") == expected(writer, "execution")
+    assert resumed.got("execution") == expected(writer, "execution", 51)
+    assert live.notices() == resumed.notices() == []
