@@ -3,9 +3,11 @@
     create_app(settings) -> Starlette
 
 Routes: `GET /v1/stream` (the event stream), `GET /healthz`, `GET /readyz` (Redis reachable
-and the feed readers reading), `GET /metrics`, plus `lookup.routes` and `auth.routes` when
-those modules provide them, and the page `static/index.html` at `/` (other files of
-`static/` under `/static/`).
+and the feed readers reading), plus `lookup.routes`, `auth.routes` (tickets),
+`messages.routes` (history pages) and `contract.routes` (`/v1/openapi.json`, the
+published contract the routes are held to), and the page `static/index.html` at `/`
+(other files of `static/` under `/static/`). `/metrics` is on the ops server only
+(`ops.py`, FANOUT_GATEWAY_OPS), which serves `/healthz` and `/readyz` too.
 
 `app.state`, for every route of the package (set by the lifespan):
     settings     GatewaySettings
@@ -65,7 +67,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -78,8 +80,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.sse_gateway import cursor, filters, metrics
+from services.sse_gateway import contract, cursor, filters, messages, metrics, ops, tokens
+from services.sse_gateway.auth import Access
 from services.sse_gateway.cursor import CursorError, LegacyCursor
+from services.sse_gateway.expiry import Expiring
 from services.sse_gateway.filters import FilterError
 from services.sse_gateway.history import Archive, ArchiveUnavailable, History
 from services.sse_gateway.hub import Hub
@@ -109,19 +113,6 @@ def _optional(name: str) -> ModuleType | None:
         if exc.name == f"services.sse_gateway.{name}":
             return None
         raise
-
-
-class _OpenAccess:
-    """Used only while auth.py does not exist: everyone may read every feed."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.settings = settings
-
-    async def check(self, request: Request, feeds: Any) -> None:
-        return None
-
-    def log_mode(self) -> None:
-        log.warning("no access control module: serving every feed to everyone")
 
 
 def error(
@@ -190,7 +181,11 @@ async def stream(request: Request) -> Any:
         chosen = filters.parse(request.query_params.multi_items(), feeds)
     except FilterError as exc:
         return error(400, "bad filter", str(exc))
-    await state.access.check(request, feeds)
+    grant = await state.access.check(request, feeds)
+    try:
+        chosen = tokens.narrow(chosen, grant.filters, feeds)
+    except tokens.FilterNotAllowed as exc:
+        return error(403, "forbidden", str(exc))
     resume_text = (
         request.headers.get("last-event-id")
         or request.query_params.get("last_event_id")
@@ -232,6 +227,8 @@ async def stream(request: Request) -> Any:
     subscribers.add(sub)
     if state.stop.is_set():
         sub.close("shutting down")
+    if grant.expires is not None:  # a JWT's (or its ticket's) `exp`: the stream ends then
+        return Expiring(EventStream(sub, subscribers), sub, grant.expires, grant.who)
     return EventStream(sub, subscribers)
 
 
@@ -253,10 +250,6 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(
         {"status": "ok" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
     )
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    return Response(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def index(request: Request) -> Response:
@@ -321,7 +314,7 @@ def _in_band(refusal: Response) -> Response:
 def create_app(settings: GatewaySettings) -> Starlette:
     auth = _optional("auth")
     lookup = _optional("lookup")
-    access: Any = auth.Access(settings) if auth is not None else _OpenAccess(settings)
+    access = Access(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -358,6 +351,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
         expected_incomplete = ExpectedIncomplete()
         logging.getLogger("uvicorn.error").addFilter(expected_incomplete)
         await state.hub.start()
+        state.ops = ops.server(*settings.gateway_ops, state)
+        await state.ops.start()
         state.pool = None
         closer = asyncio.create_task(_close_streams_on_stop(state))
         beats = asyncio.create_task(
@@ -375,6 +370,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             opener.cancel()
             await closer
             await beats
+            await state.ops.stop()
             await state.hub.close()
             await state.archive.close()
             await state.redis.aclose()
@@ -387,10 +383,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route(STREAM_PATH, stream, methods=["GET"]),  # served by GatewayApp directly; listed for docs
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     for module in (auth, lookup):
         routes += list(getattr(module, "routes", []) or [])
+    routes += [*messages.routes, *contract.routes]
     if (STATIC / "index.html").is_file():
         routes.append(Route("/", index, methods=["GET"]))
     if STATIC.is_dir():

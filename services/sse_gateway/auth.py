@@ -1,12 +1,16 @@
-"""Who may read which feed: bearer tokens scoped to feeds, single-use tickets, CORS.
+"""Who may read which feed: bearer tokens scoped to feeds, JWTs, single-use tickets, CORS.
 
-Tokens come from `GatewaySettings.tokens` (FANOUT_TOKENS):
+Static tokens come from `GatewaySettings.tokens` (FANOUT_TOKENS, or the file named by
+FANOUT_TOKENS_FILE):
 
     FANOUT_TOKENS="s3cret=execution+sport_event;t0k=execution;ops=*"
 
 Each `TOKEN=FEEDS` pair names the feeds the token may read, joined by `+`; `*` is
-every feed. With no tokens configured the gateway serves everyone (and says so at
-start-up, see `Access.log_mode`).
+every feed. Beside them, JSON Web Tokens signed by another backend (`tokens.py`:
+FANOUT_JWT_SECRET, FANOUT_JWT_PUBLIC_KEY or FANOUT_JWT_JWKS) name their feeds, and
+optionally the widest filters, in their claims, and expire (`exp`). With neither
+configured the gateway serves everyone (and says so at start-up, see
+`Access.log_mode`); the settings allow that only on a loopback address.
 
 A request presents its token in one of three ways, checked in this order:
 
@@ -19,11 +23,13 @@ A request presents its token in one of three ways, checked in this order:
   several gateways behind a load balancer share tickets and each is used once.
   A browser that reconnects by itself reuses the URL, so a ticket suits one
   connection: get a new ticket and reconnect with `?last_event_id=` to resume.
+  A ticket carries its credential's feeds, filters and expiry, and never outlives it.
 
 No credential (or an unknown one) is a 401 with `WWW-Authenticate: Bearer`; a valid
 credential for a feed it may not read is a 403; both carry a JSON body
-`{"error": ..., "detail": ...}`. Tokens and tickets are never logged: a token is
-named in logs by its position in FANOUT_TOKENS (`token#2`).
+`{"error": ..., "detail": ...}`. Tokens, JWTs, keys and tickets are never logged: a
+static token is named in logs by its position in FANOUT_TOKENS (`token#2`), a JWT by
+its subject (`jwt:<sub>`).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -46,6 +54,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.sse_gateway import tokens as jwts
+from services.sse_gateway.tokens import FilterRules, JwtConfig, JwtSettings, TokenError, Verifier
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
 from shared.settings import SettingsError
@@ -55,11 +65,13 @@ log = logging.getLogger(__name__)
 REALM = "fanout"
 
 
-class AccessSettings(Protocol):
+class AccessSettings(JwtSettings, Protocol):
     """What this module reads from GatewaySettings."""
 
     @property
     def tokens(self) -> str: ...
+    @property
+    def tokens_file(self) -> str: ...
     @property
     def ticket_ttl(self) -> float: ...
     @property
@@ -74,7 +86,9 @@ class Grant:
 
     feeds: frozenset[str]
     via: str  # "open", "bearer", "access_token" or "ticket"
-    who: str  # "anyone", "token#N", or "ticket(token#N)"
+    who: str  # "anyone", "token#N", "jwt:<sub>", or "ticket(<who>)"
+    filters: FilterRules = ()  # the widest filters allowed (a JWT's `filters` claim); () none
+    expires: float | None = None  # Unix seconds: the stream ends then (a JWT's `exp`)
 
 
 class AccessError(HTTPException):
@@ -183,30 +197,53 @@ def _unauthorized(detail: str, invalid: bool) -> AccessError:
     return AccessError(401, "unauthorized", detail, {"WWW-Authenticate": challenge})
 
 
+@lru_cache(maxsize=8)
+def _tokens_text(value: str, path: str) -> str:
+    """FANOUT_TOKENS, or the text of FANOUT_TOKENS_FILE (read once per process)."""
+    return jwts.secret(value, path, "FANOUT_TOKENS")
+
+
+@lru_cache(maxsize=8)
+def _verifier(config: JwtConfig) -> Verifier | None:
+    """The JWT verifier of the settings (keys read and parsed once per process)."""
+    return Verifier.from_settings(config)
+
+
 class Access:
     """Access control for one gateway. Cheap to build per request (parsing is cached)."""
 
     def __init__(self, settings: AccessSettings) -> None:
         self.settings = settings
-        self.tokens = parse_tokens(settings.tokens.strip())
+        self.tokens = parse_tokens(_tokens_text(settings.tokens, settings.tokens_file).strip())
+        self.jwt = _verifier(JwtConfig.of(settings))
         self.keys = Keys(settings.key_prefix)
 
     @property
     def open(self) -> bool:
-        return not self.tokens
+        return not self.tokens and self.jwt is None
 
     def log_mode(self) -> None:
         """The start-up line saying who may read what (never the tokens themselves)."""
         if self.open:
             log.warning(
-                "access control off: no tokens configured (FANOUT_TOKENS), every feed is served to everyone",
+                "access control off: no tokens configured (FANOUT_TOKENS) and no JWT key (FANOUT_JWT_*): "
+                "every feed is served to everyone (open mode, for localhost only)",
                 extra={"auth": "open"},
             )
             return
         scopes = {t.name: "+".join(sorted(t.feeds)) for t in self.tokens.values()}
         log.info(
-            "access control on: bearer tokens, access_token or single-use tickets required",
-            extra={"auth": "tokens", "tokens": len(self.tokens), "scopes": scopes},
+            "access control on: "
+            + ("bearer tokens" if self.tokens else "")
+            + (" and " if self.tokens and self.jwt else "")
+            + ("JWTs" if self.jwt else "")
+            + " (header, access_token or single-use tickets) required",
+            extra={
+                "auth": "+".join(n for n, on in (("tokens", self.tokens), ("jwt", self.jwt)) if on),
+                "tokens": len(self.tokens),
+                "scopes": scopes,
+                **(self.jwt.describe() if self.jwt else {}),
+            },
         )
 
     async def authenticate(self, request: Request) -> Grant:
@@ -252,10 +289,17 @@ class Access:
 
     def _token_grant(self, token: str, via: str) -> Grant:
         found = self.tokens.get(_digest(token))
-        if found is None:
-            log.info("unknown token presented", extra={"via": via})
-            raise _unauthorized("unknown token", invalid=True)
-        return Grant(found.feeds, via, found.name)
+        if found is not None:
+            return Grant(found.feeds, via, found.name)
+        if self.jwt is not None and jwts.looks_like_jwt(token):
+            try:
+                claims = self.jwt.verify(token)
+            except TokenError as exc:
+                log.info("JWT refused", extra={"via": via, "reason": str(exc)})
+                raise _unauthorized(str(exc), invalid=True) from None
+            return Grant(claims.feeds, via, f"jwt:{claims.subject}", claims.filters, claims.expires)
+        log.info("unknown token presented", extra={"via": via})
+        raise _unauthorized("unknown token", invalid=True)
 
     async def issue_ticket(
         self, redis: Redis, grant: Grant, feeds: Iterable[str] | None = None
@@ -263,11 +307,24 @@ class Access:
         """A new single-use ticket for `feeds` (default: all of the grant's feeds)."""
         scope = sorted(grant.feeds if feeds is None else set(feeds))
         ticket = secrets.token_urlsafe(24)
-        ttl_ms = max(1, int(self.settings.ticket_ttl * 1000))
-        value = json.dumps({"feeds": scope, "who": grant.who})
+        ttl = self.settings.ticket_ttl
+        if grant.expires is not None:  # a ticket never outlives its credential
+            ttl = min(ttl, grant.expires - time.time())
+        ttl_ms = max(1, int(ttl * 1000))
+        filters = {name: sorted(values) for name, values in grant.filters}
+        value = json.dumps({"feeds": scope, "who": grant.who, "filters": filters, "expires": grant.expires})
         await redis.set(self.keys.ticket(_digest(ticket)), value, px=ttl_ms)
         log.info("ticket issued", extra={"who": grant.who, "feeds": scope, "ttl_s": ttl_ms / 1000})
-        return {"ticket": ticket, "expires_in": ttl_ms / 1000, "feeds": scope}
+        expires_at = None
+        if grant.expires is not None:
+            expires_at = datetime.fromtimestamp(grant.expires, UTC).isoformat().replace("+00:00", "Z")
+        return {
+            "ticket": ticket,
+            "expires_in": ttl_ms / 1000,
+            "feeds": scope,
+            "filters": filters,
+            "expires_at": expires_at,
+        }
 
     async def _redeem(self, request: Request, ticket: str) -> Grant:
         redis: Redis = request.app.state.redis
@@ -284,7 +341,15 @@ class Access:
                 "unknown, expired or already used ticket; get a new one with POST /v1/tickets", invalid=True
             )
         data = json.loads(raw)
-        return Grant(frozenset(data["feeds"]), "ticket", f"ticket({data.get('who', '?')})")
+        rules: FilterRules = tuple(sorted((k, frozenset(v)) for k, v in (data.get("filters") or {}).items()))
+        expires = data.get("expires")
+        return Grant(
+            frozenset(data["feeds"]),
+            "ticket",
+            f"ticket({data.get('who', '?')})",
+            rules,
+            None if expires is None else float(expires),
+        )
 
 
 def requested_feeds(request: Request) -> list[str] | None:

@@ -2,20 +2,73 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
-from shared.settings import Settings, SettingsError, parse_duration, parse_milliseconds, setting
+from shared.settings import (
+    Settings,
+    SettingsError,
+    parse_bool,
+    parse_duration,
+    parse_host_port,
+    parse_milliseconds,
+    setting,
+)
 
 
 @dataclass(frozen=True)
 class GatewaySettings(Settings):
     gateway_host: str = setting("FANOUT_GATEWAY_HOST", "127.0.0.1", "address the gateway listens on")
     gateway_port: int = setting("FANOUT_GATEWAY_PORT", 8000, "port the gateway listens on (0: a free port)")
+    gateway_ops: tuple[str, int] = setting(
+        "FANOUT_GATEWAY_OPS",
+        ("127.0.0.1", 9103),
+        "HOST:PORT of the ops endpoints /metrics /healthz /readyz, never served on the public port; if "
+        "the port is taken (another gateway on this host), a free port is used and logged (port 0: always "
+        "a free port)",
+        parse_host_port,
+    )
     tokens: str = setting(
         "FANOUT_TOKENS",
         "",
         "access tokens and their feeds, `TOKEN=execution+sport_event;TOKEN2=execution` "
-        "(`*` for all feeds); empty: everyone may read every feed",
+        "(`*` for all feeds); with no JWT key either, everyone may read every feed (only on localhost)",
+    )
+    tokens_file: str = setting(
+        "FANOUT_TOKENS_FILE", "", "a file holding FANOUT_TOKENS (a mounted secret), instead of the variable"
+    )
+    jwt_secret: str = setting(
+        "FANOUT_JWT_SECRET", "", "HS256 secret (at least 32 bytes) of the JWTs accepted; empty: no HS256"
+    )
+    jwt_secret_file: str = setting("FANOUT_JWT_SECRET_FILE", "", "a file holding FANOUT_JWT_SECRET")
+    jwt_public_key: str = setting(
+        "FANOUT_JWT_PUBLIC_KEY",
+        "",
+        "PEM public key of the JWTs accepted: RSA (RS256) or P-256 EC (ES256); empty: none",
+    )
+    jwt_public_key_file: str = setting(
+        "FANOUT_JWT_PUBLIC_KEY_FILE", "", "a file holding FANOUT_JWT_PUBLIC_KEY"
+    )
+    jwt_jwks: str = setting(
+        "FANOUT_JWT_JWKS",
+        "",
+        'JSON Web Key Set ({"keys": [...]}) of the JWTs accepted, RS256/ES256 keys picked by `kid`; '
+        "empty: none",
+    )
+    jwt_jwks_file: str = setting("FANOUT_JWT_JWKS_FILE", "", "a file holding FANOUT_JWT_JWKS")
+    jwt_audience: str = setting(
+        "FANOUT_JWT_AUDIENCE", "", "the `aud` a JWT must name; empty: `aud` is not checked"
+    )
+    jwt_issuer: str = setting("FANOUT_JWT_ISSUER", "", "the `iss` a JWT must carry; empty: not checked")
+    jwt_leeway: float = setting(
+        "FANOUT_JWT_LEEWAY", 30.0, "clock skew allowed when checking a JWT's exp, nbf and iat", parse_duration
+    )
+    allow_open: bool = setting(
+        "FANOUT_ALLOW_OPEN",
+        False,
+        "with no token and no JWT key configured, serve every feed to everyone even when listening beyond "
+        "localhost (behind an authenticating proxy); off: the gateway refuses to start open there",
+        parse_bool,
     )
     ticket_ttl: float = setting(
         "FANOUT_TICKET_TTL", 30.0, "lifetime of a single-use stream ticket", parse_duration
@@ -97,6 +150,15 @@ class GatewaySettings(Settings):
                 raise SettingsError(f"{env}={value}: expected at least {low}")
         if self.heartbeat <= 0:
             raise SettingsError(f"FANOUT_HEARTBEAT={self.heartbeat}: expected a positive duration")
+        if not self.allow_open and not self.has_credentials and not _loopback(self.gateway_host):
+            raise SettingsError(
+                f"FANOUT_GATEWAY_HOST={self.gateway_host} with no credential configured would serve every "
+                "feed to everyone: set FANOUT_TOKENS (or FANOUT_TOKENS_FILE) or a JWT key "
+                "(FANOUT_JWT_SECRET, FANOUT_JWT_PUBLIC_KEY or FANOUT_JWT_JWKS, or their _FILE), listen on "
+                "127.0.0.1, or set FANOUT_ALLOW_OPEN=true"
+            )
+        if self.jwt_leeway < 0:
+            raise SettingsError(f"FANOUT_JWT_LEEWAY={self.jwt_leeway}: expected a duration of 0 or more")
         if not 0 < self.reader_block < 25:
             raise SettingsError(
                 f"FANOUT_READER_BLOCK={self.reader_block}: expected a duration above 0 and below 25s "
@@ -104,5 +166,31 @@ class GatewaySettings(Settings):
             )
 
     @property
+    def has_credentials(self) -> bool:
+        """Whether any static token or JWT key is configured (inline or as a file)."""
+        return any(
+            value.strip()
+            for value in (
+                self.tokens,
+                self.tokens_file,
+                self.jwt_secret,
+                self.jwt_secret_file,
+                self.jwt_public_key,
+                self.jwt_public_key_file,
+                self.jwt_jwks,
+                self.jwt_jwks_file,
+            )
+        )
+
+    @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -26,18 +26,30 @@ SCHEMA = Path(__file__).resolve().parent / "compose_spec" / "compose-spec.json"
 OUR_IMAGE = "feed-fanout"
 
 _VAR = re.compile(
-    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
 )
+# What compose.yaml needs set to start (it refuses to start open); FANOUT_TOKENS may be empty.
+REQUIRED = {"POSTGRES_PASSWORD": "pg-s3cret", "FANOUT_TOKENS": "tok=*"}
+
+
+class MissingVariable(Exception):
+    """Compose's refusal: `${VAR:?message}` with VAR unset or empty, `${VAR?message}` unset."""
 
 
 def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
-    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR, $$."""
+    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR-default},
+    ${VAR:?error}, ${VAR?error}, $VAR, $$."""
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
             if m[0] == "$$":
                 return "$"
-            name = m["braced"] or m["bare"]
-            return env.get(name) or (m["default"] or "")
+            name, op, arg = m["braced"] or m["bare"], m["op"], m["arg"] or ""
+            if (op == ":?" and not env.get(name)) or (op == "?" and name not in env):
+                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+            if op == "-":
+                return env[name] if name in env else arg
+            return env.get(name) or (arg if op == ":-" else "")
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
         return {k: _interpolate(v, env) for k, v in value.items()}
@@ -47,9 +59,10 @@ def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
 
 
 def load(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """compose.yaml as Compose reads it: YAML (with merge keys), interpolated, cast."""
+    """compose.yaml as Compose reads it: YAML (with merge keys), interpolated, cast;
+    `env` defaults to the variables it requires (REQUIRED)."""
     raw = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    doc: dict[str, Any] = _interpolate(raw, env or {})
+    doc: dict[str, Any] = _interpolate(raw, REQUIRED if env is None else env)
     for service in doc["services"].values():  # Compose casts these after interpolation
         deploy = service.get("deploy", {})
         if isinstance(deploy.get("replicas"), str):
@@ -69,7 +82,13 @@ def _validator(schema: dict[str, Any]) -> Any:
     return jsonschema.Draft7Validator(schema)
 
 
-@pytest.mark.parametrize("env", [{}, {"FANOUT_SIMULATORS": "0", "POSTGRES_PASSWORD": "s3cret"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        REQUIRED,
+        {"FANOUT_SIMULATORS": "0", "POSTGRES_PASSWORD": "pw", "FANOUT_TOKENS": "", "FANOUT_JWT_SECRET": "x"},
+    ],
+)
 def test_compose_file_is_valid_against_the_compose_specification(env: dict[str, str]) -> None:
     schema = json.loads(SCHEMA.read_text())
     errors = sorted(_validator(schema).iter_errors(load(env)), key=lambda e: list(e.path))
@@ -150,7 +169,7 @@ def test_two_archivers_one_gateway_port() -> None:
 
 
 def test_upstream_profile_swaps_the_simulators_for_the_original_images() -> None:
-    services = load({"FANOUT_SIMULATORS": "0"})["services"]
+    services = load({**REQUIRED, "FANOUT_SIMULATORS": "0"})["services"]
     upstream = {s["image"] for s in services.values() if "upstream" in s.get("profiles", [])}
     assert upstream == {"wsumfest/sport-feed:v1", "wsumfest/execution-feed:v1"}
     assert services["feeds"]["deploy"]["replicas"] == 0
@@ -170,3 +189,33 @@ def test_dockerfile_builds_the_cli_from_the_sources() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not ignored & set(sources), "a source the Dockerfile copies is in .dockerignore"
     assert re.search(r"^USER (?!root)\S+", text, re.MULTILINE), "the services run as root"
+
+
+@pytest.mark.parametrize(
+    ("unset", "named"),
+    [("POSTGRES_PASSWORD", "POSTGRES_PASSWORD"), ("FANOUT_TOKENS", "FANOUT_TOKENS")],
+)
+def test_compose_refuses_to_start_without_a_password_or_credentials(unset: str, named: str) -> None:
+    env = {k: v for k, v in REQUIRED.items() if k != unset}
+    with pytest.raises(MissingVariable, match=f"required variable {named} is missing a value"):
+        load(env)
+    if unset == "POSTGRES_PASSWORD":  # an empty password is no password either
+        with pytest.raises(MissingVariable):
+            load({**env, "POSTGRES_PASSWORD": ""})
+
+
+def test_compose_passes_the_password_and_the_credentials_through() -> None:
+    services = load({"POSTGRES_PASSWORD": "pg-s3cret", "FANOUT_TOKENS": "", "FANOUT_JWT_SECRET": "k" * 32})[
+        "services"
+    ]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg-s3cret"
+    assert "fanout:pg-s3cret@postgres" in services["gateway"]["environment"]["DATABASE_URL"]
+    gateway = services["gateway"]["environment"]
+    assert gateway["FANOUT_TOKENS"] == "" and gateway["FANOUT_JWT_SECRET"] == "k" * 32
+
+
+def test_gateway_ops_port_is_separate_and_not_published() -> None:
+    gateway = load()["services"]["gateway"]
+    assert gateway["environment"]["FANOUT_GATEWAY_OPS"] == "0.0.0.0:9103"
+    assert gateway["ports"] == ["8000:8000"]  # /metrics is not on it, and 9103 is not published
+    assert "9103/readyz" in " ".join(gateway["healthcheck"]["test"])

@@ -423,8 +423,12 @@ async def test_past_the_subscriber_limit_is_a_503_with_retry_after(make_settings
 
 
 async def test_ops_endpoints(make_settings: Any, writer: Writer) -> None:
+    from tests.integration.test_gateway_helpers import free_port
+
     await writer.append("execution", 2)
-    async with inprocess_gateway(make_settings()) as app, aiohttp.ClientSession() as http:
+    ops = free_port()  # /metrics is on the ops port only (test_gateway_ops.py)
+    settings = make_settings(gateway_ops=("127.0.0.1", ops))
+    async with inprocess_gateway(settings) as app, aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{app.state.port}"
         s = await open_stream(app.state.port, "from=earliest")
         await s.collect(2)
@@ -433,7 +437,7 @@ async def test_ops_endpoints(make_settings: Any, writer: Writer) -> None:
         async with http.get(base + "/readyz") as r:
             assert r.status == 200
             assert (await r.json())["checks"]["redis"] == "ok"
-        async with http.get(base + "/metrics") as r:
+        async with http.get(f"http://127.0.0.1:{ops}/metrics") as r:
             text = await r.text()
         s.close()
     for name in (

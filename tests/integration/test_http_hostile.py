@@ -60,6 +60,7 @@ class Gateway:
     process: subprocess.Popen[bytes]
     settings: Settings
     log: Path
+    ops: str = ""  # base URL of the ops port (/metrics)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -119,7 +120,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     for feed in FEEDS:
         for keys, args in _append_calls(settings, feed, 5):
             script(keys=keys, args=args)
-    port = free_port()
+    port, ops = free_port(), free_port()
     env = {
         **os.environ,
         "REDIS_URL": settings.redis_url,
@@ -127,6 +128,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "FANOUT_KEY_PREFIX": settings.key_prefix,
         "FANOUT_DB_SCHEMA": settings.db_schema,
         "FANOUT_GATEWAY_PORT": str(port),
+        "FANOUT_GATEWAY_OPS": f"127.0.0.1:{ops}",
         "FANOUT_TOKENS": f"{TOKEN}=*;{EXEC_ONLY}=execution",
         "FANOUT_LOG_FORMAT": "json",
         "FANOUT_CLIENT_BUFFER": "200",
@@ -135,7 +137,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     }
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     process = _spawn(env, log)
-    gw = Gateway(f"http://127.0.0.1:{port}", port, process, settings, log)
+    gw = Gateway(f"http://127.0.0.1:{port}", port, process, settings, log, f"http://127.0.0.1:{ops}")
     try:
         _wait_ready(gw)
         yield gw
@@ -473,7 +475,7 @@ async def test_thousands_of_connections_opened_and_dropped_leave_nothing_behind(
     async with aiohttp.ClientSession() as http:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while await subscribers_gauge(http, gateway.url) != 0:
+        while await subscribers_gauge(http, gateway.ops) != 0:
             assert loop.time() < deadline, "subscribers left registered after their clients went away"
             await asyncio.sleep(0.1)
         async with http.get(gateway.url + "/v1/stream?feeds=execution", headers=AUTH) as resp:
