@@ -6,7 +6,7 @@ private redis-server, then reads `INFO memory` and `MEMORY USAGE`:
 
 - per message in all: (used_memory after - before) / messages;
 - the stream entry alone: MEMORY USAGE of the feed streams / messages;
-- the dedup key: the rest (meta hashes are two small keys).
+- the dedup hashes (one per 128 seqs, a listpack): the rest (meta hashes are two small keys).
 
 With these, Redis memory at steady state is rate x (entry x FANOUT_RETENTION-or-MAXLEN
 window + dedup key x FANOUT_DEDUP_TTL); `bench.soak --redis-memory` shows it level off.
@@ -50,8 +50,9 @@ class Memory:
         return self.stream_bytes / self.messages
 
     @property
-    def per_dedup_key(self) -> float:
-        return (self.total_bytes - self.stream_bytes) / max(1, self.dedup_keys)
+    def per_dedup_entry(self) -> float:
+        """A message's share of the dedup hashes (and the two meta hashes)."""
+        return (self.total_bytes - self.stream_bytes) / self.messages
 
 
 async def measure(count: int) -> Memory:
@@ -98,7 +99,7 @@ def markdown(m: Memory) -> str:
             "|---|---:|",
             f"| per message, all keys | {m.per_message:.0f} |",
             f"| per stream entry | {m.per_entry:.0f} |",
-            f"| per dedup key | {m.per_dedup_key:.0f} |",
+            f"| per message in the dedup hashes ({m.dedup_keys:,} hashes of 128) | {m.per_dedup_entry:.0f} |",
             "",
             "Steady state = rate x (entry x hot window + dedup key x FANOUT_DEDUP_TTL); e.g. "
             f"2,000 msg/s with the defaults (15 min each): "

@@ -28,7 +28,7 @@ the hole is filled from JetStream with the same ids before the batch in hand.
 SIGTERM finishes the batch in flight, acks it and exits 0.
 
 Redis keys (prefix FANOUT_KEY_PREFIX): <prefix>:{<feed>}:stream (XRANGE it by seq),
-<prefix>:{<feed>}:meta (epoch, seq, first_seq, last_id), <prefix>:{<feed>}:msg:<id>
+<prefix>:{<feed>}:meta (epoch, seq, first_seq, last_id), <prefix>:{<feed>}:seen:<epoch>:<seq/128>
 (dedup, FANOUT_DEDUP_TTL); the feeds are execution and sport_event.
 
 Ops endpoints: /healthz /readyz /metrics on FANOUT_INGEST_HTTP.

@@ -2,17 +2,20 @@
 --
 -- KEYS[1]      the feed's stream (entry id `<seq>-0`: the JetStream stream sequence)
 -- KEYS[2]      the feed's meta hash (epoch, seq, first_seq, last_id)
--- KEYS[3..n]   one dedup key per message, in the order of the messages in ARGV
--- ARGV[1]      dedup key TTL in seconds (the redelivery window)
+-- KEYS[3..n]   per message, in the order of the messages in ARGV, the dedup hash that
+--              holds its message id (one hash per block of seqs: Keys.dedup)
+-- ARGV[1]      dedup TTL in seconds (the redelivery window), renewed at each write
 -- ARGV[2]      epoch: the feed's JetStream stream creation time in ms
 -- ARGV[3]      start: 0, or the seq at which a missing or empty stream may begin (a
 --              rebuild after Redis lost the stream: what lies below is in PostgreSQL)
--- ARGV[4..]    per message, in seq order: seq, field count N, then N field/value strings
+-- ARGV[4..]    per message, in seq order: seq, field count N, then N field/value strings,
+--              the first pair `message_id`, <id> (codec.entry_fields, codec.malformed_fields)
 --
 -- The stream is contiguous: seq N is appended only right after seq N-1 (the top is the
 -- stream's last-generated id, which trimming does not lower). A message is a duplicate
--- when its dedup key is set (SET NX, kept for the redelivery window) or its seq is at or
--- below the top (the second guard, which holds after the key expired or was evicted).
+-- when its message id is in its dedup hash (HSETNX: SET NX per field, kept for the
+-- redelivery window) or its seq is at or below the top (the second guard, which holds
+-- after the hash expired or was evicted).
 -- Returns, per message, {entry id, status}: 1 appended now, 0 a duplicate, -1 not
 -- appended because seq N-1 is missing (a hole the caller fills from JetStream first; the
 -- entry id is then the top's, `<top>-0`, and every later message of the batch is -1 too).
@@ -80,11 +83,15 @@ for i = 3, #KEYS do
     local dedup = KEYS[i]
     local seq = tonumber(ARGV[arg])
     local count = tonumber(ARGV[arg + 1])
-    local existing = redis.call('GET', dedup)
+    if ARGV[arg + 2] ~= 'message_id' then
+        return redis.error_reply('BAD_ARGS the first field of every message must be message_id')
+    end
+    local message_id = ARGV[arg + 3]
+    local existing = redis.call('HGET', dedup, message_id)
     if existing and seq > top then
-        -- The key outlived its entry (the stream was lost or evicted, the key was not):
+        -- The id outlived its entry (the stream was lost or evicted, the hash was not):
         -- the entry is not there, so the message is not a duplicate.
-        redis.call('DEL', dedup)
+        redis.call('HDEL', dedup, message_id)
         existing = false
     end
     if existing then
@@ -102,7 +109,8 @@ for i = 3, #KEYS do
         -- XADD first: if it fails the script stops before the message is marked as seen.
         local id = redis.call('XADD', stream, seq .. '-0', unpack(fields))
         top = seq
-        redis.call('SET', dedup, id, 'NX', 'EX', ttl)
+        redis.call('HSETNX', dedup, message_id, id)
+        redis.call('EXPIRE', dedup, ttl)
         results[#results + 1] = {id, 1}
     end
     arg = arg + 2 + count

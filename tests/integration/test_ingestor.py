@@ -194,7 +194,8 @@ async def test_published_messages_become_entries_at_their_jetstream_seq(
     assert sport["sport"] == "BASKETBALL" and sport["data_event"] == "goal é 1"
 
     dedup = keys.dedup("execution", exec_entries[0][1]["message_id"])
-    assert await redis.get(dedup) == b"1-0"  # remembered with its entry id, for the redelivery window
+    # remembered with its entry id in its block's hash, for the redelivery window
+    assert await redis.hget(dedup, exec_entries[0][1]["message_id"]) == b"1-0"
     assert 0 < await redis.ttl(dedup) <= settings.dedup_ttl == 15 * 60
 
 

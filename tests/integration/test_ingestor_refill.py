@@ -130,7 +130,8 @@ async def test_the_last_entries_lost_in_a_failover_are_refilled_with_the_same_id
             for entry_id, fields in before[:700]:
                 pipe.xadd(key, fields, id=entry_id)  # type: ignore[arg-type]
             pipe.hset(keys.meta(FEED), mapping={"seq": 700, "last_id": "700-0"})
-            pipe.delete(*(keys.dedup(FEED, e["message_id"]) for _, e in before[700:]))
+            for _, e in before[700:]:
+                pipe.hdel(keys.dedup(FEED, e["message_id"]), e["message_id"])
             await pipe.execute()
         await publish(
             nats, settings.subject(FEED), [execution(i).SerializeToString() for i in range(1000, 1200)]

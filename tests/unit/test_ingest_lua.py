@@ -158,10 +158,12 @@ async def test_a_newer_epoch_resets_the_stream_and_an_older_one_is_refused(r: An
         await append(r, [2], epoch=EPOCH)
 
 
-async def test_dedup_keys_hold_the_entry_id_with_the_ttl(r: Any) -> None:
-    await append(r, [1])
+async def test_dedup_hashes_hold_the_entry_id_with_the_ttl(r: Any) -> None:
+    await append(r, [1, 2])
     key = KEYS.dedup(FEED, message_id(EPOCH, 1))
-    assert (await r.get(key)).decode() == entry_id(1)
+    assert key == KEYS.dedup(FEED, message_id(EPOCH, 2)) != KEYS.dedup(FEED, message_id(EPOCH, 130))
+    assert (await r.hget(key, message_id(EPOCH, 1))).decode() == entry_id(1)
+    assert (await r.hget(key, message_id(EPOCH, 2))).decode() == entry_id(2)
     assert 0 < await r.ttl(key) <= TTL
 
 
