@@ -12,6 +12,7 @@ from types import FrameType
 import uvicorn
 
 from services.sse_gateway.app import create_app
+from services.sse_gateway.protocol import StreamProtocol
 from services.sse_gateway.settings import GatewaySettings
 from shared import logs
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=StreamProtocol if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
         log_config=None,
         access_log=False,

@@ -6,8 +6,9 @@ position valid, and a refill needs no special case: entries at or below the read
 seq are skipped, and the read position always moves past whatever a read returned).
 For a run of entries, each entry's JSON is encoded once, each frame once per variant of
 subscription (its feed set, which fixes the `id:`, and its filters, which decide event
-or `id:`-only frame), and each variant's frames are joined into ONE chunk handed to
-every member of that variant: the hub never awaits a client.
+or `id:`-only frame), and each variant's frames are joined into ONE chunk, framed once
+as an HTTP chunk, handed to every member of that variant (written to its socket at once
+when the member has its connection at hand): the hub never awaits a client.
 
 A live member is always exactly at the hub's positions in its feeds (that is what being
 live means): joining checks the member's positions equal the hub's and adds it in the
@@ -56,8 +57,9 @@ class Member(Protocol):
     filters: Filters
     positions: dict[str, Position]
 
-    def push(self, chunk: bytes, count: int) -> bool:
-        """Queue a chunk of `count` frames; False if the buffer has no room (nothing queued)."""
+    def push(self, chunk: bytes, count: int, framed: bytes) -> bool:
+        """Send (or queue) a chunk of `count` frames, `framed` the same as one HTTP chunk;
+        False if its buffer has no room (nothing sent)."""
 
     def fall_behind(self, positions: dict[str, Position], *, overflow: bool) -> None:
         """Leave the live set at `positions` (what it was sent) and catch up on its own."""
@@ -385,8 +387,10 @@ class _Batch:
             if not pending:
                 continue
             chunk = b"".join(pending)
+            framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)  # once for every member written directly
+            count = len(pending)
             for member in list(group.members):
-                if member.push(chunk, len(pending)):
+                if member.push(chunk, count, framed):
                     sent += self.full[id(group)]
                 else:
                     group.members.discard(member)

@@ -1,6 +1,9 @@
 """The event-stream response: a raw ASGI response that sends each chunk the subscriber
 hands it (everything pending, joined) as ONE body message, and ends the subscriber when
 the client disconnects, a write stalls past the slow-client timeout, or the app stops.
+Once the headers are out it hands the subscriber its connection, when the server gives
+one (`protocol.StreamProtocol`): live chunks then go straight to the socket, and the
+protocol reports the disconnect (no task per stream waiting for it).
 
 Also `unavailable_stream`: what an EventSource client gets instead of a 503."""
 
@@ -17,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from services.sse_gateway import frames, metrics
+from services.sse_gateway.protocol import CONNECTION, Connection
 from services.sse_gateway.subscriber import SLOW_CLIENT, Registry, Subscriber
 
 log = logging.getLogger(__name__)
@@ -84,9 +88,15 @@ class EventStream:
         sub = self.subscriber
         task = sub.task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.create_task(self._watch(receive))
+        conn: Connection | None = scope.get("extensions", {}).get(CONNECTION)
+        watcher: asyncio.Task[None] | None = None
+        if conn is not None:  # the protocol says when the client goes: no task waiting for it
+            conn.when_lost(sub.lost)
+        else:
+            watcher = asyncio.create_task(self._watch(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            sub.conn = conn  # the headers are out: live chunks may now go straight to it
             async with contextlib.aclosing(sub.stream()) as chunks:
                 async for chunk in chunks:
                     if not chunk:
@@ -99,7 +109,10 @@ class EventStream:
             pass  # the client went away mid-write
         finally:
             sub.close()
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            if conn is not None:
+                conn.when_lost(None)
             self.subscribers.discard(sub)
 
     async def _write(self, send: Send, task: asyncio.Task[Any], body: bytes, *, more: bool) -> bool:

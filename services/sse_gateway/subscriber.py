@@ -15,10 +15,14 @@ epoch that is no longer the feed's, are reported in-band:
     event: malformed  data: {"feed", "seq", "message_id", "error"}  (a payload that was not a
                       valid message: it has its seq and its id, so it is no gap)
 
-A live subscriber gets the hub's chunks through a buffer bounded in frames and in bytes,
-and its writer sends everything pending as ONE chunk per wake-up. Past the buffer it
-drops to catch-up; if it has not caught up within `slow_client_timeout` it is
-disconnected (it resumes by its id).
+A live subscriber whose connection the server gave (`protocol.Connection`, uvicorn with
+`protocol.StreamProtocol`) gets the hub's chunks written straight to its socket by the
+hub, already framed, with no task woken: its own task sleeps until it must catch up or
+end. The socket's write buffer is then its buffer, bounded by FANOUT_CLIENT_BUFFER_BYTES.
+Without a connection (another server), the chunks go through a buffer bounded in frames
+and in bytes, and its writer sends everything pending as ONE chunk per wake-up. Past
+either bound it drops to catch-up; if it has not caught up within `slow_client_timeout`
+it is disconnected (it resumes by its id).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from services.sse_gateway.cursor import NO_EPOCH, LegacyCursor, Position
 from services.sse_gateway.filters import Filters
 from services.sse_gateway.history import ArchiveUnavailable, History, Record
 from services.sse_gateway.hub import Hub
+from services.sse_gateway.protocol import Connection, frame
 from services.sse_gateway.settings import GatewaySettings
 from shared.lifecycle import Backoff, wait_or_stop
 
@@ -88,6 +93,7 @@ class Registry:
                     sub.stall()
 
 
+FRAMED_HEARTBEAT = frame(frames.HEARTBEAT)
 RETRY_AFTER_REDIS_ERROR = 0.5
 WAIT_RETRY_CAP = 2.0  # seconds: the longest pause between looks while a store catches up
 SLOW_CLIENT = "too far behind for too long"  # the close reason of a SlowClient
@@ -107,6 +113,7 @@ class Subscriber:
         "byte_limit",
         "close_reason",
         "closed",
+        "conn",
         "feeds",
         "filters",
         "history",
@@ -158,10 +165,21 @@ class Subscriber:
         self.closed = False
         self.behind_since: float | None = None
         self.close_reason = ""
+        self.conn: Connection | None = None  # set by EventStream when the server gives it
 
     # -- called by the hub (synchronous) ---------------------------------------------
 
-    def push(self, chunk: bytes, count: int) -> bool:
+    def push(self, chunk: bytes, count: int, framed: bytes) -> bool:
+        conn = self.conn
+        if conn is not None and self.live and not self.buffer:
+            # Live, and the connection at hand: straight to the socket, no task woken.
+            if self.closed or conn.closing:
+                return True  # it is leaving: nothing more to write
+            if conn.buffered() + len(framed) > self.byte_limit:
+                return False
+            conn.write(framed)
+            self.quiet = False
+            return True
         if self.pending + count > self.limit or self.buffered + len(chunk) > self.byte_limit:
             return False
         self.buffer.append(chunk)
@@ -181,8 +199,13 @@ class Subscriber:
         """A heartbeat comment if nothing was sent for a whole interval (live, or waiting
         in catch-up for a store to catch up)."""
         if self.quiet and not self.buffer:
-            self.buffer.append(frames.HEARTBEAT)
-            self._wake()
+            conn = self.conn
+            if conn is not None and self.live:
+                if not (self.closed or conn.closing):
+                    conn.write(FRAMED_HEARTBEAT)
+            else:
+                self.buffer.append(frames.HEARTBEAT)
+                self._wake()
         self.quiet = True
 
     def _wake(self) -> None:
@@ -197,6 +220,10 @@ class Subscriber:
         if overflow and self.behind_since is None:
             self.behind_since = time.monotonic()
         self._wake()
+
+    def lost(self) -> None:
+        """The client's connection is gone (called by the protocol)."""
+        self.close("client disconnected")
 
     def close(self, reason: str = "") -> None:
         self.closed = True
