@@ -99,6 +99,7 @@ from shared.connections import REDIS_SOCKET_TIMEOUT, read_retry, redis_client
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
 from shared.lifecycle import Backoff
+from shared.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
     auth = _optional("auth")
     lookup = _optional("lookup")
     access = Access(settings)
+    if access.open and settings.has_credentials:  # e.g. FANOUT_TOKENS_FILE names an empty file
+        raise SettingsError(
+            "the credential settings (FANOUT_TOKENS, FANOUT_JWT_*, or their _FILE) name no token and no "
+            "key: refusing to serve every feed to everyone"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -242,3 +242,11 @@ def test_open_mode_only_on_localhost(base_settings: Settings) -> None:
     GatewaySettings(**values, gateway_host="0.0.0.0", tokens="t=*")
     GatewaySettings(**values, gateway_host="0.0.0.0", jwt_secret=SECRET)
     GatewaySettings(**values, gateway_host="0.0.0.0", allow_open=True)
+
+
+def test_credential_settings_that_name_nothing_are_refused(base_settings: Settings, tmp_path: Path) -> None:
+    from services.sse_gateway.app import create_app
+
+    (tmp_path / "tokens").write_text("\n")
+    with pytest.raises(SettingsError, match="name no token and no key"):
+        create_app(gateway_settings(base_settings, tokens_file=str(tmp_path / "tokens")))
