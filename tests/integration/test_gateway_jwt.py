@@ -140,12 +140,23 @@ async def test_a_ticket_carries_the_tokens_feeds_filters_and_expiry(
     assert late.status == 401
 
 
+@pytest.mark.parametrize("http", ["h11", "stream-protocol"])
 async def test_an_expired_token_ends_the_live_stream_with_an_expired_event_then_a_fresh_one_resumes(
-    gateway: Any, redis: Any, base_settings: Settings
+    http: str, redis: Any, base_settings: Settings
 ) -> None:
+    from services.sse_gateway.protocol import StreamProtocol
+
+    settings = gateway_settings(base_settings, tokens=f"{STATIC}=*", jwt_secret=SECRET, heartbeat=1.0)
+    protocol = StreamProtocol if http == "stream-protocol" else "h11"
+    async with inprocess_gateway(settings, http=protocol) as app:
+        await _expired_then_resumed(app.state.port, redis, base_settings)
+
+
+async def _expired_then_resumed(port: int, redis: Any, base_settings: Settings) -> None:
+    """The live path ends at exp with `event: expired` (whichever way live chunks are
+    written: ASGI sends, or straight to the socket), and a fresh token resumes exactly."""
     writer = Writer(redis, base_settings.key_prefix)
     await writer.append("execution", 1)
-    port = gateway.state.port
     short = token(["execution"], exp_in=4)
     stream = await open_stream(port, "feeds=execution", headers=bearer(short))
     assert stream.status == 200
