@@ -17,14 +17,31 @@ import asyncio
 import errno
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[], Awaitable[bool]]
+
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_registry() -> CollectorRegistry:
+    """What /metrics serves: this process's metrics, or, in prometheus-client's
+    multiprocess mode (PROMETHEUS_MULTIPROC_DIR, which a supervisor sets for its
+    workers: `fanout gateway --workers N`), those of every process of the group."""
+    directory = os.environ.get(MULTIPROC_DIR)
+    if not directory:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
 
 
 class OpsServer:
@@ -33,6 +50,7 @@ class OpsServer:
         self.port = port
         self.checks = dict(checks)
         self.check_timeout = check_timeout
+        self.registry = metrics_registry()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -82,4 +100,6 @@ class OpsServer:
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )

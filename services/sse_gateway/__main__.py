@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
+import os
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
+from services.sse_gateway import workers
 from services.sse_gateway.app import create_app
 from services.sse_gateway.protocol import StreamProtocol
 from services.sse_gateway.settings import GatewaySettings
@@ -26,7 +30,11 @@ Serve the feeds to subscribers over Server-Sent Events.
        'http://127.0.0.1:8000/v1/stream?feeds=execution'
 
 Every event's `id:` is a cursor; reconnecting with it resumes exactly after that event.
-SIGTERM ends every stream cleanly and exits 0."""
+SIGTERM ends every stream cleanly and exits 0.
+
+With --workers N (default: one per core) a supervisor binds the port and runs N worker
+processes that share it, each with its own feed readers; a worker that dies is replaced
+and its clients resume on the others (see services/sse_gateway/workers.py)."""
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +67,20 @@ def _after_shutdown(sig: int, frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_args(args)
     logs.configure("gateway", settings.log_format, settings.log_level)
+    in_group = os.environ.get(workers.REUSE_PORT) == "1"  # a worker of a supervisor
+    count = settings.workers or workers.default_workers()
+    if count > 1 and not in_group:
+        return workers.supervise(settings, args, count)
+    sockets: list[socket.socket] | None = None
+    if in_group:
+        sockets = [workers.port_socket(settings.gateway_host, settings.gateway_port, listen=True)]
+        slot = int(os.environ[workers.WORKER_SLOT])
+        if slot > 0:  # the ops port is the first worker's; the others take a free one (logged)
+            settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
     app = create_app(settings)
+    if in_group:
+        counts = workers.SubscriberCounts.attach(os.environ[workers.SHARED_DIR], slot)
+        app.state.subscribers.shared = counts
     config = uvicorn.Config(
         app,
         host=settings.gateway_host,
@@ -76,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn re-raises the exit signal once it has shut down; with the default handler
     # that would kill the process after a clean shutdown (exit -15 instead of 0).
     signal.signal(signal.SIGTERM, _after_shutdown)
-    server.run()
+    server.run(sockets)
     if not server.started:
         log.error(
             "gateway did not start", extra={"host": settings.gateway_host, "port": settings.gateway_port}

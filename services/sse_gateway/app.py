@@ -209,7 +209,7 @@ async def stream(request: Request) -> Any:
     except (RedisError, OSError) as exc:
         return error(503, "redis unavailable", f"cannot read the feeds: {exc}", {"Retry-After": "2"})
     subscribers: Registry = state.subscribers
-    if len(subscribers) >= settings.max_subscribers:
+    if subscribers.total() >= settings.max_subscribers:  # every worker's
         return error(
             503,
             "too many subscribers",

@@ -1,10 +1,13 @@
-"""The gateway's Prometheus metrics (process-wide, served at /metrics)."""
+"""The gateway's Prometheus metrics (process-wide, served at /metrics on the ops port).
+Under a supervisor (`workers.py`) the workers run prometheus-client's multiprocess mode:
+counters add up over every worker (dead ones included), the subscriber gauge over the
+live ones, the reader lag is the largest of the live workers'."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-SUBSCRIBERS = Gauge("fanout_gateway_subscribers", "stream subscribers connected")
+SUBSCRIBERS = Gauge("fanout_gateway_subscribers", "stream subscribers connected", multiprocess_mode="livesum")
 SERVED = Counter("fanout_gateway_served_total", "streams opened")
 EVENTS_SENT = Counter("fanout_gateway_events_sent_total", "feed events written to subscribers", ["feed"])
 CATCHUPS = Counter(
@@ -26,6 +29,7 @@ READER_LAG = Gauge(
     "fanout_gateway_reader_lag_seconds",
     "age (since its broker time) of the last entry the shared reader dispatched, when it was dispatched",
     ["feed"],
+    multiprocess_mode="livemax",
 )
 READER_RESTARTS = Counter(
     "fanout_gateway_reader_restarts_total",

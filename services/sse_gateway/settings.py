@@ -20,6 +20,12 @@ from shared.settings import (
 class GatewaySettings(Settings):
     gateway_host: str = setting("FANOUT_GATEWAY_HOST", "127.0.0.1", "address the gateway listens on")
     gateway_port: int = setting("FANOUT_GATEWAY_PORT", 8000, "port the gateway listens on (0: a free port)")
+    workers: int = setting(
+        "FANOUT_GATEWAY_WORKERS",
+        0,
+        "worker processes serving the port, each with its own feed readers; a dead one is replaced "
+        "(0: one per core; 1: a single process, no supervisor)",
+    )
     gateway_ops: tuple[str, int] = setting(
         "FANOUT_GATEWAY_OPS",
         ("127.0.0.1", 9103),
@@ -77,7 +83,9 @@ class GatewaySettings(Settings):
         "FANOUT_CORS_ORIGINS", "", "origins allowed by CORS, comma-separated (`*` for any); empty: none"
     )
     max_subscribers: int = setting(
-        "FANOUT_MAX_SUBSCRIBERS", 10_000, "concurrent stream subscribers per process (503 past it)"
+        "FANOUT_MAX_SUBSCRIBERS",
+        10_000,
+        "concurrent stream subscribers, all workers together (503 past it)",
     )
     heartbeat: float = setting(
         "FANOUT_HEARTBEAT", 15.0, "interval of the `:` heartbeat comments on an idle stream", parse_duration
@@ -137,6 +145,7 @@ class GatewaySettings(Settings):
         if not 0 <= self.gateway_port <= 65535:
             raise SettingsError(f"FANOUT_GATEWAY_PORT={self.gateway_port}: expected 0..65535")
         for env, value, low in (
+            ("FANOUT_GATEWAY_WORKERS", self.workers, 0),
             ("FANOUT_MAX_SUBSCRIBERS", self.max_subscribers, 1),
             ("FANOUT_RETRY_MS", self.retry_ms, 0),
             ("FANOUT_CLIENT_BUFFER", self.client_buffer, 1),

@@ -43,21 +43,29 @@ from services.sse_gateway.history import ArchiveUnavailable, History, Record
 from services.sse_gateway.hub import Hub
 from services.sse_gateway.protocol import Connection, frame
 from services.sse_gateway.settings import GatewaySettings
+from services.sse_gateway.workers import SubscriberCounts
 from shared.lifecycle import Backoff, wait_or_stop
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
-    """The connected subscribers of the process, and an event set when there are none."""
+    """The connected subscribers of the process, and an event set when there are none.
+    Under a supervisor (`workers.py`) each worker also writes its count in its slot of
+    the shared `SubscriberCounts`, so `total()` counts every worker's subscribers."""
 
     def __init__(self) -> None:
         self._members: set[Subscriber] = set()
         self.empty = asyncio.Event()
         self.empty.set()
+        self.shared: SubscriberCounts | None = None
 
     def __len__(self) -> int:
         return len(self._members)
+
+    def total(self) -> int:
+        """Subscribers of every worker (of this process when it is the only one)."""
+        return self.shared.total() if self.shared is not None else len(self._members)
 
     def __iter__(self) -> Iterator[Subscriber]:
         return iter(list(self._members))
@@ -67,10 +75,14 @@ class Registry:
         self.empty.clear()
         metrics.SERVED.inc()
         metrics.SUBSCRIBERS.set(len(self._members))
+        if self.shared is not None:
+            self.shared.set(len(self._members))
 
     def discard(self, sub: Subscriber) -> None:
         self._members.discard(sub)
         metrics.SUBSCRIBERS.set(len(self._members))
+        if self.shared is not None:
+            self.shared.set(len(self._members))
         if not self._members:
             self.empty.set()
 

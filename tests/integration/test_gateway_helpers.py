@@ -372,6 +372,8 @@ def gateway_env(settings: Any, port: int, **extra: str) -> dict[str, str]:
             "FANOUT_GATEWAY_PORT": str(port),
             "FANOUT_LOG_FORMAT": "json",
             "FANOUT_TOKENS": "",
+            # One process, as these tests expect (test_gateway_workers.py runs several).
+            "FANOUT_GATEWAY_WORKERS": "1",
         }
     )
     env.update(extra)

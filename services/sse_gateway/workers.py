@@ -1,0 +1,294 @@
+"""Several gateway worker processes on one port (`fanout gateway --workers N`).
+
+The supervisor (the process the user started) reserves the port (binds it with
+SO_REUSEPORT, without listening: a taken port is one clear error before any worker
+starts, and port 0 becomes a real one) and starts N workers, each
+`fanout gateway --workers 1` with the same flags and environment, which each listen on
+that port with SO_REUSEPORT: the kernel spreads new connections evenly over the workers
+(by a hash of the connection's addresses; one socket shared by all would hand a burst
+of connections to whichever worker accepts first). Each worker is a whole gateway: its
+own per-feed readers, hub, history clients and subscribers; nothing of a stream is
+shared between workers (a stream's cursor says everything needed to resume it anywhere).
+
+- A worker that dies (any exit while the supervisor is not stopping) is replaced; its
+  clients see their connections end, reconnect with their last id and resume, on the
+  other workers or its replacement, with no gap and no duplicate. A worker that keeps
+  dying at start is restarted with backoff (up to 30 s apart) and logged each time.
+- SIGTERM (or SIGINT) to the supervisor goes to every worker: each ends its streams and
+  exits within FANOUT_SHUTDOWN_GRACE; the supervisor exits 0 once all have (a worker
+  still running 10 s past the grace is killed, and the exit is 1).
+- The workers die with the supervisor (PR_SET_PDEATHSIG), so a supervisor killed with
+  SIGKILL leaves no worker behind holding the port.
+- Metrics: the workers run prometheus-client in multiprocess mode with a private
+  directory (PROMETHEUS_MULTIPROC_DIR, made and removed by the supervisor), so /metrics
+  on any worker (and the ops port) adds the counters of every worker, live or dead,
+  and the subscriber gauge sums the live workers.
+- The subscriber limit (FANOUT_MAX_SUBSCRIBERS) is shared by all workers: each worker
+  writes its own count in one slot of a small shared file (`SubscriberCounts`), and a
+  new stream is refused when the slots add up to the limit. A dead worker's slot is
+  cleared by the supervisor. (Two workers admitting at the same instant can each pass
+  at limit - 1: the bound is exact to within the number of workers.)
+- Tickets and tokens live in Redis already: any worker honours any worker's ticket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import mmap
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from services.sse_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+# Set by the supervisor for its workers only (not settings a user gives):
+REUSE_PORT = "FANOUT_GATEWAY_REUSE_PORT"  # listen on the port with SO_REUSEPORT
+WORKER_SLOT = "FANOUT_GATEWAY_WORKER_SLOT"  # this worker's slot in the shared counts
+SHARED_DIR = "FANOUT_GATEWAY_SHARED_DIR"  # the supervisor's private directory
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
+
+COUNTS_FILE = "subscribers"
+STOP_MARGIN = 10.0  # seconds past the shutdown grace before a worker is killed
+BACKLOG = 4096
+_SLOT = 8  # bytes per slot: one signed 64-bit count
+_PR_SET_PDEATHSIG = 1
+_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class SubscriberCounts:
+    """One count per worker in a shared file, mapped by every worker: each writes its own
+    slot, any reads the total."""
+
+    def __init__(self, path: Path, slots: int, slot: int | None = None) -> None:
+        self.slot = slot
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), slots * _SLOT)
+        self._view = memoryview(self._map).cast("q")
+
+    @classmethod
+    def create(cls, path: Path, slots: int) -> SubscriberCounts:
+        path.write_bytes(bytes(slots * _SLOT))
+        return cls(path, slots)
+
+    @classmethod
+    def attach(cls, directory: str, slot: int) -> SubscriberCounts:
+        path = Path(directory, COUNTS_FILE)
+        return cls(path, path.stat().st_size // _SLOT, slot)
+
+    def set(self, count: int) -> None:
+        """This worker's count."""
+        assert self.slot is not None
+        self._view[self.slot] = count
+
+    def clear(self, slot: int) -> None:
+        self._view[slot] = 0
+
+    def total(self) -> int:
+        return sum(self._view)
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
+
+
+def port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT (IPv6 if `host` is an IPv6
+    address): the supervisor's reservation (listen=False), or a worker's listening one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def worker_command(args: argparse.Namespace, port: int) -> list[str]:
+    """`fanout gateway` with the flags the user gave (the environment is inherited), as
+    one worker on `port` (the one reserved: port 0 resolved)."""
+    cmd = [sys.executable, "-m", "fanout.cli", "gateway"]
+    for f in fields(GatewaySettings):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in ("workers", "gateway_port"):
+            cmd += ["--" + f.name.replace("_", "-"), str(value)]
+    return [*cmd, "--gateway-port", str(port), "--workers", "1"]
+
+
+def _in_worker() -> None:
+    """Run in each worker between fork and exec: the signals the supervisor waits for
+    are blocked there, not here; and die with the supervisor."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Supervisor:
+    def __init__(self, settings: GatewaySettings, args: argparse.Namespace, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self.args = args
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[int, float] = {}
+        self.due: dict[int, float] = {}  # slot -> monotonic time a replacement is due
+        self.failures: dict[int, int] = {}
+        self.stopping = False
+        self.exit_code = 0
+
+    def run(self) -> int:
+        s = self.settings
+        try:
+            sock = port_socket(s.gateway_host, s.gateway_port, listen=False)
+        except OSError as exc:
+            log.error(
+                "gateway cannot listen",
+                extra={"host": s.gateway_host, "port": s.gateway_port, "error": str(exc)},
+            )
+            return 1
+        shared = tempfile.mkdtemp(prefix="fanout-gateway-")
+        os.mkdir(Path(shared, "metrics"))
+        counts = SubscriberCounts.create(Path(shared, COUNTS_FILE), self.count)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self.env = {
+                **os.environ,
+                REUSE_PORT: "1",
+                SHARED_DIR: shared,
+                MULTIPROC_DIR: str(Path(shared, "metrics")),
+            }
+            port = sock.getsockname()[1]
+            self.command = worker_command(self.args, port)
+            self.counts = counts
+            for slot in range(self.count):
+                self._start(slot)
+            log.info(
+                "gateway workers started",
+                extra={
+                    "workers": self.count,
+                    "pids": ",".join(str(p.pid) for p in self.workers.values()),
+                    "url": f"http://{s.gateway_host}:{port}/v1/stream",
+                },
+            )
+            self._loop()
+        finally:
+            for proc in self.workers.values():  # only after an unexpected error here
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            counts.close()
+            sock.close()
+            shutil.rmtree(shared, ignore_errors=True)
+        log.info("gateway stopped", extra={"workers": self.count, "exit_code": self.exit_code})
+        return self.exit_code
+
+    def _start(self, slot: int) -> None:
+        env = {**self.env, WORKER_SLOT: str(slot)}
+        proc = subprocess.Popen(self.command, env=env, preexec_fn=_in_worker)
+        self.workers[slot] = proc
+        self.started_at[slot] = time.monotonic()
+        self.due.pop(slot, None)
+
+    def _loop(self) -> None:
+        deadline: float | None = None
+        while self.workers or (self.due and not self.stopping):
+            now = time.monotonic()
+            waits = [t - now for t in self.due.values()]
+            if deadline is not None:
+                waits.append(deadline - now)
+            timeout = max(0.0, min(waits)) if waits else None
+            info = (
+                signal.sigtimedwait(_SIGNALS, timeout)
+                if timeout is not None
+                else signal.sigwaitinfo(_SIGNALS)
+            )
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self.stopping = True
+                self.due.clear()
+                deadline = time.monotonic() + self.settings.shutdown_grace + STOP_MARGIN
+                log.info("gateway stopping: every worker drains", extra={"workers": len(self.workers)})
+                for proc in self.workers.values():
+                    with contextlib.suppress(OSError):
+                        proc.send_signal(signal.SIGTERM)
+            self._reap()
+            if deadline is not None and time.monotonic() >= deadline and self.workers:
+                for slot, proc in self.workers.items():
+                    log.error(
+                        "gateway worker did not stop in time; killed", extra={"slot": slot, "pid": proc.pid}
+                    )
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+                    proc.wait()
+                    self._gone(slot, proc)
+                self.workers.clear()
+                self.exit_code = 1
+            if not self.stopping:
+                for slot, when in list(self.due.items()):
+                    if when <= time.monotonic():
+                        self._start(slot)
+                        log.info(
+                            "gateway worker started again",
+                            extra={"slot": slot, "pid": self.workers[slot].pid},
+                        )
+
+    def _reap(self) -> None:
+        for slot, proc in list(self.workers.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.workers[slot]
+            self._gone(slot, proc)
+            if self.stopping:
+                if code != 0:
+                    log.error("gateway worker exited with an error", extra={"slot": slot, "code": code})
+                    self.exit_code = 1
+                continue
+            lived = time.monotonic() - self.started_at[slot]
+            self.failures[slot] = self.failures.get(slot, 0) + 1 if lived < 5 else 0
+            delay = min(30.0, 0.5 * 2 ** self.failures[slot]) if self.failures[slot] else 0.0
+            self.due[slot] = time.monotonic() + delay
+            log.error(
+                "gateway worker died; replacing it (its clients resume on the others)",
+                extra={
+                    "slot": slot,
+                    "pid": proc.pid,
+                    "code": code,
+                    "lived_s": round(lived, 1),
+                    "after_s": delay,
+                },
+            )
+
+    def _gone(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
+        """A worker's leftovers: its subscriber count, its live gauges."""
+        self.counts.clear(slot)
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(proc.pid, self.env[MULTIPROC_DIR])  # type: ignore[no-untyped-call]
+
+
+def supervise(settings: GatewaySettings, args: argparse.Namespace, count: int) -> int:
+    return Supervisor(settings, args, count).run()
