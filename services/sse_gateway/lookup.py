@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 _PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 # `<stream created unix ms>.<JetStream stream seq>`
-MESSAGE_ID = re.compile(r"[0-9]{1,19}\.[0-9]{1,20}")  # fullmatch: `$` would take a trailing newline
+MESSAGE_ID = re.compile(r"[0-9]{1,19}\.[0-9]{1,19}")  # fullmatch: `$` would take a trailing newline
 
 _COMMON_COLUMNS = (
     "message_id, epoch, seq, stream_id, broker_time, ingest_time, archived_at, message"
