@@ -364,20 +364,32 @@ class FanoutProcess:
     environment, so on the same port (the reconnect storm). Its output goes to `log_path`
     (appended to across restarts)."""
 
-    def __init__(self, command: str, env: Mapping[str, str], log_path: str, port: int) -> None:
+    def __init__(
+        self, command: str, env: Mapping[str, str], log_path: str, port: int, listeners: int = 1
+    ) -> None:
         fanout = REPO / ".venv" / "bin" / "fanout"
         self.cmd = [str(fanout) if fanout.exists() else "fanout", command]
         self.env = {**os.environ, "FANOUT_LOG_FORMAT": "json", **env}
         self.log_path = log_path
         self.port = port
+        self.listeners = listeners  # listening sockets on the port once up: a gateway's workers
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> subprocess.Popen[bytes]:
+        """Start it; return once `listeners` sockets listen on the port (every worker of a
+        gateway, so that clients spread over them)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
             )
         wait_port(self.port, self.proc, timeout=60, what=" ".join(self.cmd[-1:]))
+        deadline = time.monotonic() + 60
+        while listening_sockets(self.port) < self.listeners:  # other processes: nothing to await
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    f"fanout {self.cmd[-1]}: fewer than {self.listeners} listening on {self.port}"
+                )
+            time.sleep(0.05)
         return self.proc
 
     def stop(self, grace: float = 30) -> None:
@@ -385,6 +397,19 @@ class FanoutProcess:
             code = stop_process(self.proc, grace=grace)
             if code not in (0, -signal.SIGTERM):
                 print(f"  note: fanout {self.cmd[-1]} exited with {code} (log: {self.log_path})")
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on `port` (IPv4 and IPv6), from /proc/net."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
 
 
 def log_errors(path: Path) -> list[str]:

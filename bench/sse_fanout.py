@@ -284,6 +284,7 @@ async def start_gateway(
         },
         log_path=f"{log_dir}/{name}.log",
         port=port,
+        listeners=workers or 1,
     )
     service.start()
     stack.callback(service.stop)
