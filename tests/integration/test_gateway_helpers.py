@@ -71,7 +71,9 @@ class Writer:
         self.top: dict[str, int] = dict.fromkeys(FEED_NAMES, 0)
         self.written: dict[str, dict[int, list[str]]] = {f: {} for f in FEED_NAMES}
 
-    async def append(self, feed: str, n: int, *, broker_time: str | None = None, **fields: str) -> list[str]:
+    async def append(
+        self, feed: str, n: int, *, broker_time: str | None = None, **fields: str
+    ) -> list[str]:
         """`n` new messages (fields as `execution_fields`/`sport_fields` make them for their
         seq, overridden by `fields`); their entry ids."""
         now = codec.iso_ms(datetime.now(UTC))
@@ -140,12 +142,8 @@ _TYPED = {
 }
 _COLUMNS = {
     "execution": (
-        ("symbol", "symbol"),
-        ("market", "market"),
-        ("price", "price"),
-        ("quantity", "quantity"),
-        ("execution_epoch", "executionEpoch"),
-        ("state_symbol", "stateSymbol"),
+        ("symbol", "symbol"), ("market", "market"), ("price", "price"), ("quantity", "quantity"),
+        ("execution_epoch", "executionEpoch"), ("state_symbol", "stateSymbol"),
     ),
     "sport_event": (("sport", "sport"), ("match_title", "match_title"), ("data_event", "data_event")),
 }
@@ -186,14 +184,8 @@ async def archive(pg: Any, schema: str, feed: str, entries: Sequence[tuple[str, 
                 f'INSERT INTO "{schema}".dead_letter (source, feed, message_id, stream_id, error,'
                 " payload, broker_time, ingest_time, epoch, seq)"
                 " VALUES ('ingestor', $1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                feed,
-                fields["message_id"],
-                entry_id,
-                fields["error"],
-                base64.b64decode(fields["payload_b64"]),
-                *times,
-                epoch,
-                seq,
+                feed, fields["message_id"], entry_id, fields["error"],
+                base64.b64decode(fields["payload_b64"]), *times, epoch, seq,
             )
             continue
         message = codec.typed_message(FEEDS[feed], fields)
@@ -203,15 +195,7 @@ async def archive(pg: Any, schema: str, feed: str, entries: Sequence[tuple[str, 
         await pg.execute(
             f'INSERT INTO "{schema}".{feed} (message_id, epoch, seq, stream_id, entry_ms, entry_n,'
             f" broker_time, ingest_time, {names}, message) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {marks})",
-            fields["message_id"],
-            epoch,
-            seq,
-            entry_id,
-            seq,
-            0,
-            *times,
-            *typed,
-            json.dumps(message),
+            fields["message_id"], epoch, seq, entry_id, seq, 0, *times, *typed, json.dumps(message),
         )
 
 
