@@ -93,7 +93,8 @@ class GatewaySettings(Settings):
     retry_ms: int = setting(
         "FANOUT_RETRY_MS",
         2000,
-        "the `retry:` reconnection hint sent to clients: a duration (2s) or bare milliseconds (2000)",
+        "the `retry:` reconnection hint sent to clients, plus up to 50% at random per stream so that a "
+        "crowd dropped at once does not come back at once: a duration (2s) or bare milliseconds (2000)",
         parse_milliseconds,
     )
     client_buffer: int = setting(

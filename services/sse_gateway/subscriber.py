@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -106,6 +107,15 @@ class Registry:
 
 
 FRAMED_HEARTBEAT = frame(frames.HEARTBEAT)
+RETRY_JITTER = 0.5  # each stream's `retry:` is FANOUT_RETRY_MS plus up to this share of it
+
+
+def jittered(ms: int) -> int:
+    """`ms` plus a random 0-50%: a crowd dropped at once (a restart, a dead worker) comes
+    back spread over half the delay instead of all in the same millisecond."""
+    return ms + random.randint(0, int(ms * RETRY_JITTER))
+
+
 RETRY_AFTER_REDIS_ERROR = 0.5
 WAIT_RETRY_CAP = 2.0  # seconds: the longest pause between looks while a store catches up
 SLOW_CLIENT = "too far behind for too long"  # the close reason of a SlowClient
@@ -249,7 +259,11 @@ class Subscriber:
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
         """The bytes to send, chunk by chunk, until closed."""
-        yield frames.retry(self.settings.retry_ms) + frames.id_only(self.cursor()) + b"".join(self.notices)
+        yield (
+            frames.retry(jittered(self.settings.retry_ms))
+            + frames.id_only(self.cursor())
+            + b"".join(self.notices)
+        )
         self.notices.clear()
         self.live = self.hub.join(self)
         if not self.live:

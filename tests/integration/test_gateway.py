@@ -510,7 +510,9 @@ async def test_an_idle_stream_gets_heartbeat_comments_and_a_retry_hint(make_sett
             while raw.count(b": heartbeat") < 2:
                 raw += await s._read_body()
         s.close()
-    assert raw.startswith(b"retry: 1234\n\nid: v2:execution.-.0\n\n")
+    retry, _, rest = raw.partition(b"\n\n")
+    assert retry.startswith(b"retry: ") and 1234 <= int(retry[7:]) <= 1234 * 3 // 2  # jittered per stream
+    assert rest.startswith(b"id: v2:execution.-.0\n\n")
 
 
 async def test_a_client_that_stops_reading_is_disconnected_and_resumes_exactly(
