@@ -274,8 +274,12 @@ class Pipeline:
             )
             a.start()
             starting.append(a)
+        ops = free_port()  # the gateway's /metrics (and /readyz) port: never the shared default
         gw = self._service(
-            "gateway", ["gateway"], {"FANOUT_GATEWAY_PORT": str(self.gateway_port)}, self.gateway_url
+            "gateway",
+            ["gateway"],
+            {"FANOUT_GATEWAY_PORT": str(self.gateway_port), "FANOUT_GATEWAY_OPS": f"127.0.0.1:{ops}"},
+            f"http://127.0.0.1:{ops}",
         )
         gw.start()
         starting.append(gw)
