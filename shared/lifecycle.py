@@ -44,6 +44,8 @@ async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
 class Backoff:
     """Exponential backoff with full jitter, capped: 0.1 s, 0.2 s, ... up to `cap` seconds."""
 
+    __slots__ = ("attempt", "base", "cap")  # one per gateway subscriber: no dict each
+
     def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
         self.base = base
         self.cap = cap

@@ -296,6 +296,7 @@ async def _stream_asgi(scope: Scope, receive: Receive, send: Send) -> None:
         and wants_event_stream(request.headers.get("accept", ""))
     ):
         response = _in_band(response)
+    del request  # not kept for the hours a stream lasts: memory per idle subscriber
     await response(scope, receive, send)
 
 

@@ -82,7 +82,7 @@ class EventStream:
     ) -> None:
         self.subscriber = subscriber
         self.subscribers = subscribers
-        self.headers = HEADERS + (headers or [])
+        self.headers = HEADERS + headers if headers else HEADERS  # shared when nothing is added
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.subscriber
@@ -97,6 +97,10 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             sub.conn = conn  # the headers are out: live chunks may now go straight to it
+            # Nothing reads the request's headers once the response started; a browser sends
+            # a dozen (1-3 KB) that would otherwise stay for the hours a stream lasts.
+            if isinstance(scope["headers"], list):
+                scope["headers"].clear()
             async with contextlib.aclosing(sub.stream()) as chunks:
                 async for chunk in chunks:
                     if not chunk:

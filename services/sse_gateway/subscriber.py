@@ -170,7 +170,7 @@ class Subscriber:
         self.hub = hub
         self.history = history  # on the history client (a bounded pool), not the hub's
         self.settings = settings
-        self.notices = list(notices)  # sent right after the start frame
+        self.notices: Sequence[bytes] = notices  # sent right after the start frame
         self.limit = settings.client_buffer
         self.byte_limit = settings.client_buffer_bytes
         self.buffer: list[bytes] = []
@@ -264,7 +264,7 @@ class Subscriber:
             + frames.id_only(self.cursor())
             + b"".join(self.notices)
         )
-        self.notices.clear()
+        self.notices = ()
         self.live = self.hub.join(self)
         if not self.live:
             metrics.CATCHUPS.inc()
