@@ -165,7 +165,7 @@ async def test_a_worker_killed_under_load_is_replaced_and_every_client_stays_exa
         await all_have(80)
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
-        await until(lambda: gateway.stderr().count('"gateway ready"') == 3, 60, "the dead worker's replacement")
+        await until(lambda: gateway.stderr().count('"gateway ready"') == 3, 60, "the replacement worker")
         await all_have(200)
         loading.set()
         await appending
