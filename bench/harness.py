@@ -261,6 +261,7 @@ class NchanServer:
         if not os.path.exists("/usr/lib/nginx/modules/ngx_nchan_module.so"):
             raise BenchError("nchan module missing: apt-get install libnginx-mod-nchan")
         self.tmp = tmp
+        self.workers = workers
         self.port = free_port()
         conf = (BENCH_DIR / "nchan.conf").read_text()
         for name, value in {
@@ -268,7 +269,7 @@ class NchanServer:
             "PORT": str(self.port),
             "WORKERS": str(workers),
             "CONNECTIONS": str(connections),
-            "NOFILE": str(2 * connections + 100),
+            "NOFILE": str(min(2 * connections + 100, resource.getrlimit(resource.RLIMIT_NOFILE)[1])),
         }.items():
             conf = conf.replace(f"@{name}@", value)
         Path(tmp, "nginx.conf").write_text(conf)

@@ -59,6 +59,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ RESULTS = harness.BENCH_DIR / "results"
 SUSTAINED_SHARE = 0.99
 SUSTAINED_P99_MS = 1000.0
 SERVERS = ("nchan", "nchan2", "gateway", "gateway2", "lean")
+FILES_SPARE = 500  # open files a server needs besides its subscribers' sockets
 PEERS = {"gateway": "nchan", "gateway2": "nchan2", "lean": "nchan"}  # compared at the same worker count
 
 
@@ -88,6 +90,7 @@ class Target(Protocol):
     name: str
     pid: int
     sub_url: str
+    processes: int  # serving processes (nginx workers, gateway workers): each has its own open files
 
     async def last_seq(self) -> int: ...
     async def publish(self, count: int) -> None: ...
@@ -156,6 +159,7 @@ class Run:
 class Nchan:
     def __init__(self, name: str, server: harness.NchanServer, publisher: NchanPublisher) -> None:
         self.name = name
+        self.processes = server.workers
         self.server = server
         assert server.proc is not None
         self.pid = server.proc.pid
@@ -192,6 +196,7 @@ class Nchan:
 class Gateway:
     def __init__(self, name: str, service: harness.FanoutProcess, publisher: StreamPublisher) -> None:
         self.name = name
+        self.processes = service.listeners
         self.service = service
         assert service.proc is not None
         self.pid = service.proc.pid
@@ -227,6 +232,7 @@ async def start_nchan(
 
 class Lean:
     name = "lean"
+    processes = 1
 
     def __init__(self, port: int, pid: int, publisher: StreamPublisher) -> None:
         self.pid = pid
@@ -610,11 +616,19 @@ async def viewers_and_storm(
     count at each viewer rate, the idle memory per subscriber at each count, and the
     reconnect storm with the largest count."""
     rates = [float(r) for r in args.viewer_rates.split(",") if r.strip()]
-    procs = max(args.client_procs, 2)
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # per process: the hard limit here
     for t in targets:
         if with_storm and isinstance(t, Lean):
             continue
-        for n in counts:
+        fits = [n for n in counts if n <= t.processes * (files - FILES_SPARE)]
+        if len(fits) < len(counts):
+            result.notes.append(
+                f"{t.name}: {', '.join(f'{n:,}' for n in counts if n not in fits)} subscribers left out: its "
+                f"{t.processes} process(es) may hold {files:,} open files each (the hard limit here, which "
+                "this machine does not let a process raise)"
+            )
+        for n in fits:
+            procs = max(args.client_procs, -(-n // (files - FILES_SPARE)))
             await quiesce(t.pid)
             before = usage(t.pid).rss_bytes
             print(f"{t.name}: connecting {n:,} subscribers", flush=True)
@@ -633,7 +647,7 @@ async def viewers_and_storm(
                         )
                         show(w)
                         result.windows.append(w)
-                if with_storm and n == counts[-1]:
+                if with_storm and n == fits[-1]:
                     w = await storm(
                         f"reconnect storm, {n:,} subscribers @ {args.storm_rate:g}/s",
                         t,
