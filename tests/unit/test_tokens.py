@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +15,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.sse_gateway import filters, tokens
-from services.sse_gateway.tokens import FilterNotAllowed, TokenError, Verifier
+from services.sse_gateway.tokens import FilterNotAllowed, JwtConfig, TokenError, Verifier
 from shared.settings import SettingsError
 
 SECRET = "s" * 40
 
 
-@dataclass(frozen=True)
-class Conf:
-    """The JWT settings, as GatewaySettings holds them."""
-
-    jwt_secret: str = ""
-    jwt_secret_file: str = ""
-    jwt_public_key: str = ""
-    jwt_public_key_file: str = ""
-    jwt_jwks: str = ""
-    jwt_jwks_file: str = ""
-    jwt_audience: str = ""
-    jwt_issuer: str = ""
-    jwt_leeway: float = 0.0
+def Conf(**settings: Any) -> JwtConfig:
+    """The JWT settings as GatewaySettings holds them, no leeway unless asked."""
+    return JwtConfig(**({"jwt_leeway": 0.0} | settings))
 
 
 def pem(public: Any) -> str:
