@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from shared import codec
 from shared.codec import parse_iso
 from shared.connections import redis_client
 from shared.feeds import DEAD_LETTER, FEED_NAMES, js_stream_name, seq_of_entry_id
@@ -52,10 +53,6 @@ def run(args: argparse.Namespace) -> int:
     report = asyncio.run(collect(settings))
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 1 if report["unreachable"] else 0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reason(exc: BaseException) -> str:
@@ -90,7 +87,7 @@ def _seq(entry_id: str | None) -> int | None:
 def _broker_time(fields: Any) -> float | None:
     raw = (fields or {}).get(b"broker_time")
     try:
-        return parse_iso(_text(raw)).timestamp() if raw is not None else None
+        return parse_iso(codec.text(raw)).timestamp() if raw is not None else None
     except ValueError:
         return None
 
@@ -110,19 +107,19 @@ async def _stream(client: Redis, keys: Keys, name: str, group: str, now: float) 
     for reply in (length, first, last, meta_raw):
         if isinstance(reply, Exception):
             raise reply
-    meta = {_text(k): _text(v) for k, v in meta_raw.items()}
-    first_id = _text(first[0][0]) if first else None
+    meta = {codec.text(k): codec.text(v) for k, v in meta_raw.items()}
+    first_id = codec.text(first[0][0]) if first else None
     info = (
         None
         if isinstance(groups, Exception)
-        else next((g for g in groups if _text(g["name"]) == group), None)
+        else next((g for g in groups if codec.text(g["name"]) == group), None)
     )
     out: dict[str, Any] = {
         "stream": stream,
         "length": int(length),
         "epoch": meta.get("epoch"),
         "first_seq": _seq(first_id),
-        "last_seq": _seq(_text(last[0][0]) if last else None),
+        "last_seq": _seq(codec.text(last[0][0]) if last else None),
         "meta_first_seq": int(meta["first_seq"]) if "first_seq" in meta else None,
         "meta_seq": int(meta["seq"]) if "seq" in meta else None,
         "archive_group": info is not None,
@@ -135,10 +132,10 @@ async def _stream(client: Redis, keys: Keys, name: str, group: str, now: float) 
         undelivered = info.get("lag")
         waiting = int(pending["pending"])
         out["archive_lag_entries"] = waiting + int(undelivered or 0)
-        oldest = _text(pending["min"]) if waiting else None
+        oldest = codec.text(pending["min"]) if waiting and pending["min"] is not None else None
         if oldest is None and (undelivered is None or int(undelivered) > 0):
-            after = await client.xrange(stream, f"({_text(info['last-delivered-id'])}", "+", count=1)
-            oldest = _text(after[0][0]) if after else None
+            after = await client.xrange(stream, f"({codec.text(info['last-delivered-id'])}", "+", count=1)
+            oldest = codec.text(after[0][0]) if after else None
     lag_seconds = 0.0
     if oldest is not None:
         entry = first if oldest == first_id else await client.xrange(stream, oldest, "+", count=1)

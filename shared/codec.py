@@ -191,11 +191,20 @@ def field_casts(feed: Feed) -> tuple[tuple[str, Callable[[str], Any] | None], ..
 
 def str_entry(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
     """A stream entry as redis-py returns it (bytes unless decode_responses) as str."""
-    return {_s(k): _s(v) for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
+def text(value: bytes | str | int | float | None) -> str:
+    """A value of a Redis reply as text: redis-py hands back bytes (unless
+    decode_responses), numbers for some replies. The one bytes-to-text helper: a missing
+    value (None) is the caller's to handle (TypeError here), never the text "None"."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"expected bytes, str or a number from Redis, got {value!r}")
 
 
 def feed_of(name: str) -> Feed:

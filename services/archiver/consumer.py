@@ -74,10 +74,6 @@ class Counts:
     groups_created: int = 0  # consumer group (re)created by this reader
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def raise_if_cancelled() -> None:
     """Re-raise a cancellation that something below swallowed (seen with blocking
     redis-py reads on Python 3.11: a cancelled reader kept looping, so the TaskGroup that
@@ -115,7 +111,7 @@ def _entries(raw: Sequence[Any]) -> list[Entry]:
                 decoded = {_text_lossless(k): _text_lossless(v) for k, v in fields.items()}
         else:
             decoded = _decode_flat(fields)
-        out.append(Entry(_text(entry_id), decoded))
+        out.append(Entry(codec.text(entry_id), decoded))
     return out
 
 
@@ -258,7 +254,7 @@ class StreamArchiver:
             if deleted:
                 log.error(
                     "pending entries were deleted from the stream before being archived",
-                    extra={"feed": self.name, "ids": [_text(d) for d in deleted]},
+                    extra={"feed": self.name, "ids": [codec.text(d) for d in deleted]},
                 )
             self._claim_cursor = cursor
             if cursor == "0-0":  # a full pass over the pending entries is done
@@ -281,7 +277,7 @@ class StreamArchiver:
             start_id=self._claim_cursor,
             count=count,
         )
-        return _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
+        return codec.text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
 
     # -- one batch --------------------------------------------------------------------
 

@@ -19,11 +19,8 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from shared import codec
 from shared.codec import parse_iso
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def parse_id(stream_id: str) -> tuple[int, int]:
@@ -52,7 +49,7 @@ def broker_time(fields: Mapping[Any, Any] | None) -> float | None:
     if raw is None:
         return None
     try:
-        when = parse_iso(_text(raw))
+        when = parse_iso(codec.text(raw))
     except ValueError:
         return None
     return when.timestamp() if when.tzinfo is not None else None
@@ -117,30 +114,30 @@ async def read_progress(redis: Redis, stream: str, group: str) -> Progress:
             raise reply
     base: dict[str, Any] = {
         "length": int(length),
-        "first_id": _text(first[0][0]) if first else None,
-        "last_id": _text(last[0][0]) if last else None,
+        "first_id": codec.text(first[0][0]) if first else None,
+        "last_id": codec.text(last[0][0]) if last else None,
     }
     info = None
     if not isinstance(groups, Exception):
-        info = next((g for g in groups if _text(g["name"]) == group), None)
+        info = next((g for g in groups if codec.text(g["name"]) == group), None)
     if info is None or isinstance(pending, redis_errors.ResponseError):
         return Progress(
             group_exists=False, oldest_unarchived_time=broker_time(first[0][1]) if first else None, **base
         )
     if isinstance(pending, Exception):
         raise pending
-    last_delivered = _text(info["last-delivered-id"])
+    last_delivered = codec.text(info["last-delivered-id"])
     lag = info.get("lag")
     undelivered = int(lag) if lag is not None else None
     oldest_undelivered = None
     undelivered_time = None
     if undelivered is None or undelivered > 0:
         after = await redis.xrange(stream, f"({last_delivered}", "+", count=1)
-        oldest_undelivered = _text(after[0][0]) if after else None
+        oldest_undelivered = codec.text(after[0][0]) if after else None
         undelivered_time = broker_time(after[0][1]) if after else None
         if undelivered is None and not after:
             undelivered = 0
-    oldest_pending = _text(pending["min"]) if pending["pending"] else None
+    oldest_pending = codec.text(pending["min"]) if pending["pending"] and pending["min"] is not None else None
     oldest_time = undelivered_time
     if oldest_pending is not None and (
         oldest_undelivered is None or parse_id(oldest_pending) < parse_id(oldest_undelivered)

@@ -41,6 +41,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from services.sse_gateway import frames
+from shared import codec
 from shared.codec import parse_iso
 from shared.feeds import seq_of_entry_id
 from shared.keys import Keys
@@ -75,15 +76,11 @@ class ArchiveUnavailable(RuntimeError):
     """The Postgres catalogue cannot be read right now."""
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def entry_seq(entry_id: Any) -> int | None:
     """The seq of a stream entry: its id `<seq>-0`; None for an id outside the contract
     (the entry cannot be placed)."""
     try:
-        return seq_of_entry_id(_s(entry_id))
+        return seq_of_entry_id(codec.text(entry_id))
     except ValueError:
         return None
 
@@ -168,11 +165,12 @@ class History:
         raw: Any = await self.redis.xrange(self.keys.stream(feed), min=f"({after}-0", max=top, count=limit)
         out: list[Record] = []
         for entry_id, raw_fields in raw:
-            fields = {_s(k): _s(v) for k, v in raw_fields.items()}
+            fields = {codec.text(k): codec.text(v) for k, v in raw_fields.items()}
             seq = entry_seq(entry_id)
             if seq is None:
                 log.error(
-                    "stream entry without a valid seq skipped", extra={"feed": feed, "entry_id": _s(entry_id)}
+                    "stream entry without a valid seq skipped",
+                    extra={"feed": feed, "entry_id": codec.text(entry_id)},
                 )
                 continue
             named = entry_epoch(fields)
@@ -190,7 +188,7 @@ class History:
         raw: Any = await self.redis.xrange(self.keys.stream(feed), min="-", max="+", count=1)
         if not raw:
             return None
-        fields = {_s(k): _s(v) for k, v in raw[0][1].items()}
+        fields = {codec.text(k): codec.text(v) for k, v in raw[0][1].items()}
         if entry_epoch(fields) not in (None, epoch):
             return None
         return entry_seq(raw[0][0])
@@ -200,11 +198,11 @@ class History:
         last entry if the meta hash was lost; None if Redis holds nothing of the feed."""
         epoch, seq = await self.redis.hmget(self.keys.meta(feed), ["epoch", "seq"])
         if epoch and seq:
-            return _s(epoch), int(_s(seq))
+            return codec.text(epoch), int(codec.text(seq))
         raw: Any = await self.redis.xrevrange(self.keys.stream(feed), max="+", min="-", count=1)
         if not raw:
             return None
-        fields = {_s(k): _s(v) for k, v in raw[0][1].items()}
+        fields = {codec.text(k): codec.text(v) for k, v in raw[0][1].items()}
         named, last = entry_epoch(fields), entry_seq(raw[0][0])
         return (named, last) if named is not None and last is not None else None
 
@@ -245,7 +243,7 @@ class History:
         raw: Any = await self.redis.xrange(self.keys.stream(feed), min=f"{seq}-0", max="+", count=1)
         if not raw:
             return datetime.max.replace(tzinfo=UTC)  # trimmed meanwhile: past any time asked
-        fields = {_s(k): _s(v) for k, v in raw[0][1].items()}
+        fields = {codec.text(k): codec.text(v) for k, v in raw[0][1].items()}
         return parse_iso(fields["broker_time"])
 
 

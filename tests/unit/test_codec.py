@@ -159,3 +159,10 @@ def test_a_malformed_entry_keeps_the_bytes_and_the_error_in_a_fixed_order(payloa
     assert codec.is_malformed({"seq": "7", **entry})
     good = codec.entry_fields("1795862595094.8", {"symbol": "A"}, "t-broker", "t-ingest")
     assert not codec.is_malformed(dict(zip(good[::2], good[1::2], strict=True)))
+
+
+def test_text_is_the_one_bytes_to_text_helper() -> None:
+    assert codec.text(b"1-0") == codec.text("1-0") == "1-0"
+    assert codec.text(7) == "7"
+    with pytest.raises(TypeError):
+        codec.text(None)  # never the text "None"
