@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from shared import logs
 from shared.connections import redis_client
-from shared.feeds import FEED_NAMES, js_stream_name, seq_of_entry_id
+from shared.feeds import FEED_NAMES, id_key, js_stream_name, seq_of_entry_id
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
 from shared.settings import Settings, nats_servers, parse_duration, parse_host_port, setting
@@ -207,11 +207,6 @@ def _str(v: bytes | str) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else v
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, n = entry_id.partition("-")
-    return int(ms), int(n or 0)
-
-
 class _Seqs:
     """A set of seqs within [lo, hi], one byte each (hot windows and retained JetStream
     ranges are dense)."""
@@ -286,13 +281,13 @@ async def _archiver_frontier(redis: Any, stream: str, group: str) -> tuple[int, 
         if name != group:
             continue
         last = _str(g.get("last-delivered-id", b"0-0"))
-        frontier = _id_tuple(last)
+        frontier = id_key(last)
         frontier = (frontier[0], frontier[1] + 1)  # entries up to last-delivered were delivered
         if int(g.get("pending", 0)):
             summary = await redis.xpending(stream, group)
             low = summary.get("min")
             if low:
-                frontier = min(frontier, _id_tuple(_str(low)))
+                frontier = min(frontier, id_key(_str(low)))
         return frontier
     return None
 

@@ -53,6 +53,13 @@ def entry_id(seq: int) -> str:
     return f"{seq}-0"
 
 
+def id_key(stream_id: str) -> tuple[int, int]:
+    """Any Redis stream id `<ms>-<n>` (or `<ms>`) as a pair that orders like Redis orders
+    ids: the one stream-id parser (a feed entry's is `(seq, 0)`)."""
+    ms, _, n = stream_id.partition("-")
+    return int(ms), int(n or 0)
+
+
 def seq_of_entry_id(entry_id: str | bytes) -> int:
     """The seq of an entry id `<seq>-0` (raises ValueError for anything else)."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

@@ -21,11 +21,9 @@ from redis.asyncio import Redis
 
 from shared import codec
 from shared.codec import parse_iso
+from shared.feeds import id_key
 
-
-def parse_id(stream_id: str) -> tuple[int, int]:
-    ms, _, n = stream_id.partition("-")
-    return int(ms), int(n or 0)
+parse_id = id_key  # the stream-id parser, under the name the trimmer reads it by
 
 
 def format_id(parts: tuple[int, int]) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from shared import codec
 from shared.codec import parse_iso
-from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed, seq_of_entry_id
+from shared.feeds import EXECUTION, FEEDS, SPORT_EVENT, Feed, id_key, seq_of_entry_id
 
 Row = tuple[Any, ...]
 
@@ -80,11 +80,6 @@ class DeadLetterRow(tuple[Any, ...]):
 
 class BadEntry(ValueError):
     """A stream entry that cannot become a row."""
-
-
-def split_id(stream_id: str) -> tuple[int, int]:
-    ms, _, n = stream_id.partition("-")
-    return int(ms), int(n)
 
 
 def epoch_of(message_id: str) -> str:
@@ -145,14 +140,14 @@ def feed_row(feed: Feed, stream_id: str, entry: Mapping[str, str]) -> Row:
     if not message["message_id"]:
         raise BadEntry("empty message_id")
     epoch = epoch_of(message["message_id"])
-    ms, _, n = stream_id.partition("-")
+    ms, n = id_key(stream_id)
     return (
         message["message_id"],
         epoch,
         message["seq"],
         stream_id,
-        int(ms),
-        int(n),
+        ms,
+        n,
         _time(entry, "broker_time"),
         _time(entry, "ingest_time"),
         *[message[field] for field in FEED_COLUMNS[feed.name].values()],
