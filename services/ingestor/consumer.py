@@ -333,8 +333,14 @@ class Ingestor:
         )
 
     async def redis_ready(self) -> bool:
-        """/readyz: Redis answers PING."""
-        return bool(await self.redis.ping())
+        """/readyz: Redis answers PING. A pooled connection that died with the last Redis
+        outage fails once and is dropped from the pool, so a failure is tried once more
+        on a fresh connection before /readyz turns red (it was red once after every
+        outage while ingestion worked)."""
+        try:
+            return bool(await self.redis.ping())
+        except (RedisConnectionError, RedisTimeoutError):
+            return bool(await self.redis.ping())
 
     # -- JetStream setup -------------------------------------------------------------
 
