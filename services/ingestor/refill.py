@@ -40,12 +40,16 @@ from services.ingestor import jetstream
 from services.ingestor.jetstream import StreamHandle, parse_ack_subject
 from services.ingestor.writer import Delivery
 from shared import catalogue
+from shared.lifecycle import Backoff
 
 log = logging.getLogger(__name__)
 
-# How long the catalogue may take to answer before the rebuild starts from JetStream's
-# first retained seq instead.
+# How long one read of the catalogue may take.
 CATALOGUE_TIMEOUT = 3.0
+# How long the catalogue is retried (a PostgreSQL restart) before the rebuild starts
+# from JetStream's first retained seq instead: that fallback appends everything JetStream
+# retains again, which takes far longer than waiting for a restart.
+CATALOGUE_PATIENCE = 20.0
 
 
 async def read_range(
@@ -74,22 +78,34 @@ async def read_range(
 
 
 async def rebuild_start(nc: NATS, database_url: str, schema: str, handle: StreamHandle) -> int:
-    """S: where a feed's emptied Redis stream starts again (see the module docstring)."""
+    """S: where a feed's emptied Redis stream starts again (see the module docstring).
+
+    The catalogue is retried for CATALOGUE_PATIENCE (PostgreSQL restarting); only if it
+    stays unreadable does the rebuild start at JetStream's first retained seq."""
     retained = await jetstream.first_seq(nc, handle)
-    try:
-        top = await archived_top(database_url, schema, handle, retained - 1)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning(
-            "the catalogue cannot be read: rebuilding the Redis stream from JetStream's first retained seq",
-            extra={
-                "feed": handle.feed,
-                "epoch": handle.epoch,
-                "start": retained,
-                "error": str(exc) or type(exc).__name__,
-            },
-        )
-        return retained
-    return top + 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CATALOGUE_PATIENCE
+    backoff = Backoff(base=0.2, cap=2.0)
+    while True:
+        try:
+            return await archived_top(database_url, schema, handle, retained - 1) + 1
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            error = exc
+        delay = backoff.next_delay()
+        if loop.time() + delay >= deadline:
+            break
+        await asyncio.sleep(delay)  # a retry delay: nothing to await for PostgreSQL's return
+    log.warning(
+        "the catalogue cannot be read: rebuilding the Redis stream from JetStream's first retained seq",
+        extra={
+            "feed": handle.feed,
+            "epoch": handle.epoch,
+            "start": retained,
+            "waited_s": CATALOGUE_PATIENCE,
+            "error": str(error) or type(error).__name__,
+        },
+    )
+    return retained
 
 
 async def archived_top(database_url: str, schema: str, handle: StreamHandle, after: int) -> int:

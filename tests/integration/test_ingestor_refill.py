@@ -18,9 +18,10 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
-from services.ingestor import jetstream
+from services.ingestor import jetstream, refill
 from shared import codec
 from shared.keys import Keys
 from shared.settings import Settings
@@ -148,8 +149,9 @@ async def test_the_last_entries_lost_in_a_failover_are_refilled_with_the_same_id
 
 
 async def test_redis_emptied_while_down_with_no_catalogue_is_rebuilt_from_what_jetstream_retains(
-    base_settings: Settings, redis: Redis, nats: Any
+    base_settings: Settings, redis: Redis, nats: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(refill, "CATALOGUE_PATIENCE", 1.0)  # the catalogue never answers here
     unreadable = f"postgresql://127.0.0.1:{free_port()}/fanout"  # nothing listens there
     settings = ingestor_settings(base_settings, database_url=unreadable)
     keys = Keys(settings.key_prefix)
