@@ -228,9 +228,32 @@ async def stream(request: Request) -> Any:
     subscribers.add(sub)
     if state.stop.is_set():
         sub.close("shutting down")
+    response: ASGIApp = EventStream(sub, subscribers)
     if grant.expires is not None:  # a JWT's (or its ticket's) `exp`: the stream ends then
-        return Expiring(EventStream(sub, subscribers), sub, grant.expires, grant.who)
-    return EventStream(sub, subscribers)
+        response = Expiring(response, sub, grant.expires, grant.who)
+    return _Logged(response, feeds, grant.who, subscribers)
+
+
+class _Logged:
+    """A stream's response, with one log line when it opens and one when it closes: the
+    subscribers connected, the feeds and who (a token's name, `jwt:<sub>`, `ticket(...)`;
+    never a secret)."""
+
+    __slots__ = ("feeds", "response", "subscribers", "who")
+
+    def __init__(self, response: ASGIApp, feeds: tuple[str, ...], who: str, subscribers: Registry) -> None:
+        self.response = response
+        self.feeds = feeds
+        self.who = who
+        self.subscribers = subscribers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fields = {"feeds": ",".join(self.feeds), "who": self.who}
+        log.info("stream opened", extra={**fields, "subscribers": self.subscribers.total()})
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            log.info("stream closed", extra={**fields, "subscribers": self.subscribers.total()})
 
 
 async def healthz(request: Request) -> Response:
