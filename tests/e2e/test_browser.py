@@ -12,6 +12,7 @@ Skipped only when /usr/bin/chromium is absent (`.ci/run` installs it).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import jwt
 import pytest
 
 from services.sse_gateway import cursor
@@ -36,7 +39,7 @@ from shared import codec, scripts
 from shared.feeds import message_id
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.integration.test_gateway_helpers import archive
+from tests.integration.test_gateway_helpers import Writer, archive
 from tests.integration.test_gateway_lookup import EPOCH, append, execution, sport_event
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -297,19 +300,32 @@ class Relay:
             writer.close()
 
     def _streams(self) -> list[tuple[str, bytes]]:
-        """(request head, response body) of each /v1/stream request. A connection may carry
-        other requests first (keep-alive); a stream is always its connection's last."""
+        """(request head, response body) of each /v1/stream request answered with a stream.
+        A connection may carry several requests (keep-alive: a ticket's POST before the
+        stream, or after a stream that ended); its responses come in the same order."""
         out = []
         for request, response in zip(self.requests, self.responses, strict=True):
             heads = re.findall(rb"(?s)[A-Z]+ /\S* HTTP/1\.1\r\n.*?\r\n\r\n", bytes(request))
-            if not heads or not heads[-1].startswith(b"GET /v1/stream"):
-                continue
-            head, _, body = bytes(response).rpartition(b"HTTP/1.1 ")[2].partition(b"\r\n\r\n")
-            if b"text/event-stream" not in head.lower():
-                continue
-            if b"transfer-encoding: chunked" in head.lower():
-                body = _unchunk(body)
-            out.append((heads[-1].decode(errors="replace"), body))
+            replies = re.split(rb"HTTP/1\.1 (?=\d{3} )", bytes(response))[1:]
+            for request_head, reply in zip(heads, replies, strict=False):
+                if not request_head.startswith(b"GET /v1/stream"):
+                    continue
+                head, _, body = reply.partition(b"\r\n\r\n")
+                if b"text/event-stream" not in head.lower():
+                    continue
+                if b"transfer-encoding: chunked" in head.lower():
+                    body = _unchunk(body)
+                out.append((request_head.decode(errors="replace"), body))
+        return out
+
+    def stream_starts(self) -> list[tuple[str, str]]:
+        """(request head, start cursor: the first `id:` sent) of every /v1/stream request
+        that was served a stream."""
+        out = []
+        for head, body in self._streams():
+            match = re.search(rb"(?m)^id: ?(\S+)$", body)
+            if match:
+                out.append((head, match[1].decode()))
         return out
 
     def stream_requests(self) -> list[str]:
@@ -366,7 +382,8 @@ def query(head: str) -> dict[str, list[str]]:
 
 def resume_cursor(head: str) -> str | None:
     """The cursor a stream request resumes from: Last-Event-ID, else ?last_event_id=."""
-    return last_event_id(head) or (query(head).get("last_event_id") or [None])[0]
+    values = query(head).get("last_event_id")
+    return last_event_id(head) or (values[0] if values else None)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -382,9 +399,10 @@ async def browser() -> AsyncIterator[Browser]:
         await b.close()
 
 
-@pytest.fixture
-async def rig(base_settings: Settings, redis: Any) -> AsyncIterator[tuple[Gateway, Relay]]:
-    gateway = Gateway(base_settings, FANOUT_TOKENS="page-token=*;exec-token=execution")
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, **env: str) -> AsyncIterator[tuple[Gateway, Relay]]:
+    """A gateway with `env` and the recording relay in front of it."""
+    gateway = Gateway(settings, **env)
     relay = Relay(gateway.port)
     await relay.start()
     # a page served from the relay's origin may also call the gateway directly (CORS)
@@ -398,6 +416,12 @@ async def rig(base_settings: Settings, redis: Any) -> AsyncIterator[tuple[Gatewa
             gateway.proc.kill()
             await gateway.proc.wait()
         gateway.log.close()
+
+
+@pytest.fixture
+async def rig(base_settings: Settings, redis: Any) -> AsyncIterator[tuple[Gateway, Relay]]:
+    async with serving(base_settings, FANOUT_TOKENS="page-token=*;exec-token=execution") as served:
+        yield served
 
 
 class Feeds:
@@ -812,3 +836,393 @@ async def test_eventsource_refused_for_capacity_reconnects_by_itself(
             gateway.proc.kill()
             await gateway.proc.wait()
         gateway.log.close()
+
+
+# --- the page's controls, token box, figures and layout ------------------------------------------
+
+RESULTS = Path(os.environ.get("FANOUT_BROWSER_RESULTS") or Path(__file__).resolve().parent / "results")
+JWT_SECRET = "browser-test-secret-of-at-least-32-bytes!"
+SYMBOLS = ("AAPL", "MSFT")
+SPORTS = ("TENNIS", "FOOTBALL")
+
+
+class Flow:
+    """Appends to both feeds until stopped (the Writer keeps what it wrote), each message's
+    symbol or sport known by seq: the record the page's seqs are judged against.
+    Used as `async with`: the appending ends with the test, whatever happens."""
+
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.writer = Writer(redis, prefix)
+        self.field: dict[str, dict[int, str]] = {"execution": {}, "sport_event": {}}
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def add(self, feed: str, n: int = 1) -> None:
+        for _ in range(n):
+            seq = self.writer.top[feed] + 1
+            if feed == "execution":
+                value = SYMBOLS[seq % 2]
+                await self.writer.append(feed, 1, symbol=value)
+            else:
+                value = SPORTS[seq % 2]
+                await self.writer.append(feed, 1, sport=value)
+            self.field[feed][seq] = value
+
+    def start(self) -> None:
+        async def run() -> None:
+            while not self.stop.is_set():
+                await self.add("execution")
+                await self.add("sport_event")
+                # pacing (about 40 messages/s per feed), not synchronisation
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.025):
+                        await self.stop.wait()
+
+        self.task = asyncio.create_task(run())
+
+    async def finish(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            await self.task
+
+    def top(self, feed: str) -> int:
+        return self.writer.top[feed]
+
+    async def __aenter__(self) -> Flow:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.finish()
+
+
+def expected_seqs(relay: Relay, flow: Flow, feed: str) -> list[int]:
+    """What a page that resumes exactly gets of `feed`: each stream it was served starts at
+    the cursor the gateway confirmed (its first `id:`) and lasts until the next stream
+    naming the feed starts; of those seqs, the ones its filters let through."""
+    spans: list[tuple[int, list[str]]] = []
+    for head, start in relay.stream_starts():
+        params = query(head)
+        if feed not in ",".join(params.get("feeds", [])).split(","):
+            continue
+        position = cursor.parse(start)[feed]
+        wanted = params.get("symbol" if feed == "execution" else "sport", [])
+        spans.append((position.seq, wanted))
+    out: list[int] = []
+    for i, (start_seq, wanted) in enumerate(spans):
+        end = spans[i + 1][0] if i + 1 < len(spans) else flow.top(feed)
+        out += [s for s in range(start_seq + 1, end + 1) if not wanted or flow.field[feed][s] in wanted]
+    return out
+
+
+async def set_control(browser: Browser, element_id: str, value: str | bool) -> None:
+    """What a person does: change a control; its `change` event reconnects the page."""
+    prop = "checked" if isinstance(value, bool) else "value"
+    await browser.js(
+        f"""(() => {{
+          const el = document.getElementById({json.dumps(element_id)});
+          el.{prop} = {json.dumps(value)};
+          el.dispatchEvent(new Event('change', {{bubbles: true}}));
+          return true;
+        }})()"""
+    )
+
+
+async def reconnected(browser: Browser, opens: int, *expect: str) -> int:
+    """Wait until the page is live on a connection opened after the `opens`th whose URL
+    has each of `expect`; the number of connections opened by then."""
+    check = " && ".join(f"u.includes({json.dumps(e)})" for e in expect) or "true"
+    got: int = await eventually(
+        lambda: browser.js(
+            f"(s => (u => s.state === 'live' && s.opens > {opens} && {check} && s.opens)"
+            "(decodeURIComponent(s.connects[s.connects.length - 1])))"
+            f"({STATS})"
+        ),
+        f"the page to reconnect with {expect}",
+    )
+    return got
+
+
+async def more_events(browser: Browser, feed: str, than: int) -> int:
+    """Wait until the page has received more than `than` events of `feed` (it is live)."""
+    got: int = await eventually(
+        lambda: browser.js(f"(n => n > {than} && n)({STATS}.received.{feed})"),
+        f"more than {than} {feed} events on the page",
+    )
+    return got
+
+
+async def judge(browser: Browser, relay: Relay, flow: Flow, feeds: tuple[str, ...]) -> dict[str, Any]:
+    """Once the flow stopped: the page gets to the end and has exactly what it should."""
+    async def caught_up(feed: str, n: int) -> bool:
+        return bool(await browser.js(f"{STATS}.seqs.{feed}.length >= {n}"))
+
+    for feed in feeds:
+        expected = expected_seqs(relay, flow, feed)
+        await eventually(partial(caught_up, feed, len(expected)), f"the page to catch up on {feed}")
+    stats: dict[str, Any] = await browser.js(STATS)
+    for feed in feeds:
+        expected = expected_seqs(relay, flow, feed)
+        assert stats["seqs"][feed] == expected, (feed, stats["seqs"][feed], expected)
+        assert stats["duplicates"][feed] == 0
+    return stats
+
+
+async def test_page_controls_reconnect_exactly_with_a_ticket_each_time(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    """Feeds and filters changed while events flow: every (re)connection resumes each feed
+    exactly where the page was, with a fresh single-use ticket got with the static token
+    typed in the token box, which never appears in a URL."""
+    _, relay = rig
+    async with Flow(redis, base_settings.key_prefix) as flow:
+        await flow.add("execution")
+        await flow.add("sport_event")
+        await browser.navigate(f"http://127.0.0.1:{relay.port}/")
+        # a token scoped to executions, for both feeds: refused, readably, with no retry loop
+        await set_control(browser, "f-token", "exec-token")
+        text = await eventually(
+            lambda: browser.js(
+                "(n => n && n.textContent.includes('HTTP 403') && n.textContent)"
+                "(document.querySelector('#notices .notice.error'))"
+            ),
+            "a visible 403 notice",
+        )
+        assert "sport_event" in text
+        assert await browser.js(f"{STATS}.state") == "denied"
+        flow.start()
+        await set_control(browser, "f-token", "page-token")
+        opens = await reconnected(browser, 0, "feeds=execution,sport_event")
+        seen = await more_events(browser, "execution", 5)
+        await more_events(browser, "sport_event", 5)
+
+        await set_control(browser, "f-symbol", "AAPL")
+        opens = await reconnected(browser, opens, "symbol=AAPL", "last_event_id=v2:")
+        seen = await more_events(browser, "execution", seen + 5)
+        await set_control(browser, "feed-sport_event", False)
+        opens = await reconnected(browser, opens, "feeds=execution&")
+        seen = await more_events(browser, "execution", seen + 5)
+        # three changes in a row: only the last connection attempt goes on
+        await set_control(browser, "f-symbol", "")
+        await set_control(browser, "f-sport", "TENNIS, FOOTBALL")
+        await set_control(browser, "feed-sport_event", True)  # sport_event resumes where it was
+        opens = await reconnected(browser, opens, "feeds=execution,sport_event", "sport=FOOTBALL")
+        seen = await more_events(browser, "execution", seen + 5)
+        await set_control(browser, "f-sport", "TENNIS")
+        await set_control(browser, "f-from", "earliest")  # a cursor is there: from= changes nothing
+        opens = await reconnected(browser, opens, "from=earliest", "sport=TENNIS")
+        await more_events(browser, "execution", seen + 5)
+        await flow.finish()
+
+        stats = await judge(browser, relay, flow, ("execution", "sport_event"))
+    assert stats["tickets"] >= stats["opens"] == opens
+    heads = relay.stream_requests()
+    assert len(heads) >= opens
+    assert all("ticket=" in h.partition("\r\n")[0] and "-token" not in h for h in heads), heads
+    # every connection after the first resumed from the page's last id
+    assert all(resume_cursor(h) for h in heads[1:]), heads
+    assert query(heads[-1])["sport"] == ["TENNIS"] and "symbol" not in query(heads[-1])
+    # the filters did filter: sport_event stopped getting FOOTBALL once only TENNIS was asked
+    football = [s for s in stats["seqs"]["sport_event"] if flow.field["sport_event"][s] == "FOOTBALL"]
+    assert football and max(football) < max(stats["seqs"]["sport_event"])
+    assert browser.errors == []
+
+
+async def test_page_ticket_flow_with_a_jwt_signed_by_the_test_that_expires_and_is_renewed(
+    browser: Browser, base_settings: Settings, redis: Any
+) -> None:
+    """The page signs nothing: the test signs HS256 JWTs (as a web app's backend would)
+    and types them in the token box. The first expires while events flow: the stream ends
+    with `event: expired`, the page's new ticket with the expired token is refused (401,
+    shown), and with the new token typed in it resumes exactly from its last id."""
+    env = {"FANOUT_JWT_SECRET": JWT_SECRET, "FANOUT_JWT_LEEWAY": "0"}
+    async with contextlib.AsyncExitStack() as stack:
+        gateway, relay = await stack.enter_async_context(serving(base_settings, **env))
+        flow = await stack.enter_async_context(Flow(redis, base_settings.key_prefix))
+        await flow.add("execution")
+        await flow.add("sport_event")
+        await browser.navigate(f"http://127.0.0.1:{relay.port}/")
+        now = int(time.time())
+        feeds = ["execution", "sport_event"]
+        first = jwt.encode({"sub": "viewer", "exp": now + 5, "feeds": feeds}, JWT_SECRET, "HS256")
+        await set_control(browser, "f-token", first)
+        await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live on the JWT")
+        flow.start()
+        await more_events(browser, "execution", 5)
+        await eventually(lambda: browser.js(f"{STATS}.expired === 1"), "the stream to end at the JWT's exp")
+        text = await eventually(
+            lambda: browser.js(
+                "[...document.querySelectorAll('#notices .notice.error')].map(n => n.textContent)"
+                ".find(t => t.includes('HTTP 401') && /expired/i.test(t))"
+            ),
+            "the expired token refused, visibly",
+        )
+        assert "enter another token" in text
+        assert await browser.js(f"{STATS}.state") == "denied"
+        assert await browser.js("!!document.querySelector('#notices .notice.expired')")
+        at_expiry = await browser.js(f"{STATS}.received.execution")
+
+        second = jwt.encode({"sub": "viewer", "exp": now + 600, "feeds": feeds}, JWT_SECRET, "HS256")
+        await set_control(browser, "f-token", second)
+        await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page live on the new JWT")
+        await more_events(browser, "execution", at_expiry + 5)
+        await flow.finish()
+
+        stats = await judge(browser, relay, flow, ("execution", "sport_event"))
+        for feed in feeds:  # no filters: every seq from the first stream's start to the top
+            assert stats["seqs"][feed] == list(range(stats["seqs"][feed][0], flow.top(feed) + 1))
+        heads = relay.stream_requests()
+        assert len(heads) == 2 and resume_cursor(heads[1]) is not None
+        for token in (first, second):
+            assert all(token not in h.partition("\r\n")[0] for h in heads)
+        tickets = [
+            head
+            for r in relay.requests
+            for head in re.findall(rb"(?s)POST /v1/tickets\S* HTTP/1\.1\r\n.*?\r\n\r\n", bytes(r))
+        ]
+        assert len(tickets) == 3  # first JWT, the same expired (401), the new one
+        assert all(b"authorization: bearer " in r.lower() for r in tickets)
+        assert b'"reason":"token_expired"' in b"".join(bytes(r) for r in relay.responses)
+        # the gateway logs each stream's opening and end, naming the JWT's subject only
+        log = gateway.output()
+        assert "stream opened" in log and "stream closed" in log and "jwt:viewer" in log
+        assert first not in log and second not in log and JWT_SECRET not in log
+        assert browser.errors == []
+
+
+async def test_page_figures_pause_and_message_panel(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    _, relay = rig
+    flow = Flow(redis, base_settings.key_prefix)
+    await flow.add("execution")
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token&feeds=execution")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    await flow.add("execution", 10)
+    await eventually(lambda: browser.js(f"{STATS}.received.execution === 10"), "10 events")
+    figures = await eventually(
+        lambda: browser.js(
+            f"(s => s.latency.execution && s.latency.execution.n === 10 && s)({STATS})"
+        ),
+        "the latency over the last minute",
+    )
+    latency = figures["latency"]["execution"]
+    assert 0 <= latency["p50"] <= latency["p99"] < 60_000
+    assert await browser.js("document.getElementById('p50-execution').textContent.endsWith('ms')")
+    assert await browser.js("document.getElementById('chart-execution').getContext('2d') !== null")
+
+    # pause: rows stay as they were, what arrives is counted, and shown on resuming
+    await browser.js("document.getElementById('pause').click(), true")
+    await flow.add("execution", 7)
+    await eventually(lambda: browser.js(f"{STATS}.arrivedWhilePaused === 7"), "7 events while paused")
+    assert await browser.js("document.querySelectorAll('#rows-execution tr').length") == 10
+    await eventually(
+        lambda: browser.js("document.getElementById('pause').textContent === 'Resume (7 new)'"),
+        "the count on the button",
+    )
+    await browser.js("document.getElementById('pause').click(), true")
+    await eventually(
+        lambda: browser.js("document.querySelectorAll('#rows-execution tr').length === 17"),
+        "the rows after resuming",
+    )
+
+    # a row opens the stored message, fetched with the token as Bearer
+    await browser.js("document.querySelector('#rows-execution tr').click(), true")
+    body = await eventually(
+        lambda: browser.js(
+            "(t => t.startsWith('{') && t)(document.getElementById('detail-body').textContent)"
+        ),
+        "the message panel",
+    )
+    newest = flow.top("execution")
+    assert json.loads(body)["message_id"] == message_id(flow.writer.epoch, newest), body
+    assert "page-token" not in "".join(relay.stream_requests())
+    assert browser.errors == []
+
+
+LAYOUT_CHECK = """(() => {
+  const panes = [...document.querySelectorAll('section.pane .scroll')];
+  const boxes = panes.map(p => p.getBoundingClientRect());
+  const overlaps = [];
+  for (const el of document.body.querySelectorAll('*')) {
+    if (el.closest('section.pane') || ['SCRIPT', 'STYLE'].includes(el.tagName)) continue;
+    const own = [...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+    const field = ['INPUT', 'SELECT', 'BUTTON', 'CANVAS'].includes(el.tagName);
+    if (!own && !field) continue;
+    const style = getComputedStyle(el);
+    if (style.display === 'none' || style.visibility === 'hidden') continue;
+    const r = el.getBoundingClientRect();
+    if (!r.width || !r.height) continue;
+    boxes.forEach((b, i) => {
+      if (r.left < b.right && r.right > b.left && r.top < b.bottom && r.bottom > b.top) {
+        overlaps.push(el.tagName + '#' + el.id + '.' + el.className + ' over ' + panes[i].parentNode.id +
+          ': ' + (el.textContent || '').trim().slice(0, 40));
+      }
+    });
+  }
+  const [a, b] = boxes;
+  if (a.left < b.right && a.right > b.left && a.top < b.bottom && a.bottom > b.top) {
+    overlaps.push('the two panes');
+  }
+  const rows = panes.map(p => p.querySelectorAll('tbody tr').length);
+  return {overlaps, rows, scrollWidth: document.documentElement.scrollWidth, width: innerWidth,
+          background: getComputedStyle(document.body).backgroundColor,
+          height: document.documentElement.scrollHeight};
+})()"""
+
+
+async def test_page_layout_at_three_widths_light_and_dark(
+    browser: Browser, rig: tuple[Gateway, Relay], redis: Any, base_settings: Settings
+) -> None:
+    """Screenshots at 390, 780 and 1,400 px, light and dark, into tests/e2e/results/ (or
+    FANOUT_BROWSER_RESULTS); no text outside the tables overlaps them (element boxes; the
+    old page drew its footer over the executions table at 780 px), and nothing makes the
+    page wider than the window."""
+    _, relay = rig
+    flow = Flow(redis, base_settings.key_prefix)
+    await flow.add("execution")
+    await flow.add("sport_event")
+    await browser.navigate(f"http://127.0.0.1:{relay.port}/?access_token=page-token")
+    await eventually(lambda: browser.js(f"{STATS}.state === 'live'"), "the page to go live")
+    await flow.add("execution", 40)
+    await flow.add("sport_event", 40)
+    await flow.writer.append_malformed("execution")
+    await eventually(lambda: browser.js(f"{STATS}.malformed.execution === 1"), "a notice on the page")
+    await eventually(
+        lambda: browser.js("document.querySelectorAll('#rows-sport_event tr').length === 40"), "the rows"
+    )
+    await browser.js("document.querySelector('#rows-sport_event tr').click(), true")
+    await eventually(
+        lambda: browser.js("document.getElementById('detail-body').textContent.startsWith('{')"),
+        "the message panel open",
+    )
+    await asyncio.to_thread(RESULTS.mkdir, parents=True, exist_ok=True)
+
+    async def laid_out(width: int) -> Any:
+        return await browser.js(f"(r => r.width === {width} && r)({LAYOUT_CHECK})")
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        await browser.send(
+            "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": scheme}]}
+        )
+        for width in (390, 780, 1400):
+            await browser.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 500},
+            )
+            layout = await eventually(partial(laid_out, width), f"the page laid out at {width} px")
+            assert layout["overlaps"] == [], (scheme, width, layout["overlaps"])
+            assert layout["scrollWidth"] <= width, (scheme, width, layout)
+            assert layout["rows"] == [40, 40]
+            backgrounds[scheme] = layout["background"]
+            shot = await browser.send(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": width, "height": layout["height"], "scale": 1},
+                },
+            )
+            png = base64.b64decode(shot["data"])
+            await asyncio.to_thread((RESULTS / f"page-{width}-{scheme}.png").write_bytes, png)
+    assert backgrounds["light"] != backgrounds["dark"]
+    assert browser.errors == []
