@@ -262,6 +262,10 @@ class Relay:
         self.port = 0
         self.requests: list[bytearray] = []   # browser -> gateway, one per connection
         self.responses: list[bytearray] = []  # gateway -> browser, same index
+        # per connection, (offset, n) for each chunk the browser sent: n counts chunks over
+        # every connection, so requests on kept-alive connections can be put in order
+        self.sent: list[list[tuple[int, int]]] = []
+        self.chunks = itertools.count()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -281,16 +285,25 @@ class Relay:
             writer.transport.abort()  # the gateway is down: the browser sees a failed connection
             return
         request, response = bytearray(), bytearray()
+        sent: list[tuple[int, int]] = []
         self.requests.append(request)
         self.responses.append(response)
+        self.sent.append(sent)
         await asyncio.gather(
-            self._pipe(reader, up_writer, request), self._pipe(up_reader, writer, response)
+            self._pipe(reader, up_writer, request, sent), self._pipe(up_reader, writer, response)
         )
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bytearray) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: bytearray,
+        marks: list[tuple[int, int]] | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if marks is not None:
+                    marks.append((len(record), next(self.chunks)))
                 record.extend(data)
                 writer.write(data)
                 await writer.drain()
@@ -304,10 +317,11 @@ class Relay:
         A connection may carry several requests (keep-alive: a ticket's POST before the
         stream, or after a stream that ended); its responses come in the same order."""
         out = []
-        for request, response in zip(self.requests, self.responses, strict=True):
-            heads = re.findall(rb"(?s)[A-Z]+ /\S* HTTP/1\.1\r\n.*?\r\n\r\n", bytes(request))
+        for request, response, sent in zip(self.requests, self.responses, self.sent, strict=True):
+            heads = list(re.finditer(rb"(?s)[A-Z]+ /\S* HTTP/1\.1\r\n.*?\r\n\r\n", bytes(request)))
             replies = re.split(rb"HTTP/1\.1 (?=\d{3} )", bytes(response))[1:]
-            for request_head, reply in zip(heads, replies, strict=False):
+            for match, reply in zip(heads, replies, strict=False):
+                request_head = match[0]
                 if not request_head.startswith(b"GET /v1/stream"):
                     continue
                 head, _, body = reply.partition(b"\r\n\r\n")
@@ -315,8 +329,9 @@ class Relay:
                     continue
                 if b"transfer-encoding: chunked" in head.lower():
                     body = _unchunk(body)
-                out.append((request_head.decode(errors="replace"), body))
-        return out
+                when = max(n for offset, n in sent if offset <= match.start())
+                out.append((when, request_head.decode(errors="replace"), body))
+        return [(head, body) for _, head, body in sorted(out, key=lambda o: o[0])]
 
     def stream_starts(self) -> list[tuple[str, str]]:
         """(request head, start cursor: the first `id:` sent) of every /v1/stream request
@@ -958,11 +973,15 @@ async def judge(browser: Browser, relay: Relay, flow: Flow, feeds: tuple[str, ..
 
     for feed in feeds:
         expected = expected_seqs(relay, flow, feed)
-        await eventually(partial(caught_up, feed, len(expected)), f"the page to catch up on {feed}")
+        with contextlib.suppress(AssertionError):  # if not, the comparison below says how
+            await eventually(partial(caught_up, feed, len(expected)), f"the page to catch up on {feed}")
     stats: dict[str, Any] = await browser.js(STATS)
     for feed in feeds:
         expected = expected_seqs(relay, flow, feed)
-        assert stats["seqs"][feed] == expected, (feed, stats["seqs"][feed], expected)
+        got = stats["seqs"][feed]
+        assert got == expected, (
+            feed, sorted(set(expected) - set(got)), sorted(set(got) - set(expected)), relay.stream_starts()
+        )
         assert stats["duplicates"][feed] == 0
     return stats
 
