@@ -1214,6 +1214,9 @@ async def test_page_layout_at_three_widths_light_and_dark(
         lambda: browser.js("document.getElementById('detail-body').textContent.startsWith('{')"),
         "the message panel open",
     )
+    await eventually(  # the figures are redrawn twice a second
+        lambda: browser.js("document.getElementById('received').textContent === '80'"), "the figures"
+    )
     await asyncio.to_thread(RESULTS.mkdir, parents=True, exist_ok=True)
 
     async def laid_out(width: int) -> Any:
