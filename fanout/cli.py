@@ -25,13 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _module(command: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(COMMANDS[command][0])
-    except ModuleNotFoundError as exc:
-        if exc.name and COMMANDS[command][0].startswith(exc.name):
-            return None  # not built yet
-        raise
+def _module(command: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[command][0])
 
 
 def version() -> str:
@@ -57,14 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=summary)
             continue
         module = _module(name)
-        if module is None:
-            parser.exit(2, f"fanout: `{name}` is not available in this build\n")
         cmd = sub.add_parser(name, help=summary, description=module.DESCRIPTION,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure_parser(cmd)
     args = parser.parse_args(argv)
     module = _module(args.command)
-    assert module is not None
     try:
         return int(module.run(args))
     except SettingsError as exc:
