@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from services.sse_gateway import auth, cursor
 from services.sse_gateway.history import Archive, ArchiveUnavailable, entry_epoch, entry_seq
+from shared import codec
 from shared.codec import is_malformed, str_entry
 from shared.feeds import DEAD_LETTER, FEED_NAMES, entry_id
 from shared.keys import Keys
@@ -55,8 +56,6 @@ def _error(status: int, error: str, detail: str, headers: Mapping[str, str] | No
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-def _s(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,7 +107,7 @@ def _entry(raw: Any) -> tuple[str, dict[str, str]] | None:
     """(entry id, fields) of the single entry of an XRANGE/XREVRANGE reply, if any."""
     if not raw:
         return None
-    return str(_s(raw[0][0])), str_entry(raw[0][1])
+    return codec.text(raw[0][0]), str_entry(raw[0][1])
 
 
 async def list_feeds(request: Request) -> Response:
@@ -134,7 +133,7 @@ async def list_feeds(request: Request) -> Response:
     started: dict[str, cursor.Position] = {}
     for i, feed in enumerate(feeds):
         meta_raw, length, first_raw, last_raw = answers[4 * i : 4 * i + 4]
-        meta = {_s(k): _s(v) for k, v in meta_raw.items()}
+        meta = {codec.text(k): codec.text(v) for k, v in meta_raw.items()}
         first, last = _entry(first_raw), _entry(last_raw)
         # The meta hash may have been lost (evicted, Redis emptied): the stream tells the same.
         epoch = meta.get("epoch") or (entry_epoch(last[1]) if last else None)
