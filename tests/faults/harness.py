@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 
 from fanout.servers import NatsServer, PostgresServer, RedisServer, TcpProxy, free_port
+from services.sse_gateway import contract
 from shared import codec
 from shared.feeds import FEED_NAMES, FEEDS, js_stream_name
 from shared.keys import Keys
@@ -512,6 +513,7 @@ class Subscriber:
     received: dict[str, list[Got]] = field(default_factory=dict)
     notices: list[tuple[str, str]] = field(default_factory=list)  # (event, data): gap, reset, unknown
     bad_ids: list[str] = field(default_factory=list)
+    off_contract: list[str] = field(default_factory=list)  # data outside its event's JSON Schema
     refusals: list[str] = field(default_factory=list)  # non-200 answers: an EventSource stops for good
     connects: int = 0
     resumes: list[tuple[float, str | None]] = field(default_factory=list)  # (when, Last-Event-ID)
@@ -616,6 +618,10 @@ class Subscriber:
         if "data" not in event:
             return
         now = time.time()
+        try:  # every event held to its published schema (services/sse_gateway/schemas)
+            contract.validate_event(kind, event["data"])
+        except contract.EventSchemaError as exc:
+            self.off_contract.append(str(exc))
         if kind in self.received or kind == "malformed":
             data = json.loads(event["data"])
             feed = kind if kind in self.received else str(data.get("feed"))
@@ -917,6 +923,9 @@ def judge_subscriber(s: Subscriber, truth: dict[str, FeedTruth]) -> SubVerdict:
     for bad in s.bad_ids[:3]:
         v.details.append(f"{s.name}: {bad}")
     v.wrong += len(s.bad_ids)
+    for off in s.off_contract[:3]:
+        v.details.append(f"{s.name}: outside the event schemas: {off}")
+    v.wrong += len(s.off_contract)
     for refusal in s.refusals[:3]:
         v.details.append(f"{s.name}: {refusal}: an EventSource would have stopped for good")
     v.wrong += len(s.refusals)

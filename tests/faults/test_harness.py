@@ -92,3 +92,11 @@ async def test_a_stalled_then_cut_link_makes_the_promoted_replica_miss_writes(tm
         await asyncio.to_thread(replica.stop)
         await asyncio.to_thread(link.stop)
         await asyncio.to_thread(primary.stop)
+
+
+def test_the_judge_fails_an_event_outside_its_schema() -> None:
+    s = subscriber(list(range(1, 4)))
+    data = '{"feed": "execution", "seq": 4, "message_id": "1796289999999.4", "error": 5}'  # error: not text
+    s._dispatch({"event": "malformed", "id": "v2:execution.1796289999999.4", "data": data})
+    v = judge_subscriber(s, truth(3))
+    assert not v.exact and any("outside the event schemas" in d for d in v.details), v.details
