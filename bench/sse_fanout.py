@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench import harness, profile
-from bench.harness import BenchError, percentile_ms, usage
+from bench.harness import BenchError, Usage, percentile_ms, usage
 from bench.loadclient import LoadClients
 from bench.publishers import NchanPublisher, StreamPublisher, pace
 
@@ -363,8 +363,29 @@ async def measure(
             )
     if published != total:
         raise BenchError(f"{target.name}: published {published} of {total}")
-    delivered = rep["delivered"]
+    server, busy, own = (server0, server1), (busy0, busy1), (self0, self1)
+    return _window(scenario, target, rate, seconds, published, rep, server, busy, own, drained)
+
+
+def _window(
+    scenario: str,
+    target: Target,
+    rate: float,
+    seconds: float,
+    published: int,
+    rep: dict[str, Any],
+    server: tuple[Usage, Usage],
+    busy: tuple[float, float],
+    own: tuple[float, float],
+    drained: bool,
+    **extra: Any,
+) -> Window:
+    """A window's figures from the load client's report and the CPU read before and after
+    (the server's, the machine's, this process's)."""
+    server0, server1 = server
     cpu = server1.cpu_since(server0)
+    delivered = rep["delivered"]
+    publisher_s = own[1] - own[0]
     return Window(
         scenario=scenario,
         server=target.name,
@@ -385,9 +406,10 @@ async def measure(
         server_cpu_us_per_event=(cpu / delivered * 1e6) if delivered else None,
         server_rss_mb=server1.rss_bytes / 2**20,
         client_cpu_pct=100.0 * rep["cpu_s"] / seconds,
-        publisher_cpu_pct=100.0 * (self1 - self0) / seconds,
-        other_cpu_pct=max(0.0, 100.0 * (busy1 - busy0 - cpu - rep["cpu_s"] - (self1 - self0)) / seconds),
+        publisher_cpu_pct=100.0 * publisher_s / seconds,
+        other_cpu_pct=max(0.0, 100.0 * (busy[1] - busy[0] - cpu - rep["cpu_s"] - publisher_s) / seconds),
         drained=drained,
+        **extra,
     )
 
 
@@ -427,31 +449,17 @@ async def storm(
     await pool.reconnecting(False)
     if published != total:
         raise BenchError(f"{target.name}: published {published} of {total}")
-    cpu = server1.cpu_since(server0)
-    delivered = rep["delivered"]
-    return Window(
-        scenario=scenario,
-        server=target.name,
-        clients=rep["connections"],
-        rate=rate,
-        seconds=seconds,
-        published=published,
-        expected=published * rep["connections"],
-        delivered=delivered,
-        lost=rep["lost"],
-        duplicated=rep["duplicated"],
-        missing=rep["missing"],
-        closed=rep["closed"],
-        unparsed=rep["unparsed"],
-        p50_ms=percentile_ms(rep["hist"], 0.50),
-        p99_ms=percentile_ms(rep["hist"], 0.99),
-        server_cpu_pct=server1.cpu_percent_since(server0),
-        server_cpu_us_per_event=(cpu / delivered * 1e6) if delivered else None,
-        server_rss_mb=server1.rss_bytes / 2**20,
-        client_cpu_pct=100.0 * rep["cpu_s"] / seconds,
-        publisher_cpu_pct=100.0 * (self1 - self0) / seconds,
-        other_cpu_pct=max(0.0, 100.0 * (busy1 - busy0 - cpu - rep["cpu_s"] - (self1 - self0)) / seconds),
-        drained=drained,
+    return _window(
+        scenario,
+        target,
+        rate,
+        seconds,
+        published,
+        rep,
+        (server0, server1),
+        (busy0, busy1),
+        (self0, self1),
+        drained,
         restart_s=restart_s,
         all_back_s=(rep["last_back_ns"] - rep["first_drop_ns"]) / 1e9 if rep["back"] else None,
         dropped=rep["dropped"],

@@ -263,7 +263,10 @@ class Supervisor:
             del self.workers[slot]
             self._gone(slot, proc)
             if self.stopping:
-                if code != 0:
+                # -SIGTERM is a clean stop too: uvicorn re-raises the signal it caught once
+                # its graceful shutdown is done, so a drained worker may die of the SIGTERM
+                # this supervisor sent it.
+                if code not in (0, -signal.SIGTERM):
                     log.error("gateway worker exited with an error", extra={"slot": slot, "code": code})
                     self.exit_code = 1
                 continue

@@ -20,6 +20,7 @@ import pytest
 from services.sse_gateway.settings import GatewaySettings
 from shared.settings import Settings
 from tests.integration.test_gateway_helpers import GatewayProcess, Writer, free_port, open_stream
+from tests.integration.test_gateway_restart import Client
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -60,47 +61,6 @@ async def until(check: Any, within: float, what: str) -> None:
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-class Client:
-    """Reconnects like EventSource: after a drop, again with the last id it saw."""
-
-    def __init__(self, port: int, progress: asyncio.Condition) -> None:
-        self.port = port
-        self.progress = progress
-        self.seqs: dict[str, list[int]] = {"execution": [], "sport_event": []}
-        self.last_id: str | None = None
-        self.connects = 0
-
-    def count(self) -> int:
-        return sum(len(v) for v in self.seqs.values())
-
-    async def run(self, done: asyncio.Event) -> None:
-        while not done.is_set():
-            try:
-                stream = await open_stream(
-                    self.port, "from=earliest", {"Last-Event-ID": self.last_id} if self.last_id else {}
-                )
-            except OSError:
-                await asyncio.sleep(0.1)  # refused: retry, as EventSource does after `retry:`
-                continue
-            if stream.status != 200:
-                await asyncio.sleep(0.1)
-                continue
-            self.connects += 1
-            try:
-                while not done.is_set():
-                    event = await stream.next(within=60)
-                    if event.has_id:
-                        self.last_id = event.id
-                    if event.event in self.seqs:
-                        self.seqs[event.event].append(event.json()["seq"])
-                        async with self.progress:
-                            self.progress.notify_all()
-            except (EOFError, ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                stream.close()
 
 
 async def _metrics(port: int, within: float = 30) -> str:
@@ -206,7 +166,8 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
         assert gateway.proc is not None
         workers = children(gateway.proc.pid)
         assert len(workers) == 2
-        assert await asyncio.to_thread(gateway.terminate, 60) == 0
+        code = await asyncio.to_thread(gateway.terminate, 60)
+        assert code == 0, gateway.stderr()[-4000:]
         for s in streams:
             with pytest.raises(EOFError):
                 await s.next(within=10)

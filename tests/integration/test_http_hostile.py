@@ -456,6 +456,12 @@ async def subscribers_gauge(http: aiohttp.ClientSession, url: str) -> float:
     raise AssertionError("no fanout_gateway_subscribers metric")
 
 
+# A client connect that fails under this load (a full listen backlog: ConnectionError,
+# accepted below) leaves its socket to the garbage collector in Python 3.11's
+# asyncio._connect_sock: a ResourceWarning of the test's client, not of the gateway.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+)
 async def test_thousands_of_connections_opened_and_dropped_leave_nothing_behind(gateway: Gateway) -> None:
     pid = gateway.process.pid
     before = rss_kib(pid)
