@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from typing import Any
 
 import aiohttp
@@ -17,9 +16,7 @@ from prometheus_client import REGISTRY
 
 from services.sse_gateway import cursor
 from services.sse_gateway.cursor import Position
-from services.sse_gateway.settings import GatewaySettings
 from shared.keys import Keys
-from shared.settings import Settings
 from tests.integration.test_gateway_helpers import (
     EPOCH,
     Event,
@@ -35,26 +32,6 @@ pytestmark = pytest.mark.timeout(120)
 
 OLD_EPOCH = str(int(EPOCH) - 86_400_000)  # the JetStream stream before it was recreated
 NEW_EPOCH = str(int(EPOCH) + 86_400_000)  # ... and after
-
-
-@pytest.fixture
-def make_settings(base_settings: Settings) -> Any:
-    def make(**overrides: Any) -> GatewaySettings:
-        return GatewaySettings.from_env(
-            os.environ,
-            key_prefix=base_settings.key_prefix,
-            db_schema=base_settings.db_schema,
-            log_format="text",
-            tokens="",
-            **overrides,
-        )
-
-    return make
-
-
-@pytest.fixture
-def writer(redis: Any, base_settings: Settings) -> Writer:
-    return Writer(redis, base_settings.key_prefix, EPOCH)
 
 
 def feed_events(stream: Stream) -> list[Event]:

@@ -10,38 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 import pytest
 
 from services.sse_gateway.protocol import StreamProtocol
-from services.sse_gateway.settings import GatewaySettings
-from shared.settings import Settings
 from tests.integration.test_gateway import feed_events, metric, seqs
-from tests.integration.test_gateway_helpers import EPOCH, Writer, inprocess_gateway, open_stream
+from tests.integration.test_gateway_helpers import Writer, inprocess_gateway, open_stream
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def make_settings(base_settings: Settings) -> Any:
-    def make(**overrides: Any) -> GatewaySettings:
-        return GatewaySettings.from_env(
-            os.environ,
-            key_prefix=base_settings.key_prefix,
-            db_schema=base_settings.db_schema,
-            log_format="text",
-            tokens="",
-            **overrides,
-        )
-
-    return make
-
-
-@pytest.fixture
-def writer(redis: Any, base_settings: Settings) -> Writer:
-    return Writer(redis, base_settings.key_prefix, EPOCH)
 
 
 async def test_live_subscribers_are_written_directly_and_get_every_event_once_in_order(

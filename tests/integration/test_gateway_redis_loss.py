@@ -57,11 +57,6 @@ def settings(base_settings: Settings) -> GatewaySettings:
     )
 
 
-@pytest.fixture
-def writer(redis: Any, base_settings: Settings) -> Writer:
-    return Writer(redis, base_settings.key_prefix, EPOCH)
-
-
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
