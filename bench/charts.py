@@ -9,7 +9,8 @@
   scenarios), one line per server and rate.
 
 A window that was not sustained (under 99% delivered, or p99 over 1 s) is drawn hollow;
-of two attempts the better one is drawn. Needs matplotlib (the `bench` extra).
+of two attempts the better one is drawn, of several rounds (`--repeat`) the one with the
+median p99. Needs matplotlib (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -31,17 +32,29 @@ DASHES = {1.0: (4, 2), 5.0: ()}  # 1 msg/s dashed, 5 msg/s solid
 
 
 def _best(windows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int, float], Mapping[str, Any]]:
-    """Per (server, clients, rate), the better of the windows (sustained first, then more
-    deliveries/s); storms and warm-ups left out."""
-    out: dict[tuple[str, int, float], Mapping[str, Any]] = {}
+    """Per (server, clients, rate), the window to draw: of two attempts the better one
+    (sustained first, then more deliveries/s), of several rounds (`--repeat`) the one with
+    the median p99; storms and warm-ups left out."""
+    better: dict[tuple[str, int, float, int], Mapping[str, Any]] = {}
     for w in windows:
         if w.get("restart_s") is not None or str(w["scenario"]).startswith("warm-up"):
             continue
-        key = (str(w["server"]), int(w["clients"]), float(w["rate"]))
-        old = out.get(key)
+        key = (str(w["server"]), int(w["clients"]), float(w["rate"]), int(w.get("round", 1)))
+        old = better.get(key)
         if old is None or (w["sustained"], w["delivered_per_s"]) > (old["sustained"], old["delivered_per_s"]):
-            out[key] = w
-    return out
+            better[key] = w
+    rounds: dict[tuple[str, int, float], list[Mapping[str, Any]]] = {}
+    for (server, clients, rate, _), w in better.items():
+        rounds.setdefault((server, clients, rate), []).append(w)
+    return {key: _median_p99(ws) for key, ws in rounds.items()}
+
+
+def _median_p99(windows: list[Mapping[str, Any]]) -> Mapping[str, Any]:
+    def rank(w: Mapping[str, Any]) -> tuple[bool, float]:
+        return not w["sustained"], w["p99_ms"] if w["p99_ms"] is not None else float("inf")
+
+    ranked = sorted(windows, key=rank)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _series(ax: Any, server: str, points: list[tuple[float, float | None, bool]], **style: Any) -> None:

@@ -23,7 +23,7 @@ def test_every_client_gets_every_event_once_from_every_server() -> None:
     args = sse_fanout.parse_args(
         ["--servers", ",".join(servers), "--scenarios", "lab", "--clients", "20", "--small-clients", "5",
          "--small-rate", "200", "--duration", "1", "--no-ramp", "--client-procs", "1", "--drain", "20",
-         "--out", "-"]
+         "--repeat", "2", "--out", "-"]
     )  # fmt: skip
     run = asyncio.run(sse_fanout.run(args))
 
@@ -33,8 +33,14 @@ def test_every_client_gets_every_event_once_from_every_server() -> None:
         assert w.clients == (20 if "20 clients" in w.scenario else 5)
         assert (w.lost, w.duplicated, w.missing, w.closed, w.unparsed) == (0, 0, 0, 0, 0), w
         assert w.delivered == w.expected == w.published * w.clients, w
+    for server in servers:  # --repeat 2: the fixed-rate windows twice each, the others once
+        rounds = sorted(
+            w.round for w in run.windows if w.server == server and "20 clients @ 50/s" in w.scenario
+        )
+        assert rounds[0] == 1 and rounds[-1] == 2, rounds
+        assert {w.round for w in run.windows if w.server == server and "5 clients" in w.scenario} == {1}
     text = sse_fanout.markdown(run)
-    assert "| figure |" in text and "memory per idle client" in text
+    assert "| figure |" in text and "memory per idle client" in text and "ran 2 rounds" in text
 
 
 def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:

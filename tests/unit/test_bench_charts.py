@@ -76,3 +76,28 @@ def test_a_run_without_viewers_has_only_the_rate_chart(tmp_path: Path) -> None:
         "sse_fanout_rate.png",
         "sse_fanout_rate.svg",
     ]
+
+
+def test_of_several_rounds_the_median_p99_is_drawn() -> None:
+    rounds = [
+        _window("gateway", 1000, 50, round=r, p99_ms=p99) for r, p99 in ((1, 30.0), (2, 12.0), (3, 90.0))
+    ]
+    again = _window("gateway", 1000, 50, round=2, sustained=False)  # round 2's worse attempt
+    best = charts._best([*rounds, again])
+    assert best["gateway", 1000, 50]["p99_ms"] == 30.0
+
+
+def test_the_report_takes_the_round_with_the_median_p99() -> None:
+    from bench import sse_fanout
+
+    def window(round_: int, p99: float, attempt: int = 1, sustained: bool = True) -> sse_fanout.Window:
+        return sse_fanout.Window(
+            "1000 clients @ 50/s", "gateway", 1000, 50, 10, 500, 500_000,
+            500_000 if sustained else 1000, 0, 0, 0, 0, 0, 5.0, p99, 40, 9.0, 80, 50, 1, 5, True,
+            attempt=attempt, round=round_,
+        )  # fmt: skip
+
+    chosen = sse_fanout._by_scenario(
+        [window(1, 40.0), window(2, 3000.0, sustained=False), window(2, 15.0, attempt=2), window(3, 90.0)]
+    )
+    assert chosen["1000 clients @ 50/s", "gateway"].p99_ms == 40.0
