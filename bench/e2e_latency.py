@@ -70,7 +70,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             gateway = stack.enter_context(
                 harness.fanout_service(
                     "gateway",
-                    env | {"FANOUT_GATEWAY_PORT": str(port), "FANOUT_MAX_SUBSCRIBERS": "20000"},
+                    env | {"FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{port}", "FANOUT_MAX_SUBSCRIBERS": "20000"},
                     log_path=f"{log_dir}/gateway.log",
                     port=port,
                 )

@@ -38,7 +38,16 @@ from shared.connections import create_database_if_missing
 from shared.feeds import FEED_NAMES, js_stream_name
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
-from shared.settings import Settings, nats_servers, parse_duration, setting, write_urls_file
+from shared.settings import (
+    Replaced,
+    Settings,
+    format_host_port,
+    nats_servers,
+    parse_duration,
+    parse_host_port,
+    setting,
+    write_urls_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +76,21 @@ class UpSettings(Settings):
     private_servers: bool = setting(
         "FANOUT_UP_PRIVATE", False, "always start private servers, ignoring URLs and default ports"
     )
-    gateway_host: str = setting("FANOUT_GATEWAY_HOST", "127.0.0.1", "address the gateway listens on")
-    gateway_port: int = setting("FANOUT_GATEWAY_PORT", 8000, "port the gateway listens on")
+    gateway_listen: tuple[str, int] = setting(
+        "FANOUT_GATEWAY_LISTEN",
+        ("127.0.0.1", 8000),
+        "HOST:PORT the gateway serves the feeds and its page on (IPv6: [::1]:8000)",
+        parse_host_port,
+    )
     grace: float = setting(
         "FANOUT_UP_GRACE", 20.0, "how long children get to stop after SIGTERM before SIGKILL", parse_duration
     )
 
     reads_up_urls = False  # `up` writes the urls file; it never reads an earlier run's
+    replaced = (
+        Replaced("FANOUT_GATEWAY_HOST", "--gateway-host", "gateway_listen", "HOST:PORT"),
+        Replaced("FANOUT_GATEWAY_PORT", "--gateway-port", "gateway_listen", "HOST:PORT"),
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -202,8 +219,7 @@ class Up:
         env["REDIS_URL"] = self.urls["redis"]
         env["DATABASE_URL"] = self.urls["postgres"]
         env["FANOUT_LOG_FORMAT"] = self.log_format
-        env["FANOUT_GATEWAY_HOST"] = s.gateway_host
-        env["FANOUT_GATEWAY_PORT"] = str(s.gateway_port)
+        env["FANOUT_GATEWAY_LISTEN"] = format_host_port(*s.gateway_listen)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -288,8 +304,9 @@ class Up:
     def banner(self) -> str:
         s = self.settings
         keys = Keys(s.key_prefix)
-        host = "127.0.0.1" if s.gateway_host in ("0.0.0.0", "::", "") else s.gateway_host
-        page = f"http://{host}:{s.gateway_port}/"
+        host, port = s.gateway_listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every interface: this host's
+        page = f"http://{format_host_port(host, port)}/"
         lines = [
             "",
             "feed-fanout is up. Ctrl-C stops everything.",

@@ -87,11 +87,34 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """`127.0.0.1:9101` -> ("127.0.0.1", 9101); port 0 picks a free port."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    """`127.0.0.1:9101` -> ("127.0.0.1", 9101); an IPv6 host in brackets, `[::1]:9101` ->
+    ("::1", 9101); no host, `:9101`, is every IPv4 interface ("0.0.0.0"); port 0 picks a
+    free port. The inverse of format_host_port."""
+    host, sep, port = text.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (":" in host and not bracketed) or "[" in host or "]" in host or (bracketed and not host):
+        raise ValueError("expected HOST:PORT with an IPv6 host in brackets, such as [::1]:9101")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT, such as 127.0.0.1:9101")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host or "0.0.0.0", int(port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """HOST:PORT as parse_host_port reads it (and as a URL's authority): an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """A setting that no longer exists: its variable in the environment, or its flag, is
+    an error naming the setting that replaced it, never silently ignored."""
+
+    env: str  # FANOUT_GATEWAY_PORT
+    flag: str  # --gateway-port
+    by: str  # the field that replaced it: gateway_listen
+    form: str  # how the replacement is written: HOST:PORT
 
 
 _PARSERS: dict[Any, Callable[[str], Any]] = {str: str, int: int, float: float, bool: parse_bool}
@@ -106,8 +129,7 @@ def _show(meta: Mapping[str, Any], value: Any) -> str:
     if meta["parse"] is parse_milliseconds:
         return format_duration(value / 1000)
     if meta["parse"] is parse_host_port or isinstance(value, tuple):
-        host, port = value
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_host_port(*value)
     if value == "":
         return "empty"
     return str(value)
@@ -234,6 +256,8 @@ class Settings:
 
     # Whether from_args() fills unset server URLs from `fanout up`'s urls.env (`up` writes it).
     reads_up_urls: ClassVar[bool] = True
+    # Settings that no longer exist, refused with the name of their replacement.
+    replaced: ClassVar[tuple[Replaced, ...]] = ()
 
     def subject(self, feed: str) -> str:
         return f"{self.subject_prefix}{feed}"
@@ -254,6 +278,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         """Settings from the environment (os.environ by default); keyword overrides win."""
         environ = os.environ if environ is None else environ
+        cls._refuse_replaced([old for old in cls.replaced if old.env in environ], flags=False)
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -278,12 +303,17 @@ class Settings:
                 metavar=f.metadata["env"],
                 help=f"{f.metadata['help']} (default: {_show(f.metadata, default)})",
             )
+        for old in cls.replaced:  # accepted only to be refused with a clear message
+            group.add_argument(old.flag, dest=_replaced_dest(old), default=None, help=argparse.SUPPRESS)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Self:
         """Settings from parsed flags (those given) over the environment. A command's own
         environment (`environ` None) lacking a server URL takes it from `fanout up`'s
         urls.env, if there is one, and says so on stderr."""
+        cls._refuse_replaced(
+            [old for old in cls.replaced if getattr(args, _replaced_dest(old), None) is not None], flags=True
+        )
         hints = get_type_hints(cls)
         overrides = {
             f.name: _parse(f.metadata, hints[f.name], getattr(args, f.name), "--" + f.name.replace("_", "-"))
@@ -298,6 +328,30 @@ class Settings:
         if note:
             _announce(note, settings.log_format)
         return settings
+
+    @classmethod
+    def _refuse_replaced(cls, given: list[Replaced], *, flags: bool) -> None:
+        """SettingsError naming the replacement of the first replaced setting given, and
+        every other one given that it also replaces."""
+        if not given:
+            return
+        by = given[0].by
+        new = next(f for f in fields(cls) if f.name == by)
+        if flags:
+            old_names = [old.flag for old in given if old.by == by]
+            replacement = f"{'--' + by.replace('_', '-')} {given[0].form}"
+        else:
+            old_names = [old.env for old in given if old.by == by]
+            replacement = f"{new.metadata['env']}={given[0].form}"
+        verb = "is" if len(old_names) == 1 else "are"
+        default = _show(new.metadata, new.default)
+        raise SettingsError(
+            f"{' and '.join(old_names)} {verb} replaced by {replacement} (default: {default})"
+        )
+
+
+def _replaced_dest(old: Replaced) -> str:
+    return "replaced:" + old.env
 
 
 def _parse(meta: Mapping[str, Any], kind: Any, raw: str, name: str) -> Any:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return workers.supervise(settings, args, count)
     sockets: list[socket.socket] | None = None
     if in_group:
-        sockets = [workers.port_socket(settings.gateway_host, settings.gateway_port, listen=True)]
+        sockets = [workers.port_socket(*settings.gateway_listen, listen=True)]
         slot = int(os.environ[workers.WORKER_SLOT])
         if slot > 0:  # the ops port is the first worker's; the others take a free one (logged)
             settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         app.state.subscribers.shared = counts
     config = uvicorn.Config(
         app,
-        host=settings.gateway_host,
-        port=settings.gateway_port,
+        host=settings.gateway_listen[0],
+        port=settings.gateway_listen[1],
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=StreamProtocol if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     server.run(sockets)
     if not server.started:
         log.error(
-            "gateway did not start", extra={"host": settings.gateway_host, "port": settings.gateway_port}
+            "gateway did not start", extra={"url": settings.listen_url()}
         )
         return 1
     return 0

@@ -391,7 +391,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         opener = asyncio.create_task(_open_archive(state))
         log.info(
             "gateway ready",
-            extra={"url": f"http://{settings.gateway_host}:{settings.gateway_port}/v1/stream"},
+            extra={"url": f"{settings.listen_url()}/v1/stream"},
         )
         try:
             yield

@@ -6,8 +6,10 @@ import ipaddress
 from dataclasses import dataclass
 
 from shared.settings import (
+    Replaced,
     Settings,
     SettingsError,
+    format_host_port,
     parse_bool,
     parse_duration,
     parse_host_port,
@@ -18,8 +20,12 @@ from shared.settings import (
 
 @dataclass(frozen=True)
 class GatewaySettings(Settings):
-    gateway_host: str = setting("FANOUT_GATEWAY_HOST", "127.0.0.1", "address the gateway listens on")
-    gateway_port: int = setting("FANOUT_GATEWAY_PORT", 8000, "port the gateway listens on (0: a free port)")
+    gateway_listen: tuple[str, int] = setting(
+        "FANOUT_GATEWAY_LISTEN",
+        ("127.0.0.1", 8000),
+        "HOST:PORT the gateway serves the feeds on (IPv6: [::1]:8000; port 0: a free port)",
+        parse_host_port,
+    )
     workers: int = setting(
         "FANOUT_GATEWAY_WORKERS",
         0,
@@ -141,10 +147,13 @@ class GatewaySettings(Settings):
         "FANOUT_SHUTDOWN_GRACE", 5.0, "time given to streams to end on shutdown", parse_duration
     )
 
+    replaced = (
+        Replaced("FANOUT_GATEWAY_HOST", "--gateway-host", "gateway_listen", "HOST:PORT"),
+        Replaced("FANOUT_GATEWAY_PORT", "--gateway-port", "gateway_listen", "HOST:PORT"),
+    )
+
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.gateway_port <= 65535:
-            raise SettingsError(f"FANOUT_GATEWAY_PORT={self.gateway_port}: expected 0..65535")
         for env, value, low in (
             ("FANOUT_GATEWAY_WORKERS", self.workers, 0),
             ("FANOUT_MAX_SUBSCRIBERS", self.max_subscribers, 1),
@@ -160,9 +169,10 @@ class GatewaySettings(Settings):
                 raise SettingsError(f"{env}={value}: expected at least {low}")
         if self.heartbeat <= 0:
             raise SettingsError(f"FANOUT_HEARTBEAT={self.heartbeat}: expected a positive duration")
-        if not self.allow_open and not self.has_credentials and not _loopback(self.gateway_host):
+        if not self.allow_open and not self.has_credentials and not _loopback(self.gateway_listen[0]):
             raise SettingsError(
-                f"FANOUT_GATEWAY_HOST={self.gateway_host} with no credential configured would serve every "
+                f"FANOUT_GATEWAY_LISTEN={format_host_port(*self.gateway_listen)} with no credential "
+                "configured would serve every "
                 "feed to everyone: set FANOUT_TOKENS (or FANOUT_TOKENS_FILE) or a JWT key "
                 "(FANOUT_JWT_SECRET, FANOUT_JWT_PUBLIC_KEY or FANOUT_JWT_JWKS, or their _FILE), listen on "
                 "127.0.0.1, or set FANOUT_ALLOW_OPEN=true"
@@ -191,6 +201,12 @@ class GatewaySettings(Settings):
                 self.jwt_jwks_file,
             )
         )
+
+    def listen_url(self, port: int | None = None) -> str:
+        """`http://HOST:PORT` of FANOUT_GATEWAY_LISTEN (an IPv6 host in brackets); `port`: the
+        one its port 0 became."""
+        host, listen_port = self.gateway_listen
+        return "http://" + format_host_port(host, listen_port if port is None else port)
 
     @property
     def cors_origin_list(self) -> list[str]:

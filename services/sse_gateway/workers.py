@@ -50,6 +50,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from services.sse_gateway.settings import GatewaySettings
+from shared.settings import format_host_port
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +129,15 @@ def port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     return sock
 
 
-def worker_command(args: argparse.Namespace, port: int) -> list[str]:
+def worker_command(args: argparse.Namespace, listen: tuple[str, int]) -> list[str]:
     """`fanout gateway` with the flags the user gave (the environment is inherited), as
-    one worker on `port` (the one reserved: port 0 resolved)."""
+    one worker on `listen` (the address reserved: port 0 resolved)."""
     cmd = [sys.executable, "-m", "fanout.cli", "gateway"]
     for f in fields(GatewaySettings):
         value = getattr(args, f.name, None)
-        if value is not None and f.name not in ("workers", "gateway_port"):
+        if value is not None and f.name not in ("workers", "gateway_listen"):
             cmd += ["--" + f.name.replace("_", "-"), str(value)]
-    return [*cmd, "--gateway-port", str(port), "--workers", "1"]
+    return [*cmd, "--gateway-listen", format_host_port(*listen), "--workers", "1"]
 
 
 def _in_worker() -> None:
@@ -163,11 +164,11 @@ class Supervisor:
     def run(self) -> int:
         s = self.settings
         try:
-            sock = port_socket(s.gateway_host, s.gateway_port, listen=False)
+            sock = port_socket(*s.gateway_listen, listen=False)
         except OSError as exc:
             log.error(
                 "gateway cannot listen",
-                extra={"host": s.gateway_host, "port": s.gateway_port, "error": str(exc)},
+                extra={"host": s.gateway_listen[0], "port": s.gateway_listen[1], "error": str(exc)},
             )
             return 1
         shared = tempfile.mkdtemp(prefix="fanout-gateway-")
@@ -182,7 +183,7 @@ class Supervisor:
                 MULTIPROC_DIR: str(Path(shared, "metrics")),
             }
             port = sock.getsockname()[1]
-            self.command = worker_command(self.args, port)
+            self.command = worker_command(self.args, (s.gateway_listen[0], port))
             self.counts = counts
             for slot in range(self.count):
                 self._start(slot)
@@ -191,7 +192,7 @@ class Supervisor:
                 extra={
                     "workers": self.count,
                     "pids": ",".join(str(p.pid) for p in self.workers.values()),
-                    "url": f"http://{s.gateway_host}:{port}/v1/stream",
+                    "url": f"{s.listen_url(port)}/v1/stream",
                 },
             )
             self._loop()

@@ -213,8 +213,7 @@ class Gateway:
             "DATABASE_URL": settings.database_url,
             "FANOUT_KEY_PREFIX": settings.key_prefix,
             "FANOUT_DB_SCHEMA": settings.db_schema,
-            "FANOUT_GATEWAY_HOST": "127.0.0.1",
-            "FANOUT_GATEWAY_PORT": str(self.port),
+            "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
             "FANOUT_LOG_FORMAT": "json",
             "FANOUT_RETRY_MS": "300",  # the browser's reconnection delay
             **env,

@@ -279,7 +279,10 @@ class Pipeline:
         gw = self._service(
             "gateway",
             ["gateway"],
-            {"FANOUT_GATEWAY_PORT": str(self.gateway_port), "FANOUT_GATEWAY_OPS": f"127.0.0.1:{ops}"},
+            {
+                "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
+                "FANOUT_GATEWAY_OPS": f"127.0.0.1:{ops}",
+            },
             f"http://127.0.0.1:{ops}",
         )
         gw.start()

@@ -213,6 +213,7 @@ def test_compose_passes_the_password_and_the_credentials_through() -> None:
 
 def test_gateway_ops_port_is_separate_and_not_published() -> None:
     gateway = load()["services"]["gateway"]
+    assert gateway["environment"]["FANOUT_GATEWAY_LISTEN"] == "0.0.0.0:8000"  # the port published
     assert gateway["environment"]["FANOUT_GATEWAY_OPS"] == "0.0.0.0:9103"
     assert gateway["environment"]["FANOUT_GATEWAY_WORKERS"] == "0"  # one worker per core
     assert gateway["ports"] == ["8000:8000"]  # /metrics is not on it, and 9103 is not published

@@ -353,7 +353,7 @@ def gateway_env(settings: Any, port: int, **extra: str) -> dict[str, str]:
             "DATABASE_URL": settings.database_url,
             "FANOUT_KEY_PREFIX": settings.key_prefix,
             "FANOUT_DB_SCHEMA": settings.db_schema,
-            "FANOUT_GATEWAY_PORT": str(port),
+            "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{port}",
             "FANOUT_LOG_FORMAT": "json",
             "FANOUT_TOKENS": "",
             # One process, as these tests expect (test_gateway_workers.py runs several).

@@ -247,12 +247,13 @@ async def test_secrets_and_tokens_never_reach_the_logs(
 
 def test_open_mode_only_on_localhost(base_settings: Settings) -> None:
     values = {f: getattr(base_settings, f) for f in ("redis_url", "database_url", "key_prefix")}
-    GatewaySettings(**values, gateway_host="127.0.0.1")  # `fanout up`, `./dev run`: fine, and said at start
-    with pytest.raises(SettingsError, match=r"FANOUT_GATEWAY_HOST=0\.0\.0\.0 with no credential"):
-        GatewaySettings(**values, gateway_host="0.0.0.0")
-    GatewaySettings(**values, gateway_host="0.0.0.0", tokens="t=*")
-    GatewaySettings(**values, gateway_host="0.0.0.0", jwt_secret=SECRET)
-    GatewaySettings(**values, gateway_host="0.0.0.0", allow_open=True)
+    local, public = ("127.0.0.1", 8000), ("0.0.0.0", 8000)
+    GatewaySettings(**values, gateway_listen=local)  # `fanout up`, `./dev run`: fine, and said at start
+    with pytest.raises(SettingsError, match=r"FANOUT_GATEWAY_LISTEN=0\.0\.0\.0:8000 with no credential"):
+        GatewaySettings(**values, gateway_listen=public)
+    GatewaySettings(**values, gateway_listen=public, tokens="t=*")
+    GatewaySettings(**values, gateway_listen=public, jwt_secret=SECRET)
+    GatewaySettings(**values, gateway_listen=public, allow_open=True)
 
 
 def test_credential_settings_that_name_nothing_are_refused(base_settings: Settings, tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "DATABASE_URL": settings.database_url,
         "FANOUT_KEY_PREFIX": settings.key_prefix,
         "FANOUT_DB_SCHEMA": settings.db_schema,
-        "FANOUT_GATEWAY_PORT": str(port),
+        "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{port}",
         "FANOUT_GATEWAY_OPS": f"127.0.0.1:{ops}",
         "FANOUT_TOKENS": f"{TOKEN}=*;{EXEC_ONLY}=execution",
         "FANOUT_LOG_FORMAT": "json",

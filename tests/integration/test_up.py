@@ -109,7 +109,7 @@ async def _start(root: Path) -> Run:
         **os.environ,
         "FANOUT_INGEST_HTTP": "127.0.0.1:0",
         "FANOUT_ARCHIVE_HTTP": "127.0.0.1:0",
-        "FANOUT_GATEWAY_PORT": str(free_port()),
+        "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
         "FANOUT_LOG_FORMAT": "json",
         "FANOUT_FEEDS_RATE": "20",
     }

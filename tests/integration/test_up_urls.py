@@ -59,7 +59,7 @@ async def test_status_and_audit_next_to_up_find_its_servers(root: Path) -> None:
         **_bare_env(),
         "FANOUT_INGEST_HTTP": "127.0.0.1:0",
         "FANOUT_ARCHIVE_HTTP": "127.0.0.1:0",
-        "FANOUT_GATEWAY_PORT": str(free_port()),
+        "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
         "FANOUT_FEEDS_RATE": "20",
     }
     proc = await asyncio.create_subprocess_exec(

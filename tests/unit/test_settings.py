@@ -8,7 +8,14 @@ from dataclasses import fields
 import pytest
 
 from services.ingestor.settings import IngestorSettings
-from shared.settings import Settings, SettingsError, parse_bool, parse_duration, parse_host_port
+from shared.settings import (
+    Settings,
+    SettingsError,
+    format_host_port,
+    parse_bool,
+    parse_duration,
+    parse_host_port,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,9 +36,15 @@ def test_parse_host_port() -> None:
     assert parse_host_port("127.0.0.1:9101") == ("127.0.0.1", 9101)
     assert parse_host_port("[::1]:0") == ("::1", 0)
     assert parse_host_port(":8080") == ("0.0.0.0", 8080)
-    for bad in ("9101", "host:", "host:99999", "host:x"):
+    assert parse_host_port("[2001:db8::1]:443") == ("2001:db8::1", 443)
+    assert parse_host_port(" localhost:80 ") == ("localhost", 80)
+    for bad in ("9101", "host:", "host:99999", "host:x", "host:\u0665", "[]:80", "[::1:80", "::1]:80"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_host_port(bad)
+    with pytest.raises(ValueError, match=r"IPv6 host in brackets, such as \[::1\]:9101"):
+        parse_host_port("::1:9101")  # port 9101 of ::1, or port 1:9101 of ::? Brackets say.
+    for listen in (("127.0.0.1", 0), ("::1", 8000), ("0.0.0.0", 9101)):
+        assert parse_host_port(format_host_port(*listen)) == listen
 
 
 def test_parse_bool() -> None:
