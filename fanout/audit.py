@@ -46,7 +46,14 @@ from shared.connections import redis_client
 from shared.feeds import FEED_NAMES, id_key, js_stream_name, seq_of_entry_id
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
-from shared.settings import Settings, nats_servers, parse_duration, parse_host_port, setting
+from shared.settings import (
+    Settings,
+    nats_servers,
+    parse_duration,
+    parse_host_port,
+    require_positive,
+    setting,
+)
 
 DESCRIPTION = __doc__
 log = logging.getLogger(__name__)
@@ -70,8 +77,12 @@ class AuditSettings(Settings):
         parse_host_port,
     )
     audit_interval: float = setting(
-        "FANOUT_AUDIT_INTERVAL", 60.0, "--watch: time between two audits, e.g. 60s", parse_duration
+        "FANOUT_AUDIT_INTERVAL", 60.0, "--watch: time between two audits", parse_duration
     )
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive({"FANOUT_AUDIT_INTERVAL": self.audit_interval})
 
 
 class Unreachable(Exception):
@@ -609,11 +620,19 @@ def table(report: Report) -> str:
 # --- the command ---------------------------------------------------------------------
 
 
+def _duration_argument(text: str) -> float:
+    """parse_duration for a plain flag, its error worded as every setting's."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--wait",
-        type=parse_duration,
+        type=_duration_argument,
         default=0.0,
         metavar="DURATION",
         help="repeat the audit until nothing is in flight or unarchived and nothing is wrong, "

@@ -54,20 +54,22 @@ def parse_duration(text: str) -> float:
 
 
 def parse_milliseconds(text: str) -> int:
-    """Milliseconds from a bare number (the unit of a `_MS` setting: `2000`) or from a
-    duration in any unit (`200ms`, `2s`), like every other duration setting."""
-    stripped = text.strip()
-    if stripped.isdigit():
-        return int(stripped)
-    try:
-        return round(parse_duration(stripped) * 1000)
-    except ValueError:
-        raise ValueError("expected milliseconds (2000) or a duration such as 500ms or 2s") from None
+    """Milliseconds from a bare number (the unit of a `_MS` setting: `2000`, `2.5`) or from
+    a duration in any unit (`200ms`, `2s`), like every other duration setting."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("expected milliseconds (2000) or a duration such as 500ms or 2s")
+    number = float(match[1])
+    return round(number if match[2] is None else number * _UNIT_SECONDS[match[2]] * 1000)
 
 
 def format_duration(seconds: float) -> str:
     """The inverse of parse_duration, in the largest unit (up to hours) that is whole: 86400 -> `24h`,
-    90 -> `90s`, 0.5 -> `500ms`."""
+    90 -> `90s`, 0.5 -> `500ms`, 0 -> `0s`."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds == 0:
+        return "0s"
     for unit in ("h", "m", "s"):
         count = seconds / _UNIT_SECONDS[unit]
         if count >= 1 and count == int(count):
@@ -75,6 +77,14 @@ def format_duration(seconds: float) -> str:
     if seconds < 1 and round(seconds * 1000, 6) == int(seconds * 1000):
         return f"{int(seconds * 1000)}ms"
     return f"{seconds:g}s"
+
+
+def require_positive(durations: Mapping[str, float]) -> None:
+    """A SettingsError naming the first of these duration settings (variable: seconds) that is
+    not above 0, its value written as a duration, like every such check."""
+    for env, seconds in durations.items():
+        if seconds <= 0:
+            raise SettingsError(f"{env}={format_duration(seconds)}: expected a positive duration")
 
 
 def parse_bool(text: str) -> bool:

@@ -11,9 +11,11 @@ from shared.connections import MAX_BLOCK_MS
 from shared.settings import (
     Settings,
     SettingsError,
+    format_duration,
     parse_duration,
     parse_host_port,
     parse_milliseconds,
+    require_positive,
     setting,
 )
 
@@ -79,19 +81,21 @@ class ArchiverSettings(Settings):
         if self.workers < 1:
             raise SettingsError(f"FANOUT_ARCHIVE_WORKERS={self.workers}: expected at least 1")
         if not 1 <= self.block_ms <= MAX_BLOCK_MS:
-            raise SettingsError(f"FANOUT_ARCHIVE_BLOCK_MS={self.block_ms}: expected 1 to {MAX_BLOCK_MS}")
-        if self.claim_idle <= 0:
-            raise SettingsError(f"FANOUT_ARCHIVE_CLAIM_IDLE={self.claim_idle}: expected a positive duration")
+            raise SettingsError(
+                f"FANOUT_ARCHIVE_BLOCK_MS={format_duration(self.block_ms / 1000)}: expected 1ms to "
+                f"{format_duration(MAX_BLOCK_MS / 1000)}"
+            )
+        require_positive(
+            {"FANOUT_ARCHIVE_CLAIM_IDLE": self.claim_idle, "FANOUT_ARCHIVE_TRIM_INTERVAL": self.trim_interval}
+        )
         if self.max_deliveries < 1:
             raise SettingsError(f"FANOUT_ARCHIVE_MAX_DELIVERIES={self.max_deliveries}: expected at least 1")
         if self.retention < 0:
-            raise SettingsError(f"FANOUT_RETENTION={self.retention}: expected a duration")
+            raise SettingsError(
+                f"FANOUT_RETENTION={format_duration(self.retention)}: expected a duration of 0 or more"
+            )
         if self.maxlen < 0:
             raise SettingsError(f"FANOUT_STREAM_MAXLEN={self.maxlen}: expected 0 (no limit) or a length")
-        if self.trim_interval <= 0:
-            raise SettingsError(
-                f"FANOUT_ARCHIVE_TRIM_INTERVAL={self.trim_interval}: expected a positive duration"
-            )
 
     @property
     def consumer_name(self) -> str:

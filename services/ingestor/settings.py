@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.settings import Settings, SettingsError, parse_duration, parse_host_port, setting
+from shared.settings import (
+    Settings,
+    SettingsError,
+    parse_duration,
+    parse_host_port,
+    require_positive,
+    setting,
+)
 
 MIB = 1024 * 1024
 
@@ -32,7 +39,7 @@ def _positive_int(text: str) -> int:
 class IngestorSettings(Settings):
     js_consumer: str = setting("FANOUT_JS_CONSUMER", "ingestor", "durable JetStream pull consumer name")
     js_max_age: float = setting(
-        "FANOUT_JS_MAX_AGE", 24 * 3600.0, "how long JetStream keeps a message (e.g. 24h)", parse_duration
+        "FANOUT_JS_MAX_AGE", 24 * 3600.0, "how long JetStream keeps a message", parse_duration
     )
     js_replicas: int = setting(
         "FANOUT_JS_REPLICAS",
@@ -68,12 +75,13 @@ class IngestorSettings(Settings):
 
     def validate(self) -> None:
         super().validate()
-        if self.js_max_age <= 0:
-            raise SettingsError(f"FANOUT_JS_MAX_AGE={self.js_max_age}s: expected a positive duration")
-        if self.js_ack_wait <= 0:
-            raise SettingsError(f"FANOUT_JS_ACK_WAIT={self.js_ack_wait}s: expected a positive duration")
-        if self.dedup_ttl <= 0:
-            raise SettingsError(f"FANOUT_DEDUP_TTL={self.dedup_ttl}s: expected a positive duration")
+        require_positive(
+            {
+                "FANOUT_JS_MAX_AGE": self.js_max_age,
+                "FANOUT_JS_ACK_WAIT": self.js_ack_wait,
+                "FANOUT_DEDUP_TTL": self.dedup_ttl,
+            }
+        )
         if self.batch < 1:
             raise SettingsError(f"FANOUT_INGEST_BATCH={self.batch}: expected a number of at least 1")
         if self.max_payload < 1:

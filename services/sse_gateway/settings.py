@@ -9,11 +9,13 @@ from shared.settings import (
     Replaced,
     Settings,
     SettingsError,
+    format_duration,
     format_host_port,
     parse_bool,
     parse_duration,
     parse_host_port,
     parse_milliseconds,
+    require_positive,
     setting,
 )
 
@@ -167,8 +169,13 @@ class GatewaySettings(Settings):
         ):
             if value < low:
                 raise SettingsError(f"{env}={value}: expected at least {low}")
-        if self.heartbeat <= 0:
-            raise SettingsError(f"FANOUT_HEARTBEAT={self.heartbeat}: expected a positive duration")
+        require_positive(
+            {
+                "FANOUT_HEARTBEAT": self.heartbeat,
+                "FANOUT_TICKET_TTL": self.ticket_ttl,
+                "FANOUT_SLOW_CLIENT_TIMEOUT": self.slow_client_timeout,
+            }
+        )
         if not self.allow_open and not self.has_credentials and not _loopback(self.gateway_listen[0]):
             raise SettingsError(
                 f"FANOUT_GATEWAY_LISTEN={format_host_port(*self.gateway_listen)} with no credential "
@@ -178,10 +185,13 @@ class GatewaySettings(Settings):
                 "127.0.0.1, or set FANOUT_ALLOW_OPEN=true"
             )
         if self.jwt_leeway < 0:
-            raise SettingsError(f"FANOUT_JWT_LEEWAY={self.jwt_leeway}: expected a duration of 0 or more")
+            raise SettingsError(
+                f"FANOUT_JWT_LEEWAY={format_duration(self.jwt_leeway)}: expected a duration of 0 or more"
+            )
         if not 0 < self.reader_block < 25:
             raise SettingsError(
-                f"FANOUT_READER_BLOCK={self.reader_block}: expected a duration above 0 and below 25s "
+                f"FANOUT_READER_BLOCK={format_duration(self.reader_block)}: expected a duration above 0 "
+                "and below 25s "
                 "(the Redis socket timeout is 30s)"
             )
 

@@ -109,7 +109,7 @@ def test_the_dedup_ttl_is_the_redelivery_window_not_the_retention() -> None:
     # so the TTL need not cover FANOUT_JS_MAX_AGE (contract v2).
     s = IngestorSettings.from_env({"FANOUT_JS_MAX_AGE": "48h", "FANOUT_DEDUP_TTL": "5m"})
     assert (s.js_max_age, s.dedup_ttl) == (172800.0, 300.0)
-    with pytest.raises(SettingsError, match=r"FANOUT_DEDUP_TTL=0\.0s: expected a positive duration"):
+    with pytest.raises(SettingsError, match=r"^FANOUT_DEDUP_TTL=0s: expected a positive duration$"):
         IngestorSettings.from_env({"FANOUT_DEDUP_TTL": "0s"})
     assert "FANOUT_REPLAY_MARGIN" not in {f.metadata["env"] for f in fields(IngestorSettings)}
 

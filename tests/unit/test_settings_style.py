@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,16 +28,28 @@ from shared.settings import (
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(86400, "24h"), (90000, "25h"), (60, "1m"), (90, "90s"), (30, "30s"), (0.5, "500ms"), (2.5, "2.5s")],
+    [
+        (86400, "24h"), (90000, "25h"), (60, "1m"), (90, "90s"), (30, "30s"), (0.5, "500ms"), (2.5, "2.5s"),
+        (0, "0s"),
+    ],
 )
 def test_format_duration_writes_what_parse_duration_reads(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize(("text", "ms"), [("2000", 2000), ("200ms", 200), ("2s", 2000), (" 1.5s ", 1500)])
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("2000", 2000), ("200ms", 200), ("2s", 2000), (" 1.5s ", 1500), ("2000.0", 2000), ("1m", 60000)],
+)
 def test_millisecond_settings_take_bare_milliseconds_or_any_duration(text: str, ms: int) -> None:
-    assert parse_milliseconds(text) == ms
+    assert parse_milliseconds(text) == ms  # a bare number is milliseconds, with or without a fraction
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5", "2 secs", "1e3"])
+def test_millisecond_settings_reject_what_durations_reject(text: str) -> None:
+    with pytest.raises(ValueError, match=r"expected milliseconds \(2000\) or a duration"):
+        parse_milliseconds(text)
 
 
 def test_the_millisecond_settings_read_durations_and_name_the_variable() -> None:
@@ -138,3 +154,101 @@ def test_from_args_reads_the_file_only_for_the_commands_own_environment(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "server URLs of `fanout up` from" in err and "REDIS_URL" not in err
     assert Settings.from_args(args, {}).nats_url == "nats://127.0.0.1:4222"  # an explicit environ: no file
+
+
+# --- every duration setting, across the commands, reads the same forms --------------------------
+
+
+def _duration_settings() -> list[tuple[type[Settings], dataclasses.Field[Any]]]:
+    from fanout.cli import COMMANDS
+
+    for module, _ in COMMANDS.values():
+        importlib.import_module(module)  # its settings class registers its fields
+    found: list[tuple[type[Settings], dataclasses.Field[Any]]] = []
+    todo: list[type[Settings]] = [Settings]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        found += [
+            (cls, f)
+            for f in dataclasses.fields(cls)
+            if f.metadata["parse"] in (parse_duration, parse_milliseconds)
+            and f.name not in {g.name for g in dataclasses.fields(cls.__mro__[1])}  # declared here
+        ]
+    return found
+
+
+DURATIONS = _duration_settings()
+CEILINGS = {"FANOUT_ARCHIVE_BLOCK_MS": 5.0, "FANOUT_READER_BLOCK": 25.0}  # below the Redis socket timeout
+
+
+def test_there_are_duration_settings_in_every_service() -> None:
+    envs = {f.metadata["env"] for _, f in DURATIONS}
+    for env in ("FANOUT_JS_ACK_WAIT", "FANOUT_ARCHIVE_BLOCK_MS", "FANOUT_HEARTBEAT", "FANOUT_RETRY_MS",
+                "FANOUT_UP_GRACE", "FANOUT_AUDIT_INTERVAL"):
+        assert env in envs
+
+
+@pytest.mark.parametrize(("cls", "f"), DURATIONS, ids=[f.metadata["env"] for _, f in DURATIONS])
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("1.5s", 1.5), ("2s", 2.0), ("1m", 60.0)])
+def test_every_duration_setting_reads_the_same_forms(
+    cls: type[Settings], f: dataclasses.Field[Any], text: str, seconds: float
+) -> None:
+    env = f.metadata["env"]
+    ms = f.metadata["parse"] is parse_milliseconds
+    if seconds > CEILINGS.get(env, seconds):
+        text, seconds = "0.05m", 0.05 * 60
+    value = getattr(cls.from_env({env: text, "FANOUT_ALLOW_OPEN": "true"}), f.name)
+    assert value == (round(seconds * 1000) if ms else seconds)
+    # The help shows the default the way it is written: a unit, never a bare number.
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    shown = re.findall(rf"{env}\s.*?\(default: ([^)]+)\)", " ".join(parser.format_help().split()))
+    assert shown and re.fullmatch(r"\d+(\.\d+)?(ms|s|m|h)", shown[0]), (env, shown)
+    # ... and a bare number is the unit documented: milliseconds for the _MS settings, else seconds.
+    assert env.endswith("_MS") == ms
+    bare = getattr(cls.from_env({env: "2", "FANOUT_ALLOW_OPEN": "true"}), f.name)
+    assert bare == 2
+
+
+@pytest.mark.parametrize(
+    ("cls_path", "env"),
+    [
+        ("services.ingestor.settings.IngestorSettings", "FANOUT_JS_ACK_WAIT"),
+        ("services.archiver.settings.ArchiverSettings", "FANOUT_ARCHIVE_CLAIM_IDLE"),
+        ("services.archiver.settings.ArchiverSettings", "FANOUT_ARCHIVE_TRIM_INTERVAL"),
+        ("services.sse_gateway.settings.GatewaySettings", "FANOUT_HEARTBEAT"),
+        ("services.sse_gateway.settings.GatewaySettings", "FANOUT_TICKET_TTL"),
+        ("services.sse_gateway.settings.GatewaySettings", "FANOUT_SLOW_CLIENT_TIMEOUT"),
+        ("fanout.audit.AuditSettings", "FANOUT_AUDIT_INTERVAL"),
+    ],
+)
+def test_a_zero_timeout_or_interval_is_refused_in_one_wording(cls_path: str, env: str) -> None:
+    module, name = cls_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(SettingsError, match=rf"^{env}=0s: expected a positive duration$"):
+        cls.from_env({env: "0ms"})
+
+
+def test_range_errors_write_the_value_as_a_duration() -> None:
+    from services.archiver.settings import ArchiverSettings
+    from services.sse_gateway.settings import GatewaySettings
+
+    with pytest.raises(SettingsError, match=r"^FANOUT_ARCHIVE_BLOCK_MS=6s: expected 1ms to 5s$"):
+        ArchiverSettings.from_env({"FANOUT_ARCHIVE_BLOCK_MS": "6000"})
+    with pytest.raises(SettingsError, match=r"^FANOUT_READER_BLOCK=30s: expected a duration above 0 and"):
+        GatewaySettings.from_env({"FANOUT_READER_BLOCK": "30s"})
+    with pytest.raises(SettingsError, match=r"^FANOUT_RETENTION=-1m: expected a duration of 0 or more$"):
+        ArchiverSettings.from_env({}, retention=-60.0)
+    assert ArchiverSettings.from_env({"FANOUT_RETENTION": "0s"}).retention == 0  # trim once archived
+
+
+def test_the_audit_wait_flag_is_worded_like_a_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from fanout import audit
+
+    parser = argparse.ArgumentParser(prog="fanout audit")
+    audit.configure_parser(parser)
+    assert parser.parse_args(["--wait", "1.5m"]).wait == 90.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--wait", "soon"])
+    assert "argument --wait: 'soon': expected a duration such as 500ms, 30s" in capsys.readouterr().err
