@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=StreamProtocol if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
+        backlog=workers.BACKLOG,
         log_config=None,
         access_log=False,
         server_header=False,

@@ -62,7 +62,11 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess m
 
 COUNTS_FILE = "subscribers"
 STOP_MARGIN = 10.0  # seconds past the shutdown grace before a worker is killed
-BACKLOG = 4096
+# Connections the kernel queues until a worker accepts them. A crowd reconnecting at once
+# (a restart) overflows a short queue, and each SYN dropped then comes again only after
+# the client's retransmission timeout (1, 3, 7, 15 s): ask for the most, the kernel caps
+# it at net.core.somaxconn.
+BACKLOG = 65535
 _SLOT = 8  # bytes per slot: one signed 64-bit count
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
