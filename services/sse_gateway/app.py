@@ -374,6 +374,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             state.stop,
             batch=settings.reader_batch,
             block=settings.reader_block,
+            recent=settings.hub_recent,
         )
         state.history = History(state.history_redis, state.hub.keys, state.archive)
         if hasattr(access, "log_mode"):

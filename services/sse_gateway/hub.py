@@ -21,6 +21,12 @@ reader read them, every member of that feed drops to catch-up, which sends the
 `event: reset` or reads the catalogue. A meta hash or stream that disappeared (Redis
 emptied) is not a reset: the reader waits at its position for the refill.
 
+Each feed also keeps its recent window (`recent.Recent`): the last records the hub
+dispatched, contiguous by seq within the feed's epoch, filled from Redis (one
+XREVRANGE) when the reader starts at a position, cleared on an epoch change or a hole.
+A subscriber a few entries behind takes its records from there instead of reading
+Redis (`Hub.recent`), so a crowd resuming at once does not queue on the history pool.
+
 Each reader is supervised: whatever ends it (a Redis error, any other exception) is
 logged and the reader restarts with backoff; `ready(feed)` is False meanwhile.
 """
@@ -41,7 +47,9 @@ from redis.exceptions import RedisError
 from services.sse_gateway import cursor, frames, history, metrics
 from services.sse_gateway.cursor import NO_EPOCH, Position
 from services.sse_gateway.filters import Filters
-from shared.codec import parse_iso
+from services.sse_gateway.history import Record
+from services.sse_gateway.recent import Recent
+from shared.codec import parse_iso, text
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
 from shared.lifecycle import Backoff
@@ -74,7 +82,14 @@ class _Group:
 
 class Hub:
     def __init__(
-        self, redis: Redis, keys: Keys, stop: asyncio.Event, *, batch: int = 1000, block: float = 2.0
+        self,
+        redis: Redis,
+        keys: Keys,
+        stop: asyncio.Event,
+        *,
+        batch: int = 1000,
+        block: float = 2.0,
+        recent: int = 0,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -87,6 +102,7 @@ class Hub:
         self._by_feed: dict[str, list[_Group]] = {f: [] for f in FEED_NAMES}
         self._ready = {f: asyncio.Event() for f in FEED_NAMES}
         self._moved = {f: asyncio.Event() for f in FEED_NAMES}
+        self._recent = {f: Recent(recent) for f in FEED_NAMES}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -146,6 +162,12 @@ class Hub:
                 w.cancel()
         return bool(done)
 
+    def recent(self, feed: str, epoch: str, after: int, limit: int) -> list[Record] | None:
+        """The records of `epoch` after seq `after` from the feed's recent window (at most
+        `limit`; `[]` when `after` is the newest it holds), or None when the window does
+        not hold seq `after` + 1 of that epoch: read History then."""
+        return self._recent[feed].after(epoch, after, limit)
+
     # -- membership (synchronous: no await between the check and the join) -------------
 
     def join(self, member: Member) -> bool:
@@ -180,7 +202,9 @@ class Hub:
                 self._by_feed[feed].remove(group)
 
     def _kick(self, feed: str, reason: str) -> None:
-        """Every live member of `feed` leaves at the hub's current positions and catches up."""
+        """Every live member of `feed` leaves at the hub's current positions and catches up;
+        the recent window starts again (what follows does not go on from it)."""
+        self._recent[feed].clear()
         groups = list(self._by_feed[feed])
         count = 0
         for group in groups:
@@ -246,7 +270,7 @@ class Hub:
         hash was lost; None when Redis holds nothing of the feed (lost, being refilled)."""
         epoch, seq = await self.redis.hmget(self.keys.meta(feed), ["epoch", "seq"])
         if epoch and seq:
-            return Position(_s(epoch), int(_s(seq)))
+            return Position(text(epoch), int(text(seq)))
         last: Any = await self.redis.xrevrange(self.keys.stream(feed), max="+", min="-", count=1)
         if not last:
             return None
@@ -263,8 +287,9 @@ class Hub:
         if old is None:
             self.positions[feed] = top if top is not None else cursor.origin(NO_EPOCH)
             position = self.positions[feed]
+            await self._fill(feed)
             started = {"feed": feed, "epoch": position.epoch, "seq": position.seq}
-            log.info("feed reader started", extra=started)
+            log.info("feed reader started", extra={**started, "recent": len(self._recent[feed])})
         elif top is not None and old.epoch != NO_EPOCH and top.epoch != old.epoch:
             log.warning(
                 "feed stream reset: another epoch",
@@ -272,20 +297,42 @@ class Hub:
             )
             self._kick(feed, "stream reset")  # at the old positions: their catch-up sends the reset
             self.positions[feed] = top
+            await self._fill(feed)
             self._signal(feed)
         self._read_from[feed] = self.positions[feed].entry_id
+
+    async def _fill(self, feed: str) -> None:
+        """The recent window from Redis when the reader starts at a position: the last
+        entries up to it (one XREVRANGE), built as History builds them, the run of the
+        position's epoch that reaches it without a hole."""
+        window = self._recent[feed]
+        position = self.positions[feed]
+        window.clear()
+        if not window.limit or position.epoch == NO_EPOCH or position.seq < 1:
+            return
+        raw: Any = await self.redis.xrevrange(
+            self.keys.stream(feed), max=position.entry_id, min="-", count=window.limit
+        )
+        records: list[Record] = []
+        for entry_id, raw_fields in raw:  # newest first
+            seq, fields = history.entry_seq(entry_id), _fields(raw_fields)
+            if seq is None or history.entry_epoch(fields) not in (None, position.epoch):
+                break
+            records.append(history.from_entry(feed, fields, seq))
+        records.reverse()
+        window.fill(position.epoch, records, position.seq)
 
     async def _idle(self, feed: str) -> None:
         """Nothing new: has the feed moved to another epoch (its new stream still below
         the reader's position)? A meta hash that disappeared is not that."""
         epoch = await self.redis.hget(self.keys.meta(feed), "epoch")
         position = self.positions[feed]
-        if epoch and position.epoch != NO_EPOCH and _s(epoch) != position.epoch:
+        if epoch and position.epoch != NO_EPOCH and text(epoch) != position.epoch:
             await self._sync(feed)
 
     async def _accept(self, feed: str, entries: list[tuple[Any, Mapping[Any, Any]]]) -> None:
         # Always past what was read, whatever it held: the reader never reads a batch twice.
-        self._read_from[feed] = _s(entries[-1][0])
+        self._read_from[feed] = text(entries[-1][0])
         parsed = [(entry_id, _fields(raw)) for entry_id, raw in entries]
         epoch = next((e for e in (history.entry_epoch(f) for _, f in parsed) if e is not None), None)
         position = self.positions[feed]
@@ -299,24 +346,25 @@ class Hub:
                     return
                 # Redis says the epoch is ours (an entry naming another was written by hand):
                 # not a reset, go on with the batch.
-                self._read_from[feed] = _s(entries[-1][0])
+                self._read_from[feed] = text(entries[-1][0])
         self._dispatch(feed, parsed)
 
     def _dispatch(self, feed: str, entries: list[tuple[Any, dict[str, str]]]) -> None:
         """Hand `entries` (oldest first) to the live members; entries at or below the
         reader's seq are skipped, an entry without a valid seq is stepped over loudly, and
         a hole (entries trimmed before the reader read them) sends every member of the
-        feed to catch-up at the seq before it."""
+        feed to catch-up at the seq before it. Each entry's record is built once, for the
+        live members and the recent window."""
         epoch = self.positions[feed].epoch
+        window = self._recent[feed]
         batch = _Batch(self, feed)
         skipped = 0
-        last_fields: dict[str, str] | None = None
+        last_fields: Mapping[str, Any] | None = None
         for entry_id, fields in entries:
             seq = history.entry_seq(entry_id)
             if seq is None:
-                log.error(
-                    "stream entry without a valid seq skipped", extra={"feed": feed, "entry_id": _s(entry_id)}
-                )
+                skipped_id = {"feed": feed, "entry_id": text(entry_id)}
+                log.error("stream entry without a valid seq skipped", extra=skipped_id)
                 continue
             current = self.positions[feed].seq
             if seq <= current:
@@ -327,9 +375,13 @@ class Hub:
                 self._kick(feed, f"seqs {current + 1}..{seq - 1} not in Redis when the reader got there")
                 batch = _Batch(self, feed)
             self.positions[feed] = Position(epoch, seq)
-            fields = history.checked(fields, seq)
-            batch.add(seq, fields)
-            last_fields = fields
+            record = history.from_entry(feed, fields, seq)
+            if history.entry_epoch(record.fields) in (None, epoch):
+                window.add(epoch, record)
+            else:  # an entry naming another epoch, written by hand: History stops there too
+                window.clear()
+            batch.add(record)
+            last_fields = record.fields
         batch.flush()
         if skipped:
             log.debug("entries already dispatched skipped", extra={"feed": feed, "count": skipped})
@@ -361,13 +413,14 @@ class _Batch:
         self.out: dict[int, list[bytes]] = {id(g): [] for g in self.groups}
         self.full: dict[int, int] = dict.fromkeys(self.out, 0)
 
-    def add(self, seq: int, fields: Mapping[str, str]) -> None:
+    def add(self, record: Record) -> None:
         if not self.groups:
             return
         positions = self.hub.positions
         feed = self.feed
-        name, data = frames.entry_payload(feed, self.feed_b, fields)
-        malformed = name == frames.MALFORMED  # sent whatever the filters: it moves the cursor
+        fields, data = record.fields, record.data
+        malformed = not record.valid  # sent whatever the filters: it moves the cursor
+        name = self.feed_b if record.valid else frames.MALFORMED
         ids: dict[tuple[str, ...], bytes] = {}
         for group in self.groups:
             cid = ids.get(group.feeds)
@@ -407,10 +460,4 @@ class _Batch:
 
 
 def _fields(raw: Mapping[Any, Any]) -> dict[str, str]:
-    return {_s(k): _s(v) for k, v in raw.items()}
-
-
-def _s(value: Any) -> str:
-    if value is None:
-        return NO_EPOCH
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return {text(k): text(v) for k, v in raw.items()}

@@ -258,12 +258,12 @@ class Subscriber:
         return cursor.format(self.positions, self.feeds).encode()
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
-        """The bytes to send, chunk by chunk, until closed."""
-        yield (
-            frames.retry(jittered(self.settings.retry_ms))
-            + frames.id_only(self.cursor())
-            + b"".join(self.notices)
-        )
+        """The bytes to send, chunk by chunk, until closed. The first chunk also carries
+        what the hub's recent windows hold after the start (a resumed subscriber a little
+        behind: no read, one write less); the join comes after it is written, so that the
+        hub's own writes never go out before it."""
+        start = frames.retry(jittered(self.settings.retry_ms)) + frames.id_only(self.cursor())
+        yield start + b"".join([*self.notices, *self._recent()])
         self.notices = ()
         self.live = self.hub.join(self)
         if not self.live:
@@ -340,6 +340,16 @@ class Subscriber:
         await self._pause(self._retry.next_delay() if waiting else self.settings.heartbeat)
         return b""
 
+    def _recent(self) -> list[bytes]:
+        """Frames of what the hub's recent windows hold after this subscriber's positions."""
+        out: list[bytes] = []
+        for feed in self.feeds:
+            mine = self.positions[feed]
+            records = self.hub.recent(feed, mine.epoch, mine.seq, self.settings.catchup_batch)
+            if records:
+                out += self._deliver(feed, records)
+        return out
+
     async def _step(self, feed: str) -> tuple[list[bytes], bool]:
         """Frames for `feed`, and whether it waits for a store that does not hold the next
         entry yet."""
@@ -363,6 +373,9 @@ class Subscriber:
             return [self._reset(feed, mine, hub.epoch)], False
         if hub.epoch != NO_EPOCH and mine.seq >= hub.seq:
             return [], False  # caught up (the join checks), or ahead of the hub (wait for it)
+        recent = self.hub.recent(feed, mine.epoch, mine.seq, batch)
+        if recent:  # from the hub's window, no read: the next round (no await) can join
+            return self._deliver(feed, recent), False
         upto = None if hub.epoch == NO_EPOCH else hub.seq
         page = await self.history.after(feed, mine.epoch, mine.seq, upto, batch, self.redis_first.get(feed))
         self.redis_first[feed] = page.redis_first
