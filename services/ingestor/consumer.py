@@ -5,8 +5,10 @@ message, which caps it near 15k msg/s. This loop is leaner: one subscription on
 `<inbox>.*` whose callback only appends deliveries to a buffer, pull requests
 (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with {"batch", "expires"}) published
 by us with reply `<inbox>.<request number>`, and the stream sequence, timestamp and
-delivery count read straight from each message's `$JS.ACK...` reply subject. About two
-batches are kept requested ahead, so JetStream delivers while Redis writes.
+delivery count read straight from each message's `$JS.ACK...` reply subject. One to two
+batches are kept requested ahead, so JetStream delivers while Redis writes; a request
+for a whole batch goes out when no more than one batch is left requested, never one per
+message, so a trickle of messages (the upstream rate) sends no requests of its own.
 
 Each feed has its own JetStream stream (its seq = the stream sequence), so each feed
 runs its own pull loop and writer (with its own Redis connection) as a task of its own.
@@ -15,16 +17,19 @@ Status messages on the inbox: 408 (request expired) and 404 (no messages) end a
 request and mean "idle", never an error; 409 ends it too, and `Consumer Deleted` means
 the stream or consumer must be set up again. A request that ends with no status at all
 (NATS restarted, or the consumer vanished) is noticed by its deadline, and the consumer
-is checked. Idle, a loop wakes once per expired request (every PULL_EXPIRES), no more.
+is checked. A loop sleeps on one event until a delivery or a status arrives, the stop
+event is set, or the oldest request's deadline passes: idle, it wakes once per expired
+request (two requests every PULL_EXPIRES), no more.
 
 Batches are written in stream order, one at a time; while Redis runs batch k, batch
 k+1 is decoded and packed. When the script reports a hole (Redis lost the seqs just
 below the batch, or the whole stream), the missing seqs are read again from JetStream
 and appended first (`refill.py`), then the rest of the batch. Acks (`+ACK` published
-to each message's reply subject, then one flush, which overlaps the next write) go out
-only after Redis has answered for the whole batch. A crash before that means
-redelivery, and redelivery means no second entry (the script's dedup keys and its
-seq <= top guard).
+to each message's reply subject, written by the client's flusher with whatever else is
+pending) go out only after Redis has answered for the whole batch. They are not
+confirmed by a PING round trip per batch: an ack that never reaches the server means
+redelivery, like a crash before it, and redelivery means no second entry (the script's
+dedup keys and its seq <= top guard). The connection is flushed once, at exit.
 
 SIGTERM: no new requests; what was requested is written and acked; then exit.
 Redis or NATS away: retried with backoff, logged once per outage.
@@ -33,6 +38,7 @@ Redis or NATS away: retried with backoff, logged once per outage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -201,9 +207,10 @@ class PullLoop:
                 self.lost_requests += 1
 
     async def top_up(self) -> None:
-        """Keep about two batches requested ahead of what is buffered."""
+        """Keep one to two batches requested ahead of what is buffered: a batch is asked
+        for once no more than one is left, so single deliveries send no request each."""
         now = time.monotonic()
-        while len(self.buffer) + self.requested < 2 * self.batch and len(self._requests) < 8:
+        while len(self.buffer) + self.requested <= self.batch and len(self._requests) < 8:
             self._next_request += 1
             name = str(self._next_request)
             payload = json.dumps({"batch": self.batch, "expires": int(PULL_EXPIRES * 1e9)}).encode()
@@ -217,6 +224,11 @@ class PullLoop:
     @property
     def waiting(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When the oldest request counts as lost if nothing ended it (monotonic)."""
+        return min((r.deadline for r in self._requests.values()), default=None)
 
     def take(self) -> list[Delivery]:
         batch = self.buffer[: self.batch]
@@ -317,7 +329,7 @@ class Ingestor:
         for pipeline in self.feeds.values():
             if pipeline.loop is not None:
                 pipeline.loop.forget_requests()
-                pipeline.loop.arrived.set()
+        self._wake_loops()
 
     async def _on_error(self, exc: Exception) -> None:
         if not self._nats_down:
@@ -470,9 +482,19 @@ class Ingestor:
                     stalled[feed] = delivered if stuck else None
 
     async def _abandon_after_stop(self) -> None:
+        """Wake the pull loops when stop is set (no new requests), and again STOP_GRACE
+        later with `abandon` set (give up on what is in flight)."""
         await self.stop.wait()
+        self._wake_loops()
         await asyncio.sleep(STOP_GRACE)
         self.abandon.set()
+        self._wake_loops()
+
+    def _wake_loops(self) -> None:
+        """Have every pull loop look at its state again (each waits on its `arrived`)."""
+        for pipeline in self.feeds.values():
+            if pipeline.loop is not None:
+                pipeline.loop.arrived.set()
 
 
 class FeedPipeline:
@@ -486,7 +508,6 @@ class FeedPipeline:
         self.stats = owner.stats
         self.writer = Writer(owner.redis, owner.settings, self.feed, owner.watch)
         self.loop: PullLoop | None = None
-        self._flushing: asyncio.Task[None] | None = None
         self._stale = False
         self.failed = False  # ended on an unexpected error; restarted by the supervisor
 
@@ -506,7 +527,6 @@ class FeedPipeline:
     async def close(self) -> None:
         if self.loop is not None:
             await self.loop.close()
-        await self._wait_flushed()
         await self.writer.close()
 
     async def _resetup(self) -> bool:
@@ -577,17 +597,15 @@ class FeedPipeline:
                 return
 
     async def _wait_for_work(self, loop: PullLoop) -> None:
-        """Until a delivery or a status arrives (or stop), at most PULL_EXPIRES / 2."""
-        waiters = [asyncio.ensure_future(loop.arrived.wait())]
-        if not self.owner.stop.is_set():
-            waiters.append(asyncio.ensure_future(self.owner.stop.wait()))
-        else:
-            waiters.append(asyncio.ensure_future(self.owner.abandon.wait()))
-        try:
-            await asyncio.wait(waiters, timeout=PULL_EXPIRES / 2, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        """Until a delivery or a status arrives, stop or abandon is set (the owner sets
+        `arrived` then), or the oldest request's deadline passes (it was lost: purged by
+        the next round); with no request out (NATS away), at most one request's span."""
+        deadline = loop.next_deadline
+        if deadline is None:
+            deadline = time.monotonic() + PULL_EXPIRES + PULL_GRACE
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await loop.arrived.wait()
 
     async def _drain_buffer(self) -> None:
         assert self.loop is not None
@@ -797,7 +815,7 @@ class FeedPipeline:
             )
 
     async def _ack(self, batch: list[Delivery], result: Outcome, started: float) -> None:
-        """Ack a batch Redis has answered for; the flush overlaps the next batch's write."""
+        """Ack a batch Redis has answered for (the client's flusher writes the acks)."""
         try:
             for d in batch:
                 await self.nc.publish(d.reply, b"+ACK")
@@ -807,8 +825,6 @@ class FeedPipeline:
                 "could not ack a written batch; it will be redelivered and deduplicated",
                 extra={"feed": self.feed, "error": str(exc) or type(exc).__name__, "batch": len(batch)},
             )
-        await self._wait_flushed()
-        self._flushing = asyncio.create_task(self._flush(len(batch)))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         redelivered = sum(1 for d in batch if d.delivered > 1)
         if redelivered:
@@ -818,18 +834,3 @@ class FeedPipeline:
         self.stats.duplicates[self.feed] += result.duplicates
         self.stats.dead_letters += result.malformed
         self.stats.batches += 1
-
-    async def _flush(self, size: int) -> None:
-        try:
-            await self.nc.flush(timeout=5)
-        except (OSError, TimeoutError, nats.errors.Error) as exc:
-            # Written but maybe not acked: JetStream redelivers and the dedup keys drop them.
-            log.warning(
-                "acks not confirmed by NATS; the batch will be redelivered and deduplicated",
-                extra={"feed": self.feed, "error": str(exc) or type(exc).__name__, "batch": size},
-            )
-
-    async def _wait_flushed(self) -> None:
-        if self._flushing is not None:
-            flushing, self._flushing = self._flushing, None
-            await flushing
