@@ -5,16 +5,21 @@ Per feed stream the loop is:
 1. at start, drain this consumer's own pending entries (XREADGROUP from id 0);
 2. every `claim_idle / 2`, XAUTOCLAIM entries pending longer than `claim_idle` (left
    by a dead archiver, or entries of ours whose storing failed) and store them;
-3. otherwise XREADGROUP `>` with BLOCK and COUNT.
+3. otherwise XREADGROUP `>` with BLOCK and COUNT; if that brings less than a batch
+   (the stream is caught up), wait `linger`, then take what came meanwhile (XREADGROUP
+   `>` without BLOCK), so that a trickle is stored a few entries per commit rather than
+   one. The linger is a bounded delay, not a poll: one timer and one read per batch.
 
 Steps 1 and 2 are the stream's primary reader's; `workers` readers per feed stream do
-step 3 side by side, so one batch is read and converted while another is stored. For
-each batch: convert the entries to rows, store them in ONE transaction, commit, and
-only THEN XACK. A crash anywhere before the XACK leaves the entries pending, so they
-are delivered again; the insert skips rows already there (ON CONFLICT on the message
-id or the position (epoch, seq)), so a redelivery never makes a second row. An entry
-the ingestor marked malformed (`error` field) becomes a `dead_letter` row in the same
-transaction as the batch's feed rows.
+step 3 in turn (one at a time holds the feed's read lock, through its linger) and store
+side by side, so one batch is read and converted while another is stored, and while
+the feed is quiet only one of them waits in XREADGROUP. For each batch: convert the
+entries to rows, store them in ONE transaction, commit, and only THEN XACK. A crash
+anywhere before the XACK leaves the entries pending, so they are delivered again; the
+insert skips rows already there (ON CONFLICT on the message id or the position (epoch,
+seq)), so a redelivery never makes a second row. An entry the ingestor marked
+malformed (`error` field) becomes a `dead_letter` row in the same transaction as the
+batch's feed rows.
 
 The stream (and so the group) can vanish: Redis restarted empty, a failover, eviction,
 or the ingestor replacing it for a new epoch. A read then fails with NOGROUP (or
@@ -48,7 +53,7 @@ from services.archiver.store import STORE_ERRORS, TRANSIENT_ERRORS, Store, is_da
 from shared import codec
 from shared.feeds import FEEDS
 from shared.keys import Keys
-from shared.lifecycle import Backoff
+from shared.lifecycle import Backoff, wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +158,19 @@ class StreamArchiver:
     name: str  # the feed
 
     def __init__(
-        self, name: str, settings: ArchiverSettings, redis: Redis, store: Store, *, primary: bool = True
+        self,
+        name: str,
+        settings: ArchiverSettings,
+        redis: Redis,
+        store: Store,
+        *,
+        primary: bool = True,
+        reading: asyncio.Lock | None = None,
     ) -> None:
         self.name = name
         self.primary = primary  # the one reader of a stream that also recovers pending entries
+        # Shared by the stream's readers: one at a time reads new entries (and lingers).
+        self._reading = reading if reading is not None else asyncio.Lock()
         self.settings = settings
         self.redis = redis
         self.store = store
@@ -186,7 +200,7 @@ class StreamArchiver:
             try:
                 if not self._group_ready:
                     await self.ensure_group()
-                entries = await self.next_batch()
+                entries = await self.next_batch(stop)
                 if entries:
                     await self.process(entries, stop)
                 self._backoff.reset()
@@ -235,7 +249,7 @@ class StreamArchiver:
                 raise
         self._group_ready = True
 
-    async def next_batch(self) -> list[Entry]:
+    async def next_batch(self, stop: asyncio.Event) -> list[Entry]:
         """Own pending entries first, then idle entries to claim when due, then new ones."""
         count = self.settings.batch
         if self._own_cursor is not None:
@@ -263,10 +277,31 @@ class StreamArchiver:
                 return _entries(raw)
             if cursor != "0-0":
                 return []
-        reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=count, block=self.settings.block_ms
-        )
-        return _entries(_stream_reply(reply))
+        return await self._read_new(count, stop)
+
+    async def _read_new(self, count: int, stop: asyncio.Event) -> list[Entry]:
+        """New entries, up to `count`: a blocking read, then, if it brought less than
+        `count`, what else arrives within the linger. Under the feed's read lock, so that
+        the stream's other readers do not take the entries this one lingers for."""
+        async with self._reading:
+            if stop.is_set():  # stopped while another reader held the lock
+                return []
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=count, block=self.settings.block_ms
+            )
+            entries = _entries(_stream_reply(reply))
+            if not entries or len(entries) >= count or not self.settings.linger_s:
+                return entries
+            if await self.linger(stop):
+                return entries  # stopping: store what was read, wait for nothing more
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=count - len(entries)
+            )
+            return entries + _entries(_stream_reply(reply))
+
+    async def linger(self, stop: asyncio.Event) -> bool:
+        """Wait `linger` for more entries (a seam for tests); True if stopped meanwhile."""
+        return await wait_or_stop(stop, self.settings.linger_s)
 
     async def _autoclaim(self, count: int) -> tuple[str, list[tuple[Any, Any]], list[Any]]:
         reply: Any = await self.redis.xautoclaim(
@@ -442,9 +477,16 @@ class FeedArchiver(StreamArchiver):
     """A feed's stream -> its table, and its malformed entries -> dead_letter."""
 
     def __init__(
-        self, name: str, settings: ArchiverSettings, redis: Redis, store: Store, *, primary: bool = True
+        self,
+        name: str,
+        settings: ArchiverSettings,
+        redis: Redis,
+        store: Store,
+        *,
+        primary: bool = True,
+        reading: asyncio.Lock | None = None,
     ) -> None:
-        super().__init__(name, settings, redis, store, primary=primary)
+        super().__init__(name, settings, redis, store, primary=primary, reading=reading)
         self.feed = FEEDS[name]
         self.subject = settings.subject(name)
 

@@ -45,8 +45,11 @@ class Archiver:
         self.store = store or Store(
             settings.database_url, settings.db_schema, pool_size=2 * settings.workers + 2
         )
+        reading = {name: asyncio.Lock() for name in FEED_NAMES}  # a stream's readers take turns
         self.readers: list[StreamArchiver] = [
-            self.feed_class(name, settings, self.redis, self.store, primary=worker == 0)
+            self.feed_class(
+                name, settings, self.redis, self.store, primary=worker == 0, reading=reading[name]
+            )
             for name in FEED_NAMES
             for worker in range(settings.workers)
         ]

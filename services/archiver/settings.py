@@ -1,5 +1,16 @@
 """The archiver's settings: the shared ones plus its consumer group, batching, recovery
-and trimming."""
+and trimming.
+
+FANOUT_ARCHIVE_LINGER (default 1s): at the upstream rate (a few messages a second per
+feed) every read would bring one entry, and storing it costs a PostgreSQL commit and a
+few round trips, most of the archiver's idle CPU. A read that brings less than a batch
+(the stream is caught up) waits this long, then takes what came meanwhile, so a trickle
+is committed a few entries at a time (at 3 msg/s, about 4 per commit). A read that fills
+a batch (a backlog) is stored at once: throughput is unchanged, and the archive lag
+grows by at most the linger. Bounded
+(MAX_LINGER), and cut to half of FANOUT_ARCHIVE_CLAIM_IDLE (`linger_s`), so that entries
+held while lingering are never claimed as idle by another archiver.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +30,8 @@ from shared.settings import (
     setting,
 )
 
+MAX_LINGER = 5.0  # seconds: a longer linger would only delay the catalogue
+
 
 @dataclass(frozen=True)
 class ArchiverSettings(Settings):
@@ -35,6 +48,14 @@ class ArchiverSettings(Settings):
         2000,
         f"XREADGROUP block time: a duration (2s) or bare milliseconds (2000), at most {MAX_BLOCK_MS}ms",
         parse_milliseconds,
+    )
+    linger: float = setting(
+        "FANOUT_ARCHIVE_LINGER",
+        1.0,
+        "when a read brings less than a batch, wait this long for more entries before storing them "
+        "(fewer commits at a low rate; a full batch is stored at once), at most "
+        f"{format_duration(MAX_LINGER)} and half of FANOUT_ARCHIVE_CLAIM_IDLE (0: store each read at once)",
+        parse_duration,
     )
     claim_idle: float = setting(
         "FANOUT_ARCHIVE_CLAIM_IDLE",
@@ -88,6 +109,11 @@ class ArchiverSettings(Settings):
         require_positive(
             {"FANOUT_ARCHIVE_CLAIM_IDLE": self.claim_idle, "FANOUT_ARCHIVE_TRIM_INTERVAL": self.trim_interval}
         )
+        if not 0 <= self.linger <= MAX_LINGER:
+            raise SettingsError(
+                f"FANOUT_ARCHIVE_LINGER={format_duration(self.linger)}: expected 0s to "
+                f"{format_duration(MAX_LINGER)}"
+            )
         if self.max_deliveries < 1:
             raise SettingsError(f"FANOUT_ARCHIVE_MAX_DELIVERIES={self.max_deliveries}: expected at least 1")
         if self.retention < 0:
@@ -96,6 +122,11 @@ class ArchiverSettings(Settings):
             )
         if self.maxlen < 0:
             raise SettingsError(f"FANOUT_STREAM_MAXLEN={self.maxlen}: expected 0 (no limit) or a length")
+
+    @property
+    def linger_s(self) -> float:
+        """The linger in effect: never more than half the claim idle time."""
+        return min(self.linger, self.claim_idle / 2)
 
     @property
     def consumer_name(self) -> str:

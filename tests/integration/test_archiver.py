@@ -39,7 +39,8 @@ from shared.settings import Settings
 def archiver_settings(base: Settings, **overrides: Any) -> ArchiverSettings:
     values = {f.name: getattr(base, f.name) for f in fields(Settings)}
     values.update(
-        block_ms=100, claim_idle=0.5, http=("127.0.0.1", 0), trim_interval=3600.0, consumer="test-a"
+        block_ms=100, claim_idle=0.5, http=("127.0.0.1", 0), trim_interval=3600.0, consumer="test-a",
+        linger=0.05,  # below the 0.2 s claim_idle some tests use
     )
     values.update(overrides)
     return ArchiverSettings(**values)
@@ -272,6 +273,59 @@ async def test_crash_between_commit_and_ack_makes_no_duplicate(
 
 async def _no_pending(redis: Redis, settings: Settings, feed: str = "execution") -> bool:
     return await pending(redis, settings, feed) == 0
+
+
+class RecordingLinger(FeedArchiver):
+    """Records each linger; the first one appends more entries to the stream first (the
+    upstream trickle arriving while the reader lingers)."""
+
+    lingered: list[int] = []
+    arriving: list[tuple[int, list[str]]] = []
+    redis_client: Redis | None = None
+
+    async def linger(self, stop: asyncio.Event) -> bool:
+        type(self).lingered.append(self.counts.batches)
+        if type(self).arriving and self.redis_client is not None:
+            arriving, type(self).arriving = type(self).arriving, []
+            await append(self.redis_client, self.settings, self.name, arriving)
+        return await super().linger(stop)
+
+
+class LingeringArchiver(Archiver):
+    feed_class = RecordingLinger
+
+
+async def test_a_small_read_lingers_and_is_committed_with_what_came_meanwhile(
+    base_settings: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = archiver_settings(base_settings, batch=10, linger=0.2, workers=2)
+    RecordingLinger.lingered, RecordingLinger.redis_client = [], redis
+    RecordingLinger.arriving = [(i, feed_entry(EXECUTION, i)) for i in (2, 3)]
+    await append(redis, settings, "execution", [(1, feed_entry(EXECUTION, 1))])
+    archiver = LingeringArchiver(settings)
+    async with running(archiver):
+        await rows_reach(pg, settings.db_schema, "execution", 3)
+        await eventually(lambda: _no_pending(redis, settings), what="all entries acked")
+    # One read brought seq 1, the linger let seqs 2 and 3 in: one batch, one commit.
+    assert archiver.counts("execution").batches == 1
+    assert RecordingLinger.lingered == [0]
+    await assert_exactly_once(pg, settings.db_schema, "execution", {message_id(i) for i in (1, 2, 3)})
+
+
+async def test_a_full_batch_is_stored_without_lingering(
+    base_settings: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = archiver_settings(base_settings, batch=5, linger=0.2)
+    RecordingLinger.lingered, RecordingLinger.arriving, RecordingLinger.redis_client = [], [], redis
+    await append_feed(redis, settings, EXECUTION, 1, 12)
+    archiver = LingeringArchiver(settings)
+    async with running(archiver):
+        await rows_reach(pg, settings.db_schema, "execution", 12)
+        await eventually(lambda: _no_pending(redis, settings), what="all entries acked")
+    # Two full batches of 5, each stored at once; only the tail of 2 lingered.
+    assert archiver.counts("execution").batches == 3
+    assert len(RecordingLinger.lingered) == 1
+    await assert_exactly_once(pg, settings.db_schema, "execution", {message_id(i) for i in range(1, 13)})
 
 
 async def test_two_archivers_racing_store_each_message_once(

@@ -196,6 +196,15 @@ def test_settings_validate_and_name_the_variable() -> None:
         ArchiverSettings.from_env({"FANOUT_RETENTION": "a while"})
 
 
+def test_the_linger_is_bounded_and_never_outlasts_the_claim_idle() -> None:
+    assert ArchiverSettings.from_env({}).linger == 1.0
+    assert ArchiverSettings.from_env({"FANOUT_ARCHIVE_LINGER": "0"}).linger == 0  # store each read at once
+    with pytest.raises(SettingsError, match=r"^FANOUT_ARCHIVE_LINGER=6s: expected 0s to 5s$"):
+        ArchiverSettings.from_env({"FANOUT_ARCHIVE_LINGER": "6s"})
+    short_claim = {"FANOUT_ARCHIVE_LINGER": "2s", "FANOUT_ARCHIVE_CLAIM_IDLE": "1s"}
+    assert ArchiverSettings.from_env(short_claim).linger_s == 0.5  # held entries never look idle
+
+
 def test_raw_entries_decode_in_one_pass_and_keep_odd_bytes() -> None:
     from services.archiver.consumer import _entries
 

@@ -179,7 +179,11 @@ def _duration_settings() -> list[tuple[type[Settings], dataclasses.Field[Any]]]:
 
 
 DURATIONS = _duration_settings()
-CEILINGS = {"FANOUT_ARCHIVE_BLOCK_MS": 5.0, "FANOUT_READER_BLOCK": 25.0}  # below the Redis socket timeout
+CEILINGS = {
+    "FANOUT_ARCHIVE_BLOCK_MS": 5.0,  # below the Redis socket timeout
+    "FANOUT_READER_BLOCK": 25.0,
+    "FANOUT_ARCHIVE_LINGER": 5.0,  # a bounded delay
+}
 
 
 def test_there_are_duration_settings_in_every_service() -> None:
