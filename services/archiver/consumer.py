@@ -41,6 +41,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -51,7 +52,7 @@ from services.archiver.rows import BadEntry, DeadLetterRow, Row, feed_row, malfo
 from services.archiver.settings import ArchiverSettings
 from services.archiver.store import STORE_ERRORS, TRANSIENT_ERRORS, Store, is_data_error
 from shared import codec
-from shared.feeds import FEEDS
+from shared.feeds import FEEDS, Feed
 from shared.keys import Keys
 from shared.lifecycle import Backoff, wait_or_stop
 
@@ -476,19 +477,13 @@ class StreamArchiver:
 class FeedArchiver(StreamArchiver):
     """A feed's stream -> its table, and its malformed entries -> dead_letter."""
 
-    def __init__(
-        self,
-        name: str,
-        settings: ArchiverSettings,
-        redis: Redis,
-        store: Store,
-        *,
-        primary: bool = True,
-        reading: asyncio.Lock | None = None,
-    ) -> None:
-        super().__init__(name, settings, redis, store, primary=primary, reading=reading)
-        self.feed = FEEDS[name]
-        self.subject = settings.subject(name)
+    @cached_property
+    def feed(self) -> Feed:
+        return FEEDS[self.name]
+
+    @cached_property
+    def subject(self) -> str:
+        return self.settings.subject(self.name)
 
     async def row_maker(self) -> Callable[[Entry], Row]:
         return self._row
