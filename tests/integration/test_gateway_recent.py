@@ -7,7 +7,6 @@ appended."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from tests.integration.test_gateway_helpers import (
     Stream,
     Writer,
     archive,
+    cancel,
     inprocess_gateway,
     open_stream,
     xrange_all,
@@ -125,11 +125,7 @@ async def test_across_a_restart_every_subscriber_resumes_exactly(make_settings: 
         assert "Traceback" not in gateway.stderr()
     finally:
         done.set()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel(tasks)
         gateway.close()
     for client, start in clients:
         for feed, after in zip(FEED_NAMES, start, strict=True):

@@ -4,7 +4,6 @@ every client resumes with no gap and no duplicate; SIGTERM ends every stream and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 
 from services.sse_gateway.settings import GatewaySettings
 from shared.settings import Settings
-from tests.integration.test_gateway_helpers import GatewayProcess, Writer, open_stream, xrange_all
+from tests.integration.test_gateway_helpers import GatewayProcess, Writer, cancel, open_stream, xrange_all
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -106,11 +105,7 @@ async def test_sigkill_with_50_clients_then_restart_every_client_resumes_exactly
         assert "Traceback" not in gateway.stderr()
     finally:
         done.set()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel(tasks)
         gateway.close()
     expected = {
         f: [e["message_id"] for _, e in await xrange_all(redis, settings.key_prefix, f)]

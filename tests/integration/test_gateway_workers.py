@@ -19,7 +19,7 @@ import pytest
 
 from services.sse_gateway.settings import GatewaySettings
 from shared.settings import Settings
-from tests.integration.test_gateway_helpers import GatewayProcess, Writer, free_port, open_stream
+from tests.integration.test_gateway_helpers import GatewayProcess, Writer, cancel, free_port, open_stream
 from tests.integration.test_gateway_restart import Client
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -136,11 +136,7 @@ async def test_a_worker_killed_under_load_is_replaced_and_every_client_stays_exa
     finally:
         loading.set()
         done.set()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel(tasks)
         gateway.close()
     for client in clients:
         for feed in ("execution", "sport_event"):
