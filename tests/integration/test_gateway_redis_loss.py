@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,6 @@ from services.sse_gateway.cursor import Position
 from services.sse_gateway.settings import GatewaySettings
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
-from shared.settings import Settings
 from tests.integration.test_gateway_helpers import (
     EPOCH,
     Stream,
@@ -44,17 +42,8 @@ NEW = 100  # appended after the refill
 
 
 @pytest.fixture
-def settings(base_settings: Settings) -> GatewaySettings:
-    return GatewaySettings.from_env(
-        os.environ,
-        key_prefix=base_settings.key_prefix,
-        db_schema=base_settings.db_schema,
-        log_format="text",
-        tokens="",
-        reader_batch=BATCH,
-        reader_block=0.2,
-        catchup_batch=200,
-    )
+def settings(make_settings: Any) -> GatewaySettings:
+    return make_settings(reader_batch=BATCH, reader_block=0.2, catchup_batch=200)  # type: ignore[no-any-return]
 
 
 def metric(name: str, **labels: str) -> float:
