@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 CONNECTION = "fanout.connection"
@@ -130,14 +131,45 @@ class _Pipeline:
 class StreamProtocol(HttpToolsProtocol):
     """HttpToolsProtocol, plus the `fanout.connection` scope extension and a connection
     lost callback (no task per stream waiting on `receive` for the disconnect), and
-    lighter per-connection state (SmallEvent, _Pipeline)."""
+    lighter per-connection state (SmallEvent, _Pipeline, and no request parser while the
+    connection sits between requests).
 
-    __slots__ = ("_fanout",)
+    The parser (llhttp, with a bound method per callback: about 900 bytes) is needed only
+    while a request arrives. An event stream's request is whole long before the stream
+    ends, and nothing more comes from an `EventSource` for the hours it may last, so once
+    the parser stands between two requests (a request complete, nothing of the next one
+    fed) it is dropped, and made anew if the client sends more: a fresh parser is in the
+    same state as one between requests."""
+
+    __slots__ = ("_between", "_fanout")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._fanout: Connection | None = None
+        self._between = True  # no request begun: the parser may go
         self.pipeline = _Pipeline()  # type: ignore[assignment]
+
+    def _new_parser(self) -> httptools.HttpRequestParser:
+        """What uvicorn's __init__ makes."""
+        parser = httptools.HttpRequestParser(self)
+        if hasattr(parser, "set_dangerous_leniencies"):  # httptools >= 0.6.3
+            parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        return parser
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            self.parser = self._new_parser()
+        super().data_received(data)
+        if self._between and self.cycle is not None and self.parser is not None:
+            self.parser = None  # type: ignore[assignment]
+
+    def on_message_begin(self) -> None:
+        self._between = False
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._between = True
+        super().on_message_complete()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

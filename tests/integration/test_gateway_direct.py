@@ -120,3 +120,49 @@ async def test_a_client_that_stops_reading_is_cut_off_and_resumes_exactly(
         await t.collect(10_000 - len(feed_events(s)), within=60)
         t.close()
     assert seqs(feed_events(s) + feed_events(t), "execution") == list(range(1, 10_001))
+
+
+async def _read_responses(reader: asyncio.StreamReader, count: int) -> list[bytes]:
+    """`count` whole HTTP/1.1 responses with a Content-Length body: their bodies."""
+    bodies = []
+    for _ in range(count):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        bodies.append(await reader.readexactly(length))
+    return bodies
+
+
+async def test_the_request_parser_is_dropped_between_requests_and_made_anew(
+    make_settings: Any, writer: Writer
+) -> None:
+    """An idle stream holds no parser (memory per subscriber); a keep-alive connection
+    whose parser was dropped still parses what comes next: a request split in bytes, then
+    two pipelined in one write, each answered once and in order."""
+    await writer.append("execution", 1)
+    async with inprocess_gateway(make_settings(), http=StreamProtocol) as app:
+        s = await open_stream(app.state.port, "feeds=execution")
+        await s.next()
+        streaming = [p for p in app.state.server.server_state.connections if p.cycle is not None]
+        assert len(streaming) == 1 and streaming[0].parser is None
+
+        reader, w = await asyncio.open_connection("127.0.0.1", app.state.port)
+        try:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            [first] = await _read_responses(reader, 1)
+            [conn] = [p for p in app.state.server.server_state.connections if p is not streaming[0]]
+            assert conn.parser is None  # between requests
+            for byte in b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n":  # one byte a segment
+                w.write(bytes([byte]))
+                await w.drain()
+            [second] = await _read_responses(reader, 1)
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            third, fourth = await _read_responses(reader, 2)
+        finally:
+            w.close()
+        s.close()
+    assert first == third and second == fourth and first != second  # /healthz and /readyz, in order
