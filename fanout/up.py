@@ -33,13 +33,13 @@ from fanout.servers import (
     die_with_parent,
     port_answers,
 )
+from services.sse_gateway.settings import LISTEN_REPLACED
 from shared import logs
 from shared.connections import create_database_if_missing
 from shared.feeds import FEED_NAMES, js_stream_name
 from shared.keys import Keys
 from shared.lifecycle import install_stop_signals, wait_or_stop
 from shared.settings import (
-    Replaced,
     Settings,
     format_host_port,
     nats_servers,
@@ -87,10 +87,7 @@ class UpSettings(Settings):
     )
 
     reads_up_urls = False  # `up` writes the urls file; it never reads an earlier run's
-    replaced = (
-        Replaced("FANOUT_GATEWAY_HOST", "--gateway-host", "gateway_listen", "HOST:PORT"),
-        Replaced("FANOUT_GATEWAY_PORT", "--gateway-port", "gateway_listen", "HOST:PORT"),
-    )
+    replaced = LISTEN_REPLACED
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

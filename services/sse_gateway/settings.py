@@ -19,6 +19,13 @@ from shared.settings import (
     setting,
 )
 
+# The two settings FANOUT_GATEWAY_LISTEN replaced, refused with its name by every command
+# that reads it (`fanout gateway`, and `fanout up`, which passes it on to the gateway).
+LISTEN_REPLACED = (
+    Replaced("FANOUT_GATEWAY_HOST", "--gateway-host", "gateway_listen", "HOST:PORT"),
+    Replaced("FANOUT_GATEWAY_PORT", "--gateway-port", "gateway_listen", "HOST:PORT"),
+)
+
 
 @dataclass(frozen=True)
 class GatewaySettings(Settings):
@@ -157,10 +164,7 @@ class GatewaySettings(Settings):
         "FANOUT_SHUTDOWN_GRACE", 5.0, "time given to streams to end on shutdown", parse_duration
     )
 
-    replaced = (
-        Replaced("FANOUT_GATEWAY_HOST", "--gateway-host", "gateway_listen", "HOST:PORT"),
-        Replaced("FANOUT_GATEWAY_PORT", "--gateway-port", "gateway_listen", "HOST:PORT"),
-    )
+    replaced = LISTEN_REPLACED
 
     def validate(self) -> None:
         super().validate()

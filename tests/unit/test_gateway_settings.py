@@ -84,7 +84,9 @@ def test_both_replaced_variables_are_named_in_one_line() -> None:
         (["--gateway-host", "0.0.0.0"], {}, "--gateway-host is replaced by --gateway-listen HOST:PORT"),
     ],
 )
-def test_the_gateway_refuses_to_start_in_one_line_exit_2(
+@pytest.mark.parametrize("command", ["gateway", "up"])  # `fanout up` passes the setting on to the gateway
+def test_the_gateway_and_up_refuse_to_start_in_one_line_exit_2(
+    command: str,
     argv: list[str],
     env: dict[str, str],
     line: str,
@@ -95,9 +97,9 @@ def test_the_gateway_refuses_to_start_in_one_line_exit_2(
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert cli.main(["gateway", *argv]) == 2
+    assert cli.main([command, *argv]) == 2
     err = capsys.readouterr().err
-    assert err == f"fanout gateway: bad setting: {line} (default: 127.0.0.1:8000)\n"
+    assert err == f"fanout {command}: bad setting: {line} (default: 127.0.0.1:8000)\n"
 
 
 def test_fanout_up_refuses_them_too() -> None:
