@@ -131,9 +131,11 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {str: str, int: int, float: float, b
 
 
 def _show(meta: Mapping[str, Any], value: Any) -> str:
-    """A default as the user would write it: `30s`, `127.0.0.1:9101`, `fanout`."""
+    """A default as the user would write it: `30s`, `127.0.0.1:9101`, `false`, `fanout`."""
     if value is None:
         return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if meta["parse"] is parse_duration:
         return format_duration(value)
     if meta["parse"] is parse_milliseconds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import os
 import re
@@ -156,10 +157,12 @@ def test_from_args_reads_the_file_only_for_the_commands_own_environment(
     assert Settings.from_args(args, {}).nats_url == "nats://127.0.0.1:4222"  # an explicit environ: no file
 
 
-# --- every duration setting, across the commands, reads the same forms --------------------------
+# --- every setting of every command; every duration setting reads the same forms ----------------
 
 
-def _duration_settings() -> list[tuple[type[Settings], dataclasses.Field[Any]]]:
+def _declared_settings() -> list[tuple[type[Settings], dataclasses.Field[Any]]]:
+    """Every field of every command's settings class, with the class that declares it (a
+    setting declared by several commands, like FANOUT_JS_CONSUMER, once per command)."""
     from fanout.cli import COMMANDS
 
     for module, _ in COMMANDS.values():
@@ -168,17 +171,15 @@ def _duration_settings() -> list[tuple[type[Settings], dataclasses.Field[Any]]]:
     todo: list[type[Settings]] = [Settings]
     while todo:
         cls = todo.pop()
-        todo += cls.__subclasses__()
-        found += [
-            (cls, f)
-            for f in dataclasses.fields(cls)
-            if f.metadata["parse"] in (parse_duration, parse_milliseconds)
-            and f.name not in {g.name for g in dataclasses.fields(cls.__mro__[1])}  # declared here
-        ]
+        todo += [sub for sub in cls.__subclasses__() if not sub.__module__.startswith("tests")]
+        inherited = {g.name for g in dataclasses.fields(cls.__mro__[1])} if cls is not Settings else set()
+        found += [(cls, f) for f in dataclasses.fields(cls) if f.name not in inherited]
     return found
 
 
-DURATIONS = _duration_settings()
+SETTINGS = _declared_settings()
+SETTINGS_IDS = [f"{cls.__name__}.{f.metadata['env']}" for cls, f in SETTINGS]
+DURATIONS = [(cls, f) for cls, f in SETTINGS if f.metadata["parse"] in (parse_duration, parse_milliseconds)]
 CEILINGS = {
     "FANOUT_ARCHIVE_BLOCK_MS": 5.0,  # below the Redis socket timeout
     "FANOUT_READER_BLOCK": 25.0,
@@ -256,3 +257,39 @@ def test_the_audit_wait_flag_is_worded_like_a_setting(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         parser.parse_args(["--wait", "soon"])
     assert "argument --wait: 'soon': expected a duration such as 500ms, 30s" in capsys.readouterr().err
+
+
+# --- every setting's default in --help, as a user sets it ---------------------------------------
+
+
+@functools.cache
+def _help(cls: type[Settings]) -> str:
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    return " ".join(parser.format_help().split())
+
+
+def _shown(cls: type[Settings], f: dataclasses.Field[Any]) -> str:
+    """The default that `--help` shows for `f`: its entry's last `(default: ...)`."""
+    flag, env = "--" + f.name.replace("_", "-"), f.metadata["env"]
+    entry = re.search(rf"{flag} {env} .*?\(default: ([^()]*)\)(?= --[a-z-]+ [A-Z_]+ |$)", _help(cls))
+    assert entry, f"{flag} {env} has no (default: ...) in the help of {cls.__name__}"
+    return entry[1]
+
+
+def test_every_command_has_settings_to_check() -> None:
+    commands = ("Simulator", "Ingestor", "Archiver", "Gateway", "Up", "Audit", "Status")
+    assert {cls.__name__ for cls, _ in SETTINGS} >= {"Settings", *(f"{c}Settings" for c in commands)}
+
+
+@pytest.mark.parametrize(("cls", "f"), SETTINGS, ids=SETTINGS_IDS)
+def test_help_shows_each_default_as_a_user_sets_it(cls: type[Settings], f: dataclasses.Field[Any]) -> None:
+    shown = _shown(cls, f)
+    if f.default is None or f.default == "":
+        assert shown == ("unset" if f.default is None else "empty")
+        return
+    if isinstance(f.default, bool):
+        assert shown in {"true", "false"}  # as the README and a user write it, not Python's False
+    # What the help shows, set as the variable, is the default itself.
+    env = f.metadata["env"]
+    assert getattr(cls.from_env({env: shown}), f.name) == f.default, (env, shown)
