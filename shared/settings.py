@@ -119,9 +119,10 @@ def format_host_port(host: str, port: int) -> str:
 @dataclass(frozen=True)
 class Replaced:
     """A setting that no longer exists: its variable in the environment, or its flag, is
-    an error naming the setting that replaced it, never silently ignored."""
+    an error naming the setting that replaced it, never silently ignored. `env` None: only
+    the flag was renamed (the variable is the replacement's own)."""
 
-    env: str  # FANOUT_GATEWAY_PORT
+    env: str | None  # FANOUT_GATEWAY_PORT
     flag: str  # --gateway-port
     by: str  # the field that replaced it: gateway_listen
     form: str  # how the replacement is written: HOST:PORT
@@ -290,7 +291,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         """Settings from the environment (os.environ by default); keyword overrides win."""
         environ = os.environ if environ is None else environ
-        cls._refuse_replaced([old for old in cls.replaced if old.env in environ], flags=False)
+        cls._refuse_replaced(
+            [old for old in cls.replaced if old.env is not None and old.env in environ], flags=False
+        )
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -353,7 +356,7 @@ class Settings:
             old_names = [old.flag for old in given if old.by == by]
             replacement = f"{'--' + by.replace('_', '-')} {given[0].form}"
         else:
-            old_names = [old.env for old in given if old.by == by]
+            old_names = [old.env for old in given if old.by == by and old.env is not None]
             replacement = f"{new.metadata['env']}={given[0].form}"
         verb = "is" if len(old_names) == 1 else "are"
         default = _show(new.metadata, new.default)
@@ -363,7 +366,7 @@ class Settings:
 
 
 def _replaced_dest(old: Replaced) -> str:
-    return "replaced:" + old.env
+    return "replaced:" + old.flag
 
 
 def _parse(meta: Mapping[str, Any], kind: Any, raw: str, name: str) -> Any:

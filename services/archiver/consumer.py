@@ -177,7 +177,7 @@ class StreamArchiver:
         self.store = store
         self.keys = Keys(settings.key_prefix)
         self.stream = self.keys.stream(name)
-        self.group = settings.group
+        self.group = settings.archive_group
         self.consumer = settings.consumer_name
         self.counts = Counts()
         self._backoff = Backoff()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from shared.connections import MAX_BLOCK_MS
 from shared.settings import (
+    Replaced,
     Settings,
     SettingsError,
     format_duration,
@@ -35,7 +36,7 @@ MAX_LINGER = 5.0  # seconds: a longer linger would only delay the catalogue
 
 @dataclass(frozen=True)
 class ArchiverSettings(Settings):
-    group: str = setting("FANOUT_ARCHIVE_GROUP", "archiver", "Redis consumer group of the archivers")
+    archive_group: str = setting("FANOUT_ARCHIVE_GROUP", "archiver", "Redis consumer group of the archivers")
     consumer: str = setting(
         "FANOUT_ARCHIVE_CONSUMER", "", "this archiver's consumer name in the group (default: hostname-pid)"
     )
@@ -93,9 +94,12 @@ class ArchiverSettings(Settings):
         parse_host_port,
     )
 
+    # The flag was --group; --archive-group is the name `fanout status` and `fanout audit` use.
+    replaced = (Replaced(None, "--group", "archive_group", "NAME"),)
+
     def validate(self) -> None:
         super().validate()
-        if not self.group:
+        if not self.archive_group:
             raise SettingsError("FANOUT_ARCHIVE_GROUP: must not be empty")
         if self.batch < 1:
             raise SettingsError(f"FANOUT_ARCHIVE_BATCH={self.batch}: expected at least 1")

@@ -64,7 +64,7 @@ class Trimmer:
     async def trim(self, name: str, now: float | None = None) -> int:
         """Measure the lag and trim one stream once; returns the entries removed."""
         stream = self.keys.stream(name)
-        progress = await read_progress(self.redis, stream, self.settings.group)
+        progress = await read_progress(self.redis, stream, self.settings.archive_group)
         metrics.LAG_ENTRIES.labels(name).set(progress.lag_entries)
         metrics.LAG_SECONDS.labels(name).set(progress.lag_seconds(now))
         if not progress.group_exists or progress.first_id is None:

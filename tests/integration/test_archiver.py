@@ -607,7 +607,8 @@ async def test_a_v1_catalogue_is_migrated_keeping_its_rows(
 
 
 def test_environment_is_not_read_at_import() -> None:
-    assert "FANOUT_ARCHIVE_GROUP" not in os.environ or ArchiverSettings.from_env({}).group == "archiver"
+    group = ArchiverSettings.from_env({}).archive_group
+    assert "FANOUT_ARCHIVE_GROUP" not in os.environ or group == "archiver"
 
 
 async def test_a_malformed_entry_that_cannot_be_read_is_kept_as_an_archiver_dead_letter(

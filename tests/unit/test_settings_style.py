@@ -1,11 +1,11 @@
-"""shared/settings.py: defaults shown the way they are written, and the server URLs that
-`fanout up` leaves in its urls.env for the other commands."""
+"""shared/settings.py: defaults shown the way they are written (in --help and in the README's
+configuration table, alike), one name per setting across the commands, and the server URLs
+that `fanout up` leaves in its urls.env for the other commands."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib
 import os
 import re
@@ -262,7 +262,6 @@ def test_the_audit_wait_flag_is_worded_like_a_setting(capsys: pytest.CaptureFixt
 # --- every setting's default in --help, as a user sets it ---------------------------------------
 
 
-@functools.cache
 def _help(cls: type[Settings]) -> str:
     parser = argparse.ArgumentParser()
     cls.add_arguments(parser)
@@ -293,3 +292,67 @@ def test_help_shows_each_default_as_a_user_sets_it(cls: type[Settings], f: datac
     # What the help shows, set as the variable, is the default itself.
     env = f.metadata["env"]
     assert getattr(cls.from_env({env: shown}), f.name) == f.default, (env, shown)
+
+
+# --- the README's configuration table: each setting's flag and default as --help shows them ------
+
+
+def _readme_settings() -> dict[str, tuple[list[str], str]]:
+    """The README's configuration table: variable -> (its flags, its default as written)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, tuple[list[str], str]] = {}
+    for row in re.finditer(r"^\| `([A-Z_]+)` \(([^)]*)\) \| [^|]+ \| `([^`]*)` \|", table, re.MULTILINE):
+        default = {"(empty)": "empty", "(unset)": "unset"}.get(row[3], row[3])
+        rows[row[1]] = (re.findall(r"`(--[a-z-]+)`", row[2]), default)
+    return rows
+
+
+README_SETTINGS = _readme_settings()
+
+
+@pytest.mark.parametrize(("cls", "f"), SETTINGS, ids=SETTINGS_IDS)
+def test_the_readme_gives_each_setting_the_flag_and_default_of_its_help(
+    cls: type[Settings], f: dataclasses.Field[Any]
+) -> None:
+    env = f.metadata["env"]
+    assert env in README_SETTINGS, f"the README's configuration table has no row for {env}"
+    flags, default = README_SETTINGS[env]
+    assert flags[0] == "--" + f.name.replace("_", "-"), (cls.__name__, env, flags)
+    assert default == _shown(cls, f), (cls.__name__, env)
+
+
+# --- one name for the archivers' consumer group in the three commands that use it ---------------
+
+
+@pytest.mark.parametrize(
+    "cls_path",
+    [
+        "services.archiver.settings.ArchiverSettings",
+        "fanout.status.StatusSettings",
+        "fanout.audit.AuditSettings",
+    ],
+)
+def test_the_archivers_group_is_archive_group_in_every_command(cls_path: str) -> None:
+    module, name = cls_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    env = {"FANOUT_ARCHIVE_GROUP": "from-env"}
+    assert cls.from_env(env).archive_group == "from-env"
+    flagged = cls.from_args(parser.parse_args(["--archive-group", "from-flag"]), env)
+    assert flagged.archive_group == "from-flag"
+    assert cls.from_env({}).archive_group == "archiver"
+
+
+def test_the_archivers_former_group_flag_is_refused_with_its_replacement() -> None:
+    from services.archiver.settings import ArchiverSettings
+
+    parser = argparse.ArgumentParser()
+    ArchiverSettings.add_arguments(parser)
+    assert "--group" not in " ".join(parser.format_help().split()).replace("--archive-group", "")
+    with pytest.raises(SettingsError) as raised:
+        ArchiverSettings.from_args(parser.parse_args(["--group", "mine"]), {})
+    assert str(raised.value) == "--group is replaced by --archive-group NAME (default: archiver)"
+    # The variable kept its name: it is the replacement's own, never refused.
+    assert ArchiverSettings.from_env({"FANOUT_ARCHIVE_GROUP": "mine"}).archive_group == "mine"
