@@ -60,6 +60,26 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The single process's public socket, bound and listening before the app starts (as a
+    worker's is), rather than by uvicorn after it: the app's "gateway ready" line then
+    names the port bound (port 0: a free one), and connections made from then on wait in
+    the backlog. Bound as asyncio binds for uvicorn: SO_REUSEADDR, an IPv6 socket IPv6
+    only; no SO_REUSEPORT (a second gateway on the port is refused)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(workers.BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _after_shutdown(sig: int, frame: FrameType | None) -> None:
     """The SIGTERM uvicorn re-raises after its graceful shutdown: already handled."""
 
@@ -71,12 +91,21 @@ def run(args: argparse.Namespace) -> int:
     count = settings.workers or workers.default_workers()
     if count > 1 and not in_group:
         return workers.supervise(settings, args, count)
-    sockets: list[socket.socket] | None = None
     if in_group:
-        sockets = [workers.port_socket(*settings.gateway_listen, listen=True)]
+        sock = workers.port_socket(*settings.gateway_listen, listen=True)
         slot = int(os.environ[workers.WORKER_SLOT])
         if slot > 0:  # the ops port is the first worker's; the others take a free one (logged)
             settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
+    else:
+        try:
+            sock = _listen(*settings.gateway_listen)
+        except OSError as exc:
+            host, port = settings.gateway_listen
+            log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
+            return 1
+    # Port 0 became a free port: the app logs (and serves) the port bound, not 0.
+    bound = (settings.gateway_listen[0], sock.getsockname()[1])
+    settings = dataclasses.replace(settings, gateway_listen=bound)
     app = create_app(settings)
     if in_group:
         counts = workers.SubscriberCounts.attach(os.environ[workers.SHARED_DIR], slot)
@@ -98,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn re-raises the exit signal once it has shut down; with the default handler
     # that would kill the process after a clean shutdown (exit -15 instead of 0).
     signal.signal(signal.SIGTERM, _after_shutdown)
-    server.run(sockets)
+    with sock:
+        server.run([sock])
     if not server.started:
         log.error(
             "gateway did not start", extra={"url": settings.listen_url()}
