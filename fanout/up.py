@@ -31,6 +31,7 @@ from fanout.servers import (
     Server,
     ServerError,
     die_with_parent,
+    free_port,
     port_answers,
 )
 from services.sse_gateway.settings import LISTEN_REPLACED
@@ -139,6 +140,7 @@ class Up:
         self.log_format = log_format
         self.urls: dict[str, str] = {}
         self.origin: dict[str, str] = {}
+        self.gateway_listen = settings.gateway_listen  # port 0: a free port, by choose_gateway_port
         self.servers: list[Server] = []
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.stopping = False
@@ -206,6 +208,13 @@ class Up:
 
     # --- children ---------------------------------------------------------------------------
 
+    def choose_gateway_port(self) -> None:
+        """FANOUT_GATEWAY_LISTEN with port 0: a free port chosen here, and the gateway started
+        on it, so that the banner shows the port the gateway listens on (it exits with an
+        error, logged, if the port was taken meanwhile)."""
+        host, port = self.settings.gateway_listen
+        self.gateway_listen = (host, port or free_port(host))
+
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         s = self.settings
@@ -216,7 +225,7 @@ class Up:
         env["REDIS_URL"] = self.urls["redis"]
         env["DATABASE_URL"] = self.urls["postgres"]
         env["FANOUT_LOG_FORMAT"] = self.log_format
-        env["FANOUT_GATEWAY_LISTEN"] = format_host_port(*s.gateway_listen)
+        env["FANOUT_GATEWAY_LISTEN"] = format_host_port(*self.gateway_listen)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -301,7 +310,7 @@ class Up:
     def banner(self) -> str:
         s = self.settings
         keys = Keys(s.key_prefix)
-        host, port = s.gateway_listen
+        host, port = self.gateway_listen
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every interface: this host's
         page = f"http://{format_host_port(host, port)}/"
         lines = [
@@ -325,6 +334,7 @@ class Up:
     async def main(self) -> int:
         stop = asyncio.Event()
         install_stop_signals(stop)
+        self.choose_gateway_port()
         env = self.child_env()
         try:
             for command in SERVICES[:-1]:

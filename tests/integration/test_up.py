@@ -1,10 +1,12 @@
 """`fanout up` with private servers in a temporary folder: the pipeline runs (entries
-reach Redis and PostgreSQL), SIGINT stops everything with exit 0 and no process left,
-and a second run on the same folder finds the data of the first."""
+reach Redis and PostgreSQL), the page its banner shows is where the gateway answers (the
+gateway's port 0 made a real port), SIGINT stops everything with exit 0 and no process
+left, and a second run on the same folder finds the data of the first."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -14,11 +16,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from fanout.servers import free_port
 from shared.connections import redis_client
 from shared.keys import Keys
 
@@ -72,21 +74,26 @@ class Run:
         self.proc = proc
         self.urls: dict[str, str] = {}
         self.stderr: list[bytes] = []
+        self.gateway_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._drain = asyncio.create_task(self._read_stderr())
 
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             self.stderr.append(line)
+            if b'"gateway ready"' in line and not self.gateway_ready.done():  # a gateway worker's
+                self.gateway_ready.set_result(json.loads(line)["url"])
 
     async def read_banner(self) -> None:
         assert self.proc.stdout is not None
-        while "postgres" not in self.urls:
+        while "page" not in self.urls:
             line = (await self.proc.stdout.readline()).decode()
             assert line, f"fanout up ended before its banner:\n{self.log()}"
             m = re.match(r"\s+(NATS|Redis|PostgreSQL)\s+(\w+://\S+)\s+\(", line)
             if m:
                 self.urls[{"NATS": "nats", "Redis": "redis", "PostgreSQL": "postgres"}[m[1]]] = m[2]
+            if m := re.match(r"\s+page\s+(http://\S+)$", line):
+                self.urls["page"] = m[1]
 
     def log(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")[-6000:]
@@ -109,7 +116,7 @@ async def _start(root: Path) -> Run:
         **os.environ,
         "FANOUT_INGEST_HTTP": "127.0.0.1:0",
         "FANOUT_ARCHIVE_HTTP": "127.0.0.1:0",
-        "FANOUT_GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
+        "FANOUT_GATEWAY_LISTEN": "127.0.0.1:0",  # a free port, which the banner must show
         "FANOUT_LOG_FORMAT": "json",
         "FANOUT_FEEDS_RATE": "20",
     }
@@ -156,11 +163,28 @@ async def _archived(url: str, message_id: str) -> bool:
         await conn.close()
 
 
+async def _get(url: str) -> int:
+    """The status of GET `url` (http://127.0.0.1:PORT/...)."""
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port, url
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(f"GET {parts.path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    reply = await reader.read()
+    writer.close()
+    return int(reply.split(maxsplit=2)[1])
+
+
 async def test_up_runs_stops_cleanly_and_keeps_its_data(root: Path) -> None:
     stream = Keys().stream("execution")
 
     first = await _start(root)
     try:
+        # FANOUT_GATEWAY_LISTEN=127.0.0.1:0: the banner shows the port the gateway listens on.
+        page = first.urls["page"]
+        assert urlsplit(page).port, page
+        ready = await asyncio.wait_for(first.gateway_ready, DEADLINE)
+        assert urlsplit(ready).port == urlsplit(page).port, (ready, page)
+        assert await _get(page) == 200
         entries = await _first_entries(first.urls["redis"], stream)
         first_id, first_fields = entries[0]
         first_message_id = first_fields[b"message_id"].decode()
@@ -247,3 +271,17 @@ async def test_a_killed_fanout_up_takes_its_children_along(root: Path) -> None:
     await run.kill()  # SIGKILL: no chance to stop anything itself
     await asyncio.wait_for(asyncio.gather(*(_exited(pid) for pid in children)), DEADLINE)
     assert not [pid for pid in children if _alive(pid)]
+
+
+def test_a_gateway_port_0_is_one_free_port_for_the_gateway_and_the_banner() -> None:
+    from fanout.up import Up, UpSettings
+
+    settings = UpSettings.from_env({"FANOUT_GATEWAY_LISTEN": "127.0.0.1:0"})
+    up = Up(settings, dict.fromkeys(("nats_url", "redis_url", "database_url"), True), "json")
+    up.urls = {"nats": settings.nats_url, "redis": settings.redis_url, "postgres": settings.database_url}
+    up.origin = dict.fromkeys(up.urls, "given")
+    up.choose_gateway_port()
+    host, port = up.gateway_listen
+    assert host == "127.0.0.1" and port != 0
+    assert up.child_env()["FANOUT_GATEWAY_LISTEN"] == f"127.0.0.1:{port}"
+    assert f"  page        http://127.0.0.1:{port}/\n" in up.banner()
