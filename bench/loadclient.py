@@ -64,7 +64,9 @@ BUCKETS = 600_000
 _EPOCH = re.compile(rb'"executionEpoch":\s*(\d+)')
 _SEQ = re.compile(rb'"seq":\s*(\d+)')
 _RETRY = re.compile(rb"(?:^|\n)retry:\s*(\d+)")
-DEFAULT_RETRY_MS = 1000  # when the server sent no `retry:` (nchan), about what browsers use
+# When the server sent no `retry:` (nchan): what Chromium's EventSource waits
+# (blink's EventSource::kDefaultReconnectDelay, 3000 ms; Firefox waits 5000).
+DEFAULT_RETRY_MS = 3000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PER_SOURCE_ADDRESS = 10_000  # connections per loopback source address
 
@@ -307,6 +309,8 @@ class Worker:
         self.back = 0
         self.first_drop_ns = 0
         self.last_back_ns = 0
+        self.back_ns: list[int] = []  # when each dropped connection came back
+        self.first_try_ns = 0  # the first attempt to come back
         self._reconnects: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -373,12 +377,14 @@ class Worker:
         source = self.sources[id(conn) % len(self.sources)]
         while not self.quitting:
             await asyncio.sleep((conn.retry_ms if conn.retry_ms is not None else DEFAULT_RETRY_MS) / 1000)
+            self.first_try_ns = self.first_try_ns or time.time_ns()
             try:
                 await self._connect(conn, source)
             except (OSError, TimeoutError, ConnectionError):
                 continue
             self.back += 1
             self.last_back_ns = time.time_ns()
+            self.back_ns.append(self.last_back_ns)
             if self.back == self.dropped == len(self.conns):
                 self.emit(event="back", dropped=self.dropped)
             return
@@ -400,6 +406,8 @@ class Worker:
             elif cmd["cmd"] == "reconnect":
                 self.reconnect = bool(cmd["on"])
                 self.dropped = self.back = self.first_drop_ns = self.last_back_ns = 0
+                self.back_ns = []
+                self.first_try_ns = 0
             elif cmd["cmd"] == "quit":
                 break
         self.quitting = True
@@ -452,6 +460,8 @@ class Worker:
             back=self.back,
             first_drop_ns=self.first_drop_ns,
             last_back_ns=self.last_back_ns,
+            back_ns=self.back_ns,
+            first_try_ns=self.first_try_ns,
         )
 
 
@@ -594,6 +604,8 @@ class LoadClients:
             "back": 0,
             "first_drop_ns": 0,
             "last_back_ns": 0,
+            "back_ns": [],
+            "first_try_ns": 0,
             "hist": {},
         }
         for w in self.workers:
@@ -613,6 +625,10 @@ class LoadClients:
                 total[k] += msg[k]
             total["last_ns"] = max(total["last_ns"], msg["last_ns"])
             total["last_back_ns"] = max(total["last_back_ns"], msg["last_back_ns"])
+            total["back_ns"] += msg["back_ns"]
+            if msg["first_try_ns"]:
+                first = total["first_try_ns"]
+                total["first_try_ns"] = min(first, msg["first_try_ns"]) if first else msg["first_try_ns"]
             if msg["first_drop_ns"]:
                 first = total["first_drop_ns"]
                 total["first_drop_ns"] = min(first, msg["first_drop_ns"]) if first else msg["first_drop_ns"]

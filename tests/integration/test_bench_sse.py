@@ -51,7 +51,7 @@ def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:
     servers = ["gateway"] + (["nchan"] if HAS_NCHAN else [])
     args = sse_fanout.parse_args(
         ["--servers", ",".join(servers), "--scenarios", "viewers,storm", "--viewers", "10,40",
-         "--viewer-rates", "20", "--viewer-duration", "1", "--storm-rate", "20", "--storm-duration", "4",
+         "--viewer-rates", "20", "--viewer-duration", "1", "--storm-rate", "20", "--storm-duration", "6",
          "--storm-drop-at", "1", "--client-procs", "2", "--drain", "20", "--out", "-"]
     )  # fmt: skip
     run = asyncio.run(sse_fanout.run(args))
@@ -66,7 +66,9 @@ def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:
             assert (w.lost, w.duplicated, w.missing, w.unparsed) == (0, 0, 0, 0), w
     for w in storms:
         assert w.clients == w.dropped == w.back == 40, w
-        assert w.all_back_s is not None
+        assert w.all_back_s is not None and w.back_p50_s is not None and w.back_p90_s is not None
+        assert 0 < w.back_p50_s <= w.back_p90_s <= w.all_back_s, w  # counted from the first drop
+        assert w.retry_to_all_back_s is not None and 0 <= w.retry_to_all_back_s < w.all_back_s, w
     assert {n for per in run.idle_kb_by_count.values() for n in per} == {10, 40}
     text = sse_fanout.markdown(run)
     assert "Reconnect storms" in text and "memory per idle subscriber at 40" in text
