@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib.util
 import logging
 import os
@@ -58,6 +59,24 @@ class _Server(uvicorn.Server):
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.stop.set)
         super().handle_exit(sig, frame)
+
+
+# Python's cyclic garbage collector, tuned for thousands of long-lived streams. With the
+# default thresholds (700, 10, 10) a collection runs every 700 new containers, and each
+# stream set-up makes dozens, while every live stream adds objects that the older
+# generations traverse again and again: in a reconnect storm of 10,000 streams the
+# collector took about a third of the set-up's CPU (357-576 µs per stream, 236-403 with
+# these). Garbage cycles are rare here (a stream's objects go by reference count), so
+# collecting less often costs little memory.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up made (imports, the app: never garbage, no longer traversed)
+    and collect less often (GC_THRESHOLDS)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -124,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
     server = _Server(config, app.state.stop)
+    tune_gc()
     # uvicorn re-raises the exit signal once it has shut down; with the default handler
     # that would kill the process after a clean shutdown (exit -15 instead of 0).
     signal.signal(signal.SIGTERM, _after_shutdown)
