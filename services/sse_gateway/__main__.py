@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 from types import FrameType
 
 import uvicorn
@@ -79,26 +78,6 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The single process's public socket, bound and listening before the app starts (as a
-    worker's is), rather than by uvicorn after it: the app's "gateway ready" line then
-    names the port bound (port 0: a free one), and connections made from then on wait in
-    the backlog. Bound as asyncio binds for uvicorn: SO_REUSEADDR, an IPv6 socket IPv6
-    only; no SO_REUSEPORT (a second gateway on the port is refused)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(workers.BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _after_shutdown(sig: int, frame: FrameType | None) -> None:
     """The SIGTERM uvicorn re-raises after its graceful shutdown: already handled."""
 
@@ -117,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
             settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
     else:
         try:
-            sock = _listen(*settings.gateway_listen)
+            # Bound and listening before the app starts (as a worker's socket is), not by
+            # uvicorn after: the app's "gateway ready" line names the port bound (port 0:
+            # a free one), and connections made from then on wait in the backlog.
+            sock = workers.port_socket(*settings.gateway_listen, listen=True, reuse_port=False)
         except OSError as exc:
             host, port = settings.gateway_listen
             log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
@@ -150,9 +132,7 @@ def run(args: argparse.Namespace) -> int:
     with sock:
         server.run([sock])
     if not server.started:
-        log.error(
-            "gateway did not start", extra={"url": settings.listen_url()}
-        )
+        log.error("gateway did not start", extra={"url": settings.listen_url()})
         return 1
     return 0
 

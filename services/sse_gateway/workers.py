@@ -116,14 +116,19 @@ class SubscriberCounts:
         self._map.close()
 
 
-def port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
-    """A socket bound to host:port with SO_REUSEPORT (IPv6 if `host` is an IPv6
-    address): the supervisor's reservation (listen=False), or a worker's listening one."""
+def port_socket(host: str, port: int, *, listen: bool, reuse_port: bool = True) -> socket.socket:
+    """A socket bound to host:port as asyncio binds one for uvicorn (SO_REUSEADDR; an
+    IPv6 socket, for an IPv6 address, IPv6 only): with SO_REUSEPORT, the supervisor's
+    reservation (listen=False) or a worker's listening one; without it, a single
+    process's, which a second gateway on the port is refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         if listen:
             sock.listen(BACKLOG)
