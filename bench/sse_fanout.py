@@ -42,8 +42,7 @@ Many viewers (issue 10), server by server after the scenarios above:
   messages when it restarts; its publisher waits while nginx is down).
 
 Servers (--servers): `nchan` and `nchan2` (nginx with 1 and 2 worker processes),
-`gateway` and `gateway2` (`fanout gateway` with FANOUT_GATEWAY_WORKERS 1 and 2; gateway2
-is left out, with a note, while the gateway has no worker model), `lean`.
+`gateway` and `gateway2` (`fanout gateway` with FANOUT_GATEWAY_WORKERS 1 and 2), `lean`.
 
 The open-file limit is raised at start (soft to hard, and above it where allowed), and
 the load client spreads its connections over several loopback source addresses
@@ -275,7 +274,7 @@ async def start_lean(stack: AsyncExitStack) -> AsyncIterator[Lean]:
 
 @asynccontextmanager
 async def start_gateway(
-    stack: AsyncExitStack, name: str, log_dir: str, env: dict[str, str], workers: int | None
+    stack: AsyncExitStack, name: str, log_dir: str, env: dict[str, str], workers: int
 ) -> AsyncIterator[Gateway]:
     redis_url, _ = stack.enter_context(harness.private_redis())
     port = harness.free_port()
@@ -289,12 +288,12 @@ async def start_gateway(
             "FANOUT_MAX_SUBSCRIBERS": "200000",
             "FANOUT_TOKENS": "",
             "FANOUT_LOG_LEVEL": "WARNING",
-            **({"FANOUT_GATEWAY_WORKERS": str(workers)} if workers else {}),
+            "FANOUT_GATEWAY_WORKERS": str(workers),
             **env,
         },
         log_path=f"{log_dir}/{name}.log",
         port=port,
-        listeners=workers or 1,
+        listeners=workers,
     )
     service.start()
     stack.callback(service.stop)
@@ -302,17 +301,6 @@ async def start_gateway(
     # The feed needs a stream before `from=latest` means anything: append one entry.
     await publisher.publish(1)
     yield Gateway(name, service, publisher)
-
-
-def gateway_has_workers() -> bool:
-    """Whether `fanout gateway` has a worker model (--workers) yet."""
-    fanout = harness.REPO / ".venv" / "bin" / "fanout"
-    try:
-        out = subprocess.run([str(fanout) if fanout.exists() else "fanout", "gateway", "--help"],
-                             capture_output=True, text=True, timeout=60, check=False).stdout  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "--workers" in out
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -539,10 +527,6 @@ async def run(args: argparse.Namespace) -> Run:
     result.notes.append(harness.raise_open_files(2 * most + 2000))
     load1 = os.getloadavg()[0]
     result.notes.append(f"load average at start: {load1:.2f} (2 cores; other processes share them)")
-    has_workers = await asyncio.to_thread(gateway_has_workers)
-    if "gateway2" in servers and not has_workers:
-        servers.remove("gateway2")
-        result.notes.append("gateway2 left out: `fanout gateway` has no --workers (no worker model) here")
     dirty = _dirty("services/sse_gateway", "shared")
     if dirty and any(x.startswith("gateway") for x in servers):
         result.notes.append(f"the gateway ran from a working tree with uncommitted changes in: {dirty}")
@@ -558,7 +542,7 @@ async def run(args: argparse.Namespace) -> Run:
                     await stack.enter_async_context(start_nchan(stack, name, workers, most + 1000))
                 )
             elif name.startswith("gateway"):
-                workers = 2 if name == "gateway2" else (1 if has_workers else None)
+                workers = 2 if name == "gateway2" else 1
                 targets.append(
                     await stack.enter_async_context(start_gateway(stack, name, log_dir, env, workers))
                 )
