@@ -135,6 +135,17 @@ def write(run: Mapping[str, Any], out_dir: Path, stem: str = "sse_fanout") -> li
     return written
 
 
+def _spaced(ticks: Sequence[float], ratio: float = 1.4) -> list[float]:
+    """`ticks` thinned from the top so that labels on a log axis do not run into each
+    other: each kept tick at least `ratio` times the next kept below it (200 and 150 would
+    print as "150200")."""
+    kept: list[float] = []
+    for t in sorted(ticks, reverse=True):
+        if not kept or kept[-1] >= t * ratio:
+            kept.append(t)
+    return sorted(kept)
+
+
 def _axes(axes: Sequence[Any], xticks: Sequence[float]) -> None:
     """Log scales labelled in plain numbers (1,000 rather than 10^3), ticks at the data."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -143,7 +154,7 @@ def _axes(axes: Sequence[Any], xticks: Sequence[float]) -> None:
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(list(xticks))
+        ax.set_xticks(_spaced(xticks))
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_major_formatter(plain)

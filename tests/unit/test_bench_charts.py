@@ -101,3 +101,9 @@ def test_the_report_takes_the_round_with_the_median_p99() -> None:
         [window(1, 40.0), window(2, 3000.0, sustained=False), window(2, 15.0, attempt=2), window(3, 90.0)]
     )
     assert chosen["1000 clients @ 50/s", "gateway"].p99_ms == 40.0
+
+
+def test_rate_ticks_are_thinned_so_labels_do_not_run_together() -> None:
+    ticks = [1, 5, 50, 100, 150, 200, 300, 400, 600, 800]
+    assert charts._spaced(ticks) == [1, 5, 50, 100, 200, 400, 800]  # the top rate always labelled
+    assert charts._spaced([1_000, 10_000, 30_000]) == [1_000, 10_000, 30_000]
