@@ -28,6 +28,8 @@ published contract the routes are held to), and the page `static/index.html` at 
     stop         asyncio.Event, the one shutdown event of the process: set it and every
                  stream ends cleanly
     subscribers  subscriber.Registry of the connected subscribers
+    turnstile    turnstile.Turnstile: a stream's set-up starts through it, so that a crowd
+                 reconnecting at once waits here in order, not in the kernel's listen queue
 
 Stream requests: `GET /v1/stream?feeds=execution,sport_event` (default: every feed; an
 unknown feed is a 404 naming the known ones), filters `symbol=`, `market=` (execution) and
@@ -95,6 +97,7 @@ from services.sse_gateway.response import (
 )
 from services.sse_gateway.settings import GatewaySettings
 from services.sse_gateway.subscriber import Registry, Subscriber, legacy_notices, start_positions
+from services.sse_gateway.turnstile import Turnstile
 from shared.connections import REDIS_SOCKET_TIMEOUT, read_retry, redis_client
 from shared.feeds import FEED_NAMES
 from shared.keys import Keys
@@ -300,6 +303,7 @@ class GatewayApp(Starlette):
 
 
 async def _stream_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    await scope["app"].state.turnstile.enter()
     request = Request(scope, receive)
     response: Any
     if scope["method"] != "GET":  # HEAD too: a stream has no end to report a length for
@@ -450,6 +454,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.access = access
     app.state.stop = asyncio.Event()
     app.state.subscribers = Registry()
+    app.state.turnstile = Turnstile()
     return app
 
 
