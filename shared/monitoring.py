@@ -24,6 +24,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from shared.listening import bound_socket
+
 log = logging.getLogger(__name__)
 
 Check = Callable[[], Awaitable[bool]]
@@ -60,20 +62,18 @@ class OpsServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        try:
-            await site.start()
+        try:  # bound here, not by aiohttp: a taken port is an OSError now (shared/listening.py)
+            sock = bound_socket(self.host, self.port, backlog=128)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or self.port == 0:
                 raise
-            await site.stop()
-            log.warning("ops port taken (another worker of this kind?); listening on a free port instead",
-                        extra={"taken": f"{self.host}:{self.port}"})
-            self.port = 0
-            site = web.TCPSite(self._runner, self.host, 0)
-            await site.start()
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
+            log.warning(
+                "ops port taken (another worker of this kind?); listening on a free port instead",
+                extra={"taken": f"{self.host}:{self.port}"},
+            )
+            sock = bound_socket(self.host, 0, backlog=128)
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
         log.info("ops endpoints listening", extra={"url": f"http://{self.host}:{self.port}/metrics"})
 
     async def stop(self) -> None:

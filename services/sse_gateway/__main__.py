@@ -19,6 +19,7 @@ from services.sse_gateway.app import create_app
 from services.sse_gateway.protocol import StreamProtocol
 from services.sse_gateway.settings import GatewaySettings
 from shared import logs
+from shared.listening import BACKLOG, bound_socket
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if count > 1 and not in_group:
         return workers.supervise(settings, args, count)
     if in_group:
-        sock = workers.port_socket(*settings.gateway_listen, listen=True)
+        sock = bound_socket(*settings.gateway_listen, reuse_port=True)
         slot = int(os.environ[workers.WORKER_SLOT])
         if slot > 0:  # the ops port is the first worker's; the others take a free one (logged)
             settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             # Bound and listening before the app starts (as a worker's socket is), not by
             # uvicorn after: the app's "gateway ready" line names the port bound (port 0:
             # a free one), and connections made from then on wait in the backlog.
-            sock = workers.port_socket(*settings.gateway_listen, listen=True, reuse_port=False)
+            sock = bound_socket(*settings.gateway_listen)
         except OSError as exc:
             host, port = settings.gateway_listen
             log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=StreamProtocol if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
-        backlog=workers.BACKLOG,
+        backlog=BACKLOG,
         log_config=None,
         access_log=False,
         server_header=False,

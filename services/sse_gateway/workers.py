@@ -41,7 +41,6 @@ import mmap
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from services.sse_gateway.settings import GatewaySettings
+from shared.listening import bound_socket
 from shared.settings import format_host_port
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,6 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess m
 
 COUNTS_FILE = "subscribers"
 STOP_MARGIN = 10.0  # seconds past the shutdown grace before a worker is killed
-# Connections the kernel queues until a worker accepts them. A crowd reconnecting at once
-# (a restart) overflows a short queue, and each SYN dropped then comes again only after
-# the client's retransmission timeout (1, 3, 7, 15 s): ask for the most, the kernel caps
-# it at net.core.somaxconn.
-BACKLOG = 65535
 _SLOT = 8  # bytes per slot: one signed 64-bit count
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
@@ -116,28 +111,6 @@ class SubscriberCounts:
         self._map.close()
 
 
-def port_socket(host: str, port: int, *, listen: bool, reuse_port: bool = True) -> socket.socket:
-    """A socket bound to host:port as asyncio binds one for uvicorn (SO_REUSEADDR; an
-    IPv6 socket, for an IPv6 address, IPv6 only): with SO_REUSEPORT, the supervisor's
-    reservation (listen=False) or a worker's listening one; without it, a single
-    process's, which a second gateway on the port is refused."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        if listen:
-            sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def worker_command(args: argparse.Namespace, listen: tuple[str, int]) -> list[str]:
     """`fanout gateway` with the flags the user gave (the environment is inherited), as
     one worker on `listen` (the address reserved: port 0 resolved)."""
@@ -173,7 +146,7 @@ class Supervisor:
     def run(self) -> int:
         s = self.settings
         try:
-            sock = port_socket(*s.gateway_listen, listen=False)
+            sock = bound_socket(*s.gateway_listen, listen=False, reuse_port=True)
         except OSError as exc:
             log.error(
                 "gateway cannot listen",
