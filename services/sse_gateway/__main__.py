@@ -74,8 +74,9 @@ GC_THRESHOLDS = (20_000, 50, 100)
 
 def tune_gc() -> None:
     """Freeze what start-up made (imports, the app: never garbage, no longer traversed)
-    and collect less often (GC_THRESHOLDS)."""
-    gc.collect()
+    and collect less often (GC_THRESHOLDS). No collection first: it found about 60
+    garbage objects of 70,000 and took 45 ms of every start, which a restart's
+    reconnecting crowd waits for."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 
