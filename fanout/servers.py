@@ -46,6 +46,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypedDict
 
+from shared.listening import bound_socket
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds for a server to answer after start (initdb excluded)
@@ -58,8 +60,7 @@ class ServerError(RuntimeError):
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` (an IPv6 address too) now, for a server about to bind it."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+    with bound_socket(host, 0, listen=False) as s:
         return int(s.getsockname()[1])
 
 
