@@ -685,7 +685,13 @@ async def viewers_and_storm(
                     await measure(f"warm-up {n}", t, pool, rates[0], 1, args.drain)
                     for rate in rates:
                         w = await measure(
-                            f"{n:,} subscribers @ {rate:g}/s", t, pool, rate, args.viewer_duration, args.drain
+                            f"{n:,} subscribers @ {rate:g}/s",
+                            t,
+                            pool,
+                            rate,
+                            args.viewer_duration,
+                            args.drain,
+                            args.profile,
                         )
                         show(w)
                         result.windows.append(w)
