@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import gc
-import importlib.util
-import logging
-import os
-import signal
-from types import FrameType
-
-import uvicorn
 
 from services.sse_gateway import workers
-from services.sse_gateway.app import create_app
-from services.sse_gateway.protocol import StreamProtocol
 from services.sse_gateway.settings import GatewaySettings
 from shared import logs
-from shared.listening import BACKLOG, bound_socket
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve the feeds to subscribers over Server-Sent Events.
@@ -42,102 +27,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     GatewaySettings.add_arguments(parser)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, with its exit signal also setting the app's one stop event, so open
-    streams end (uvicorn waits for connections to close before the lifespan ends)."""
-
-    def __init__(self, config: uvicorn.Config, stop: asyncio.Event) -> None:
-        super().__init__(config)
-        self.stop = stop
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
-        self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)  # type: ignore[arg-type]
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.stop.set)
-        super().handle_exit(sig, frame)
-
-
-# Python's cyclic garbage collector, tuned for thousands of long-lived streams. With the
-# default thresholds (700, 10, 10) a collection runs every 700 new containers, and each
-# stream set-up makes dozens, while every live stream adds objects that the older
-# generations traverse again and again: in a reconnect storm of 10,000 streams the
-# collector took about a third of the set-up's CPU (357-576 µs per stream, 236-403 with
-# these). A stream's objects go by reference count, not by the collector, so collecting
-# less often costs little memory (tests/integration/test_http_hostile.py: thousands of
-# connections opened and dropped leave nothing behind, with these thresholds).
-GC_THRESHOLDS = (20_000, 50, 100)
-
-
-def tune_gc() -> None:
-    """Freeze what start-up made (imports, the app: never garbage, no longer traversed)
-    and collect less often (GC_THRESHOLDS). No collection first: it found about 60
-    garbage objects of 70,000 and took 45 ms of every start, which a restart's
-    reconnecting crowd waits for."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-def _after_shutdown(sig: int, frame: FrameType | None) -> None:
-    """The SIGTERM uvicorn re-raises after its graceful shutdown: already handled."""
-
-
 def run(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_args(args)
     logs.configure("gateway", settings.log_format, settings.log_level)
-    in_group = os.environ.get(workers.REUSE_PORT) == "1"  # a worker of a supervisor
     count = settings.workers or workers.default_workers()
-    if count > 1 and not in_group:
-        return workers.supervise(settings, args, count)
-    if in_group:
-        sock = bound_socket(*settings.gateway_listen, reuse_port=True)
-        slot = int(os.environ[workers.WORKER_SLOT])
-        if slot > 0:  # the ops port is the first worker's; the others take a free one (logged)
-            settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
-    else:
-        try:
-            # Bound and listening before the app starts (as a worker's socket is), not by
-            # uvicorn after: the app's "gateway ready" line names the port bound (port 0:
-            # a free one), and connections made from then on wait in the backlog.
-            sock = bound_socket(*settings.gateway_listen)
-        except OSError as exc:
-            host, port = settings.gateway_listen
-            log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
-            return 1
-    # Port 0 became a free port: the app logs (and serves) the port bound, not 0.
-    bound = (settings.gateway_listen[0], sock.getsockname()[1])
-    settings = dataclasses.replace(settings, gateway_listen=bound)
-    app = create_app(settings)
-    if in_group:
-        counts = workers.SubscriberCounts.attach(os.environ[workers.SHARED_DIR], slot)
-        app.state.subscribers.shared = counts
-    config = uvicorn.Config(
-        app,
-        host=settings.gateway_listen[0],
-        port=settings.gateway_listen[1],
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http=StreamProtocol if importlib.util.find_spec("httptools") else "h11",
-        lifespan="on",
-        backlog=BACKLOG,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
-    )
-    server = _Server(config, app.state.stop)
-    tune_gc()
-    # uvicorn re-raises the exit signal once it has shut down; with the default handler
-    # that would kill the process after a clean shutdown (exit -15 instead of 0).
-    signal.signal(signal.SIGTERM, _after_shutdown)
-    with sock:
-        server.run([sock])
-    if not server.started:
-        log.error("gateway did not start", extra={"url": settings.listen_url()})
-        return 1
-    return 0
+    if count > 1:
+        return workers.supervise(settings, count)
+    # Imported here, not at the top: a supervisor imports it only once it has set up the
+    # workers' metrics directory (prometheus-client reads it at import).
+    from services.sse_gateway import server
+
+    return server.serve(settings)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 The supervisor (the process the user started) reserves the port (binds it with
 SO_REUSEPORT, without listening: a taken port is one clear error before any worker
-starts, and port 0 becomes a real one) and starts N workers, each
-`fanout gateway --workers 1` with the same flags and environment, which each listen on
-that port with SO_REUSEPORT: the kernel spreads new connections evenly over the workers
+starts, and port 0 becomes a real one), imports the gateway (`server.py`) once and forks
+N workers from there, each serving the same settings on that port with SO_REUSEPORT (a
+fork takes milliseconds where a fresh interpreter takes about a second to import the
+gateway: that second is added to every restart and to every dead worker's
+replacement, while clients wait). The kernel spreads new connections evenly over the workers
 (by a hash of the connection's addresses; one socket shared by all would hand a burst
 of connections to whichever worker accepts first). Each worker is a whole gateway: its
 own per-feed readers, hub, history clients and subscribers; nothing of a stream is
@@ -33,31 +35,24 @@ shared between workers (a stream's cursor says everything needed to resume it an
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
+import dataclasses
+import gc
 import logging
 import mmap
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from services.sse_gateway.settings import GatewaySettings
 from shared.listening import bound_socket
-from shared.settings import format_host_port
 
 log = logging.getLogger(__name__)
 
-# Set by the supervisor for its workers only (not settings a user gives):
-REUSE_PORT = "FANOUT_GATEWAY_REUSE_PORT"  # listen on the port with SO_REUSEPORT
-WORKER_SLOT = "FANOUT_GATEWAY_WORKER_SLOT"  # this worker's slot in the shared counts
-SHARED_DIR = "FANOUT_GATEWAY_SHARED_DIR"  # the supervisor's private directory
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 
 COUNTS_FILE = "subscribers"
@@ -111,32 +106,47 @@ class SubscriberCounts:
         self._map.close()
 
 
-def worker_command(args: argparse.Namespace, listen: tuple[str, int]) -> list[str]:
-    """`fanout gateway` with the flags the user gave (the environment is inherited), as
-    one worker on `listen` (the address reserved: port 0 resolved)."""
-    cmd = [sys.executable, "-m", "fanout.cli", "gateway"]
-    for f in fields(GatewaySettings):
-        value = getattr(args, f.name, None)
-        if value is not None and f.name not in ("workers", "gateway_listen"):
-            cmd += ["--" + f.name.replace("_", "-"), str(value)]
-    return [*cmd, "--gateway-listen", format_host_port(*listen), "--workers", "1"]
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """What a worker knows of its group: its slot, and the shared subscriber counts."""
+
+    slot: int
+    counts: SubscriberCounts
 
 
-def _in_worker() -> None:
-    """Run in each worker between fork and exec: the signals the supervisor waits for
-    are blocked there, not here; and die with the supervisor."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+class _Worker:
+    """A forked worker process, as the supervisor sees it (subprocess.Popen's terms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class Supervisor:
-    def __init__(self, settings: GatewaySettings, args: argparse.Namespace, count: int) -> None:
+    def __init__(self, settings: GatewaySettings, count: int) -> None:
         self.settings = settings
         self.count = count
-        self.args = args
-        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.workers: dict[int, _Worker] = {}
         self.started_at: dict[int, float] = {}
         self.due: dict[int, float] = {}  # slot -> monotonic time a replacement is due
         self.failures: dict[int, int] = {}
@@ -153,20 +163,25 @@ class Supervisor:
                 extra={"host": s.gateway_listen[0], "port": s.gateway_listen[1], "error": str(exc)},
             )
             return 1
-        shared = tempfile.mkdtemp(prefix="fanout-gateway-")
-        os.mkdir(Path(shared, "metrics"))
+        shared = self.shared = tempfile.mkdtemp(prefix="fanout-gateway-")
+        self.metrics_dir = str(Path(shared, "metrics"))
+        os.mkdir(self.metrics_dir)
         counts = SubscriberCounts.create(Path(shared, COUNTS_FILE), self.count)
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            self.env = {
-                **os.environ,
-                REUSE_PORT: "1",
-                SHARED_DIR: shared,
-                MULTIPROC_DIR: str(Path(shared, "metrics")),
-            }
+            # Before the gateway is imported: prometheus-client picks its mode at import.
+            os.environ[MULTIPROC_DIR] = self.metrics_dir
+            from services.sse_gateway import server
+
+            self.serve = server.serve
             port = sock.getsockname()[1]
-            self.command = worker_command(self.args, (s.gateway_listen[0], port))
+            self.worker_settings = dataclasses.replace(
+                s, workers=1, gateway_listen=(s.gateway_listen[0], port)
+            )
+            self.reserved = sock
+            self.pid = os.getpid()
             self.counts = counts
+            gc.freeze()  # what the workers inherit: not traversed (nor copied on write) by their collector
             for slot in range(self.count):
                 self._start(slot)
             log.info(
@@ -190,11 +205,31 @@ class Supervisor:
         return self.exit_code
 
     def _start(self, slot: int) -> None:
-        env = {**self.env, WORKER_SLOT: str(slot)}
-        proc = subprocess.Popen(self.command, env=env, preexec_fn=_in_worker)
-        self.workers[slot] = proc
+        pid = os.fork()
+        if pid == 0:  # the worker: it never returns from here
+            code = 1
+            try:
+                code = self._work(slot)
+            except BaseException:
+                log.exception("gateway worker failed", extra={"slot": slot})
+            finally:
+                os._exit(code)
+        self.workers[slot] = _Worker(pid)
         self.started_at[slot] = time.monotonic()
         self.due.pop(slot, None)
+
+    def _work(self, slot: int) -> int:
+        """In the forked worker: unblock the signals the supervisor waits for, die with the
+        supervisor, and serve."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != self.pid:  # the supervisor died before the line above: so do we
+            return 1
+        self.reserved.close()
+        counts = SubscriberCounts.attach(self.shared, slot)
+        return int(self.serve(self.worker_settings, Group(slot, counts)))
 
     def _loop(self) -> None:
         deadline: float | None = None
@@ -268,13 +303,13 @@ class Supervisor:
                 },
             )
 
-    def _gone(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
+    def _gone(self, slot: int, proc: _Worker) -> None:
         """A worker's leftovers: its subscriber count, its live gauges."""
         self.counts.clear(slot)
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(proc.pid, self.env[MULTIPROC_DIR])  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
 
 
-def supervise(settings: GatewaySettings, args: argparse.Namespace, count: int) -> int:
-    return Supervisor(settings, args, count).run()
+def supervise(settings: GatewaySettings, count: int) -> int:
+    return Supervisor(settings, count).run()

@@ -10,7 +10,6 @@ import pytest
 
 from fanout import cli
 from services.sse_gateway.settings import GatewaySettings
-from services.sse_gateway.workers import worker_command
 from shared.settings import SettingsError
 
 
@@ -126,11 +125,3 @@ def test_open_mode_is_allowed_on_loopback(listen: str) -> None:
 def test_the_refusal_names_the_address_as_written() -> None:
     with pytest.raises(SettingsError, match=r"^FANOUT_GATEWAY_LISTEN=\[::\]:8000 with no credential"):
         GatewaySettings.from_env({"FANOUT_GATEWAY_LISTEN": "[::]:8000"})
-
-
-def test_a_worker_listens_on_the_reserved_address() -> None:
-    args = argparse.Namespace(gateway_listen="[::1]:0", workers="4", heartbeat="5s")
-    cmd = worker_command(args, ("::1", 41234))
-    assert cmd[cmd.index("--gateway-listen") + 1] == "[::1]:41234"
-    assert cmd.count("--gateway-listen") == 1 and cmd[-2:] == ["--workers", "1"]
-    assert cmd[cmd.index("--heartbeat") + 1] == "5s"
