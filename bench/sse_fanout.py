@@ -651,65 +651,88 @@ async def viewers_and_storm(
 ) -> None:
     """Server by server (one server's thousands of sockets at a time): each subscriber
     count at each viewer rate, the idle memory per subscriber at each count, and the
-    reconnect storm with the largest count."""
+    reconnect storm with the largest count. With --repeat, the windows run that many
+    rounds, the servers interleaved (order reversed every other round: each connects its
+    subscribers again); memory and the storm are taken in the first round only."""
     rates = [float(r) for r in args.viewer_rates.split(",") if r.strip()]
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # per process: the hard limit here
-    for t in targets:
-        if with_storm and isinstance(t, Lean):
-            continue
-        fits = [n for n in counts if n <= t.processes * (files - FILES_SPARE)]
-        if len(fits) < len(counts):
-            result.notes.append(
-                f"{t.name}: {', '.join(f'{n:,}' for n in counts if n not in fits)} subscribers left out: its "
-                f"{t.processes} process(es) may hold {files:,} open files each (the hard limit here, which "
-                "this machine does not let a process raise)"
-            )
-        for n in fits:
-            procs = max(args.client_procs, -(-n // (files - FILES_SPARE)))
+    rounds = args.repeat if with_windows else 1
+    for r in range(1, rounds + 1):
+        for t in targets if r % 2 else targets[::-1]:
+            if with_storm and isinstance(t, Lean) and not with_windows:
+                continue
+            fits = [n for n in counts if n <= t.processes * (files - FILES_SPARE)]
+            if len(fits) < len(counts) and r == 1:
+                result.notes.append(
+                    f"{t.name}: {', '.join(f'{n:,}' for n in counts if n not in fits)} subscribers left out: "
+                    f"its {t.processes} process(es) may hold {files:,} open files each (the hard limit "
+                    "here, which this machine does not let a process raise)"
+                )
+            for n in fits:
+                if not await _viewers(args, result, t, n, rates, files=files, first=r == 1, round_=r,
+                                      with_windows=with_windows,
+                                      with_storm=with_storm and r == 1 and n == fits[-1]):  # fmt: skip
+                    break
+
+
+async def _viewers(
+    args: argparse.Namespace,
+    result: Run,
+    t: Target,
+    n: int,
+    rates: list[float],
+    *,
+    files: int,
+    first: bool,
+    round_: int,
+    with_windows: bool,
+    with_storm: bool,
+) -> bool:
+    """`n` subscribers on one server: their idle memory (`first` round), the windows at each
+    rate, the storm; False when they could not all connect."""
+    procs = max(args.client_procs, -(-n // (files - FILES_SPARE)))
+    await quiesce(t.pid)
+    before = usage(t.pid).rss_bytes
+    again = f" (round {round_})" if round_ > 1 else ""
+    print(f"{t.name}: connecting {n:,} subscribers{again}", flush=True)
+    try:
+        pool = await connect(t, n, procs)
+    except BenchError as exc:  # one server's limit: the others' figures still count
+        if first:
+            result.notes.append(f"{t.name}: {n:,} subscribers left out: {exc}")
+        print(f"  {exc}", flush=True)
+        return False
+    try:
+        if first:
             await quiesce(t.pid)
-            before = usage(t.pid).rss_bytes
-            print(f"{t.name}: connecting {n:,} subscribers", flush=True)
-            try:
-                pool = await connect(t, n, procs)
-            except BenchError as exc:  # one server's limit: the others' figures still count
-                result.notes.append(f"{t.name}: {n:,} subscribers left out: {exc}")
-                print(f"  {exc}", flush=True)
-                break
-            try:
-                await quiesce(t.pid)
-                after = usage(t.pid).rss_bytes
-                kb = (after - before) / n / 1024
-                result.idle_kb_by_count.setdefault(t.name, {})[n] = kb
-                print(f"  {t.name}: {kb:.1f} KB per idle subscriber at {n:,}", flush=True)
-                if with_windows:
-                    await measure(f"warm-up {n}", t, pool, rates[0], 1, args.drain)
-                    for rate in rates:
-                        w = await measure(
-                            f"{n:,} subscribers @ {rate:g}/s",
-                            t,
-                            pool,
-                            rate,
-                            args.viewer_duration,
-                            args.drain,
-                            args.profile,
-                        )
-                        show(w)
-                        result.windows.append(w)
-                if with_storm and n == fits[-1]:
-                    stormy = await _or_note(result, t.name, storm(
-                        f"reconnect storm, {n:,} subscribers @ {args.storm_rate:g}/s",
-                        t,
-                        pool,
-                        args.storm_rate,
-                        args.storm_duration,
-                        args.storm_drop_at,
-                        args.drain,
-                    ))  # fmt: skip
-                    if stormy is not None:
-                        show(stormy)
-                        result.windows.append(stormy)
-            finally:
-                await pool.close()
+            after = usage(t.pid).rss_bytes
+            kb = (after - before) / n / 1024
+            result.idle_kb_by_count.setdefault(t.name, {})[n] = kb
+            print(f"  {t.name}: {kb:.1f} KB per idle subscriber at {n:,}", flush=True)
+        if with_windows:
+            await measure(f"warm-up {n}", t, pool, rates[0], 1, args.drain)
+            for rate in rates:
+                scenario = f"{n:,} subscribers @ {rate:g}/s"
+                w = await measure(scenario, t, pool, rate, args.viewer_duration, args.drain, args.profile)
+                w.round = round_
+                show(w)
+                result.windows.append(w)
+        if with_storm and not isinstance(t, Lean):
+            stormy = await _or_note(result, t.name, storm(
+                f"reconnect storm, {n:,} subscribers @ {args.storm_rate:g}/s",
+                t,
+                pool,
+                args.storm_rate,
+                args.storm_duration,
+                args.storm_drop_at,
+                args.drain,
+            ))  # fmt: skip
+            if stormy is not None:
+                show(stormy)
+                result.windows.append(stormy)
+    finally:
+        await pool.close()
+    return True
 
 
 # --- the report ------------------------------------------------------------------------
@@ -834,9 +857,9 @@ def markdown(run: Run) -> str:
         "more (marked `again`; the ratios use the better of the two) before it counts as not "
         "sustained (and the ramp stops for that server)."
         + (
-            f" The 1,000-client windows at 50 and 100 msg/s ran {run.args['repeat']} rounds, the servers "
-            "interleaved (order reversed every other round); the figures above are those of each "
-            "server's round with the median p99."
+            f" The 1,000-client windows at 50 and 100 msg/s and the many-viewers windows ran "
+            f"{run.args['repeat']} rounds, the servers interleaved (order reversed every other round); "
+            "the summary takes each server's round with the median p99."
             if run.args.get("repeat", 1) > 1
             else ""
         ),
@@ -950,8 +973,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="rounds of the 1,000-client windows at 50 and 100 msg/s, the servers interleaved; the "
-        "summary takes each server's round with the median p99 (a shared machine's noise)",
+        help="rounds of the 1,000-client windows at 50 and 100 msg/s and of the many-viewers windows, "
+        "the servers interleaved; the summary takes each server's round with the median p99 (a "
+        "shared machine's noise)",
     )
     p.add_argument("--no-ramp", action="store_true")
     p.add_argument("--drain", type=float, default=5, help="seconds after publishing to wait for stragglers")
