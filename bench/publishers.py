@@ -106,6 +106,9 @@ class NchanPublisher:
         return self.seq
 
     async def publish(self, count: int) -> None:
+        if self._task is not None and self._task.done() and not self.errors:
+            await self.disconnect()  # nginx closed it while idle (keepalive_timeout): a new one
+            await self.connect()
         assert self._writer is not None
         parts = []
         now = datetime.now(UTC)
@@ -149,6 +152,10 @@ class NchanPublisher:
                 body = await self._reader.readexactly(length) if length else b""
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
                     ValueError, IndexError) as exc:  # fmt: skip
+                idle = isinstance(exc, asyncio.IncompleteReadError) and not exc.partial
+                if idle and self.answered >= self.sent:  # closed between requests: not an error
+                    self._answered_all.set()
+                    return
                 self.errors.append(f"publisher connection to nchan failed: {exc!r}")
                 self._answered_all.set()
                 return
