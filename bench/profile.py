@@ -29,14 +29,15 @@ def py_spy() -> str | None:
 
 
 def record(pid: int, seconds: float, out: Path, rate: int = 200) -> subprocess.Popen[bytes] | None:
-    """Start sampling `pid` for `seconds` into `out` (raw format); None without py-spy."""
+    """Start sampling `pid` and its child processes (a gateway's workers) for `seconds` into
+    `out` (raw format); None without py-spy."""
     binary = py_spy()
     if binary is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [binary, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate), "--nonblocking",
-         "-f", "raw", "-o", str(out)],
+         "--subprocesses", "-f", "raw", "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
