@@ -44,6 +44,7 @@ import mmap
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -213,6 +214,9 @@ class Supervisor:
             except BaseException:
                 log.exception("gateway worker failed", extra={"slot": slot})
             finally:
+                for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing
+                    with contextlib.suppress(Exception):
+                        stream.flush()
                 os._exit(code)
         self.workers[slot] = _Worker(pid)
         self.started_at[slot] = time.monotonic()
