@@ -32,6 +32,7 @@ Check = Callable[[], Awaitable[bool]]
 
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+OPS_BACKLOG = 128  # the ops port's listen queue: a few probes and scrapers, not a crowd
 
 
 def metrics_registry() -> CollectorRegistry:
@@ -63,7 +64,7 @@ class OpsServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:  # bound here, not by aiohttp: a taken port is an OSError now (shared/listening.py)
-            sock = bound_socket(self.host, self.port, backlog=128)
+            sock = bound_socket(self.host, self.port, backlog=OPS_BACKLOG)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or self.port == 0:
                 raise
@@ -71,7 +72,7 @@ class OpsServer:
                 "ops port taken (another worker of this kind?); listening on a free port instead",
                 extra={"taken": f"{self.host}:{self.port}"},
             )
-            sock = bound_socket(self.host, 0, backlog=128)
+            sock = bound_socket(self.host, 0, backlog=OPS_BACKLOG)
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
         log.info("ops endpoints listening", extra={"url": f"http://{self.host}:{self.port}/metrics"})
