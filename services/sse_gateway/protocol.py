@@ -50,7 +50,8 @@ class Connection:
         self.lost = False
         self._on_lost: Callable[[], None] | None = None
         sock = transport.get_extra_info("socket")
-        self._fd: int = sock.fileno() if sock is not None else -1
+        tls = transport.get_extra_info("ssl_object") is not None  # never the raw socket then
+        self._fd: int = sock.fileno() if sock is not None and not tls else -1
 
     def when_lost(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` once the connection is gone (at once if it already is); None:

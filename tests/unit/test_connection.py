@@ -101,3 +101,35 @@ async def _closing(conn: Connection, peer: socket.socket) -> None:
     assert got == b"before"
     async with asyncio.timeout(10):
         assert await asyncio.get_running_loop().sock_recv(peer, 100) == b""  # EOF: "after" never came
+
+
+class _TlsTransport:
+    """What an SSL transport says of itself: a socket underneath, and an ssl_object."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str) -> object:
+        return {"socket": self.sock, "ssl_object": object()}.get(name)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_tls_connection_is_written_through_its_transport_only() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        transport = _TlsTransport(ours)
+        conn = Connection(transport)  # type: ignore[arg-type]
+        assert conn.send(b"event", limit=1000)
+        assert transport.written == [b"event"]  # to be encrypted, never raw to the socket
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(100)
