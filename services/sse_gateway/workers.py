@@ -86,11 +86,6 @@ class SubscriberCounts:
         path.write_bytes(bytes(slots * _SLOT))
         return cls(path, slots)
 
-    @classmethod
-    def attach(cls, directory: str, slot: int) -> SubscriberCounts:
-        path = Path(directory, COUNTS_FILE)
-        return cls(path, path.stat().st_size // _SLOT, slot)
-
     def set(self, count: int) -> None:
         """This worker's count."""
         assert self.slot is not None
@@ -164,7 +159,7 @@ class Supervisor:
                 extra={"host": s.gateway_listen[0], "port": s.gateway_listen[1], "error": str(exc)},
             )
             return 1
-        shared = self.shared = tempfile.mkdtemp(prefix="fanout-gateway-")
+        shared = tempfile.mkdtemp(prefix="fanout-gateway-")
         self.metrics_dir = str(Path(shared, "metrics"))
         os.mkdir(self.metrics_dir)
         counts = SubscriberCounts.create(Path(shared, COUNTS_FILE), self.count)
@@ -232,8 +227,8 @@ class Supervisor:
         if os.getppid() != self.pid:  # the supervisor died before the line above: so do we
             return 1
         self.reserved.close()
-        counts = SubscriberCounts.attach(self.shared, slot)
-        return int(self.serve(self.worker_settings, Group(slot, counts)))
+        self.counts.slot = slot  # the supervisor's mapping, shared with every worker since the fork
+        return int(self.serve(self.worker_settings, Group(slot, self.counts)))
 
     def _loop(self) -> None:
         deadline: float | None = None
