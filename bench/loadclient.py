@@ -626,12 +626,8 @@ class LoadClients:
             total["last_ns"] = max(total["last_ns"], msg["last_ns"])
             total["last_back_ns"] = max(total["last_back_ns"], msg["last_back_ns"])
             total["back_ns"] += msg["back_ns"]
-            if msg["first_try_ns"]:
-                first = total["first_try_ns"]
-                total["first_try_ns"] = min(first, msg["first_try_ns"]) if first else msg["first_try_ns"]
-            if msg["first_drop_ns"]:
-                first = total["first_drop_ns"]
-                total["first_drop_ns"] = min(first, msg["first_drop_ns"]) if first else msg["first_drop_ns"]
+            for k in ("first_try_ns", "first_drop_ns"):  # the earliest of the workers that saw one (0: none)
+                total[k] = min((t for t in (total[k], msg[k]) if t), default=0)
             for b, v in msg["hist"].items():
                 total["hist"][int(b)] = total["hist"].get(int(b), 0) + v
         return total
