@@ -334,29 +334,43 @@ async def measure(
     await pool.window(base + 1, base + total)
     server0, busy0, self0 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
     started = time.monotonic()
-    raw = (
-        Path(profile_dir, f"{target.name} {scenario}.txt".replace("/", "per").replace(" ", "_"))
-        if profile_dir
-        else None
-    )
-    sampler = profile.record(target.pid, duration, raw) if raw and target.name != "nchan" else None
+    sampling = _sample(target, scenario, duration, profile_dir)
     published, _ = await pace(target.publish, rate, duration)
     await target.settle()
     drained = await pool.wait_done(drain)
     seconds = time.monotonic() - started
     server1, busy1, self1 = usage(target.pid), harness.machine_busy_s(), harness.self_cpu_s()
     rep = await pool.report()
-    if sampler is not None and raw is not None:
-        await asyncio.to_thread(sampler.wait)
-        if raw.exists():
-            summary = await asyncio.to_thread(profile.summary, raw)
-            await asyncio.to_thread(
-                raw.with_suffix(".md").write_text, f"# {target.name}: {scenario}\n\n{summary}"
-            )
+    await _summarize(sampling, target, scenario)
     if published != total:
         raise BenchError(f"{target.name}: published {published} of {total}")
     server, busy, own = (server0, server1), (busy0, busy1), (self0, self1)
     return _window(scenario, target, rate, seconds, published, rep, server, busy, own, drained)
+
+
+Sampling = tuple[subprocess.Popen[bytes], Path] | None
+
+
+def _sample(target: Target, scenario: str, seconds: float, profile_dir: str | None) -> Sampling:
+    """With --profile, sample a gateway (its workers too) for `seconds` with py-spy."""
+    if not profile_dir or isinstance(target, Nchan):
+        return None
+    raw = Path(profile_dir, f"{target.name} {scenario}.txt".replace("/", "per").replace(" ", "_"))
+    sampler = profile.record(target.pid, seconds, raw)
+    return (sampler, raw) if sampler is not None else None
+
+
+async def _summarize(sampling: Sampling, target: Target, scenario: str) -> None:
+    """Wait for the sampler to end, then write the profile's summary beside it."""
+    if sampling is None:
+        return
+    sampler, raw = sampling
+    await asyncio.to_thread(sampler.wait)
+    if raw.exists():
+        summary = await asyncio.to_thread(profile.summary, raw)
+        await asyncio.to_thread(
+            raw.with_suffix(".md").write_text, f"# {target.name}: {scenario}\n\n{summary}"
+        )
 
 
 def _window(
@@ -413,6 +427,7 @@ async def storm(
     duration: float,
     drop_at: float,
     drain: float,
+    profile_dir: str | None = None,
 ) -> Window:
     """The reconnect storm: publish for `duration` s; `drop_at` s in, restart the server so
     every subscriber is dropped at once; they come back with Last-Event-ID."""
@@ -425,15 +440,19 @@ async def storm(
     overflows0 = listen_overflows()
     started = time.monotonic()
     publishing = asyncio.create_task(pace(target.publish, rate, duration))
+    sampling: Sampling = None
     try:
         await asyncio.sleep(drop_at)  # the scenario's timeline: publish a while before the drop
         restart_s = await target.restart()
         server0 = usage(target.pid)  # a new process: its CPU counts from here
+        # The restarted server, from listening until publishing ends (the crowd comes back).
+        sampling = _sample(target, scenario, duration - drop_at - restart_s, profile_dir)
         await pool.all_back(max(drain, 120.0))
         published, _ = await publishing
     finally:
         if not publishing.done():
             publishing.cancel()
+    await _summarize(sampling, target, scenario)
     await target.settle()
     drained = await pool.wait_done(max(drain, 60.0))
     seconds = time.monotonic() - started
@@ -726,6 +745,7 @@ async def _viewers(
                 args.storm_duration,
                 args.storm_drop_at,
                 args.drain,
+                args.profile,
             ))  # fmt: skip
             if stormy is not None:
                 show(stormy)
@@ -991,7 +1011,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         metavar="DIR",
-        help="sample the gateway with py-spy during each window; raw profiles and summaries go to DIR",
+        help="sample the gateway with py-spy during each window and, from its restart, the storm; raw "
+        "profiles and summaries go to DIR",
     )
     p.add_argument("--quick", action="store_true", help="5 s windows, 3 s ramp steps, 5 s viewer windows")
     p.add_argument("--out", default=str(RESULTS / "sse_fanout.md"), help="markdown output ('-': none)")
