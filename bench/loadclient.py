@@ -503,6 +503,9 @@ def source_addresses(url: str, connections: int, procs: int) -> list[list[str]]:
 # --- the controller side ----------------------------------------------------------------
 
 
+UNREAD_KEPT = 64  # a worker's messages kept for a later wait (old windows' fall off)
+
+
 class LoadClients:
     """`connections` SSE subscribers to `url`, spread over `procs` worker processes."""
 
@@ -514,6 +517,7 @@ class LoadClients:
         self.connected = 0
         self.failed = 0
         self.window_id = 0
+        self._unread: dict[int, list[dict[str, Any]]] = {}  # per worker pid: said, not yet waited for
 
     async def __aenter__(self) -> LoadClients:
         await self.start()
@@ -553,7 +557,14 @@ class LoadClients:
     async def _expect(
         self, w: asyncio.subprocess.Process, event: str, wait_s: float, wid: int | None = None
     ) -> dict[str, Any]:
+        """The worker's next `event` (of window `wid`). What it said meanwhile is kept for
+        the wait that wants it: a subscriber that comes back after the window's last seq
+        gets it with the response headers, so its worker says "done" before "back"."""
         assert w.stdout is not None
+        unread = self._unread.setdefault(w.pid, [])
+        for i, kept in enumerate(unread):
+            if kept["event"] == event and (wid is None or kept.get("id") == wid):
+                return unread.pop(i)
         while True:
             line = await asyncio.wait_for(w.stdout.readline(), wait_s)
             if not line:
@@ -563,6 +574,8 @@ class LoadClients:
             msg: dict[str, Any] = json.loads(line)
             if msg["event"] == event and (wid is None or msg.get("id") == wid):
                 return msg
+            unread.append(msg)
+            del unread[:-UNREAD_KEPT]
 
     def _send(self, **cmd: Any) -> None:
         for w in self.workers:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.loadclient import BUCKET_NS, SSEConnection, Stats
+from bench.loadclient import BUCKET_NS, LoadClients, SSEConnection, Stats
 
 
 class _Transport:
@@ -153,3 +153,24 @@ def _recorder(lost: list[SSEConnection]) -> Any:
         return True
 
     return on_lost
+
+
+class _Worker:
+    """A load client process as the controller sees it: a pid and its stdout."""
+
+    def __init__(self, *lines: str) -> None:
+        self.pid = 4242
+        self.stdout = asyncio.StreamReader()
+        for line in lines:
+            self.stdout.feed_data(line.encode() + b"\n")
+
+
+async def test_a_worker_saying_done_before_back_is_heard_by_both_waits() -> None:
+    """A subscriber that comes back after the window's last seq gets it with the response
+    headers: its worker says "done" before "back". Waiting for "back" must not swallow
+    the "done" that the wait after it needs."""
+    pool = LoadClients("http://127.0.0.1:9/v1/stream", 1, procs=1)
+    pool.window_id = 7
+    pool.workers = [_Worker('{"event": "done", "id": 7}', '{"event": "back", "dropped": 1}')]  # type: ignore[list-item]
+    assert await pool.all_back(5)
+    assert await pool.wait_done(5)
