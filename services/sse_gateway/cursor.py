@@ -27,7 +27,7 @@ and raises `LegacyCursor`; the gateway answers with an in-band `event: reset` (r
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.feeds import FEED_NAMES
@@ -82,6 +82,16 @@ def origin(epoch: str) -> Position:
 
 def format(positions: Mapping[str, Position], feeds: Iterable[str]) -> str:
     return VERSION + ":" + ",".join(positions[f].text(f) for f in feeds)
+
+
+def around(positions: Mapping[str, Position], feeds: Sequence[str], feed: str) -> tuple[bytes, bytes]:
+    """`format(positions, feeds)` cut around `feed`'s seq, as bytes: `head + b"%d" % seq +
+    tail` is the cursor with `feed` moved to `seq` of its epoch. For a run of one feed's
+    entries (a catch-up batch): one join for the run instead of one per entry."""
+    i = feeds.index(feed)
+    head = "".join(positions[f].text(f) + "," for f in feeds[:i])
+    tail = "".join("," + positions[f].text(f) for f in feeds[i + 1 :])
+    return f"{VERSION}:{head}{feed}.{positions[feed].epoch}.".encode(), tail.encode()
 
 
 def parse(text: str) -> dict[str, Position]:

@@ -417,20 +417,23 @@ class Subscriber:
 
     def _deliver(self, feed: str, records: Sequence[Record]) -> list[bytes]:
         """Frames for `records`, which go on from the subscriber's position without a hole."""
+        if not records:
+            return []
         out: list[bytes] = []
         feed_b = feed.encode()
-        epoch = self.positions[feed].epoch
+        head, tail = cursor.around(self.positions, self.feeds, feed)
+        matches = self.filters.matches
         sent = 0
         for record in records:
-            self.positions[feed] = Position(epoch, record.seq)
-            cid = self.cursor()
+            cid = b"%s%d%s" % (head, record.seq, tail)
             if not record.valid:
                 out.append(frames.event(frames.MALFORMED, record.data, cid))
-            elif self.filters.matches(feed, record.fields):
+            elif matches(feed, record.fields):
                 out.append(frames.event(feed_b, record.data, cid))
                 sent += 1
             else:
                 out.append(frames.id_only(cid))
+        self.positions[feed] = Position(self.positions[feed].epoch, records[-1].seq)
         if sent:
             metrics.EVENTS_SENT.labels(feed).inc(sent)
         return out

@@ -24,6 +24,21 @@ def test_format_then_parse_gives_the_positions_back(pos: dict[str, Position]) ->
     assert cursor.parse(text) == pos
 
 
+@given(
+    st.fixed_dictionaries({"execution": positions, "sport_event": positions}),
+    st.sampled_from([("execution",), ("sport_event",), ("execution", "sport_event")]),
+    st.data(),
+    st.integers(0, 2**63 - 1),
+)
+def test_the_cursor_cut_around_a_feed_gives_format_for_any_seq_of_it(
+    pos: dict[str, Position], feeds: tuple[str, ...], data: st.DataObject, seq: int
+) -> None:
+    feed = data.draw(st.sampled_from(feeds))
+    head, tail = cursor.around(pos, feeds, feed)
+    moved = {**pos, feed: Position(pos[feed].epoch, seq)}
+    assert b"%s%d%s" % (head, seq, tail) == cursor.format(moved, feeds).encode()
+
+
 def test_documented_example_parses() -> None:
     parsed = cursor.parse("v2:execution.1795862595094.42,sport_event.1795862595101.17")
     assert parsed == {
