@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from services.sse_gateway import workers
 from services.sse_gateway.settings import GatewaySettings
 from shared import logs
+from shared.listening import bound_socket
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve the feeds to subscribers over Server-Sent Events.
@@ -33,11 +37,21 @@ def run(args: argparse.Namespace) -> int:
     count = settings.workers or workers.default_workers()
     if count > 1:
         return workers.supervise(settings, count)
-    # Imported here, not at the top: a supervisor imports it only once it has set up the
-    # workers' metrics directory (prometheus-client reads it at import).
+    try:
+        # Listening before the gateway is imported (about half a second): a crowd coming
+        # back to a restarted gateway waits in the backlog meanwhile, not refused (each
+        # refusal costs an EventSource its whole `retry:` delay).
+        sock = bound_socket(*settings.gateway_listen)
+    except OSError as exc:
+        host, port = settings.gateway_listen
+        log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
+        return 1
+    # Imported here, not at the top: after the bind; and a supervisor imports it only once
+    # it has set up the workers' metrics directory (prometheus-client reads it at import).
     from services.sse_gateway import server
 
-    return server.serve(settings)
+    with sock:
+        return server.serve(settings, sock)
 
 
 if __name__ == "__main__":

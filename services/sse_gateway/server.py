@@ -11,6 +11,7 @@ import gc
 import importlib.util
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -19,7 +20,7 @@ from services.sse_gateway.app import create_app
 from services.sse_gateway.protocol import StreamProtocol
 from services.sse_gateway.settings import GatewaySettings
 from services.sse_gateway.workers import Group
-from shared.listening import BACKLOG, bound_socket
+from shared.listening import BACKLOG
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +68,14 @@ def _after_shutdown(sig: int, frame: FrameType | None) -> None:
     """The SIGTERM uvicorn re-raises after its graceful shutdown: already handled."""
 
 
-def serve(settings: GatewaySettings, group: Group | None = None) -> int:
-    """Serve until SIGTERM (or SIGINT); 0 after a clean shutdown. In a `group` (a worker of
-    a supervisor), listen on the port with SO_REUSEPORT beside the other workers."""
-    if group is not None:
-        sock = bound_socket(*settings.gateway_listen, reuse_port=True)
-        if group.slot > 0:  # the ops port is the first worker's; the others take a free one (logged)
-            settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
-    else:
-        try:
-            # Bound and listening before the app starts (as a worker's socket is), not by
-            # uvicorn after: the app's "gateway ready" line names the port bound (port 0:
-            # a free one), and connections made from then on wait in the backlog.
-            sock = bound_socket(*settings.gateway_listen)
-        except OSError as exc:
-            host, port = settings.gateway_listen
-            log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
-            return 1
+def serve(settings: GatewaySettings, sock: socket.socket, group: Group | None = None) -> int:
+    """Serve on `sock` (bound and listening on `settings.gateway_listen`'s host, before
+    this module was imported: connections made during the import wait in its backlog
+    instead of being refused) until SIGTERM (or SIGINT); 0 after a clean shutdown. In a
+    `group` (a worker of a supervisor), `sock` is one of the port's SO_REUSEPORT sockets."""
+    if group is not None and group.slot > 0:
+        # The ops port is the first worker's; the others take a free one (logged).
+        settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))
     # Port 0 became a free port: the app logs (and serves) the port bound, not 0.
     bound = (settings.gateway_listen[0], sock.getsockname()[1])
     settings = dataclasses.replace(settings, gateway_listen=bound)

@@ -2,11 +2,14 @@
 
 The supervisor (the process the user started) reserves the port (binds it with
 SO_REUSEPORT, without listening: a taken port is one clear error before any worker
-starts, and port 0 becomes a real one), imports the gateway (`server.py`) once and forks
-N workers from there, each serving the same settings on that port with SO_REUSEPORT (a
-fork takes milliseconds where a fresh interpreter takes about a second to import the
-gateway: that second is added to every restart and to every dead worker's
-replacement, while clients wait). The kernel spreads new connections evenly over the workers
+starts, and port 0 becomes a real one) and opens one listening SO_REUSEPORT socket per
+worker on it, so that connections made while it starts wait in their backlogs instead of
+being refused. Then it imports the gateway (`server.py`) once and forks N workers from
+there, each serving the same settings on its own socket (a fork takes milliseconds where
+a fresh interpreter takes about a second to import the gateway: that second is added to
+every restart and to every dead worker's replacement, while clients wait). A worker's
+socket is its own: it closes when the worker dies, and its replacement gets a new one.
+The kernel spreads new connections evenly over the workers
 (by a hash of the connection's addresses; one socket shared by all would hand a burst
 of connections to whichever worker accepts first). Each worker is a whole gateway: its
 own per-feed readers, hub, history clients and subscribers; nothing of a stream is
@@ -44,6 +47,7 @@ import mmap
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -151,14 +155,24 @@ class Supervisor:
 
     def run(self) -> int:
         s = self.settings
+        self.listeners: dict[int, socket.socket] = {}  # slot -> its socket, until it is forked
         try:
             sock = bound_socket(*s.gateway_listen, listen=False, reuse_port=True)
         except OSError as exc:
-            log.error(
-                "gateway cannot listen",
-                extra={"host": s.gateway_listen[0], "port": s.gateway_listen[1], "error": str(exc)},
-            )
-            return 1
+            return self._cannot_listen(exc)
+        port = sock.getsockname()[1]
+        self.worker_settings = dataclasses.replace(s, workers=1, gateway_listen=(s.gateway_listen[0], port))
+        try:
+            # Every worker's socket listens before the gateway is imported (about half a
+            # second): a crowd coming back to a restarted gateway waits in the backlogs
+            # meanwhile instead of being refused.
+            for slot in range(self.count):
+                self.listeners[slot] = self._listener()
+        except OSError as exc:
+            for listener in self.listeners.values():
+                listener.close()
+            sock.close()
+            return self._cannot_listen(exc)
         shared = tempfile.mkdtemp(prefix="fanout-gateway-")
         self.metrics_dir = str(Path(shared, "metrics"))
         os.mkdir(self.metrics_dir)
@@ -170,10 +184,6 @@ class Supervisor:
             from services.sse_gateway import server
 
             self.serve = server.serve
-            port = sock.getsockname()[1]
-            self.worker_settings = dataclasses.replace(
-                s, workers=1, gateway_listen=(s.gateway_listen[0], port)
-            )
             self.reserved = sock
             self.pid = os.getpid()
             self.counts = counts
@@ -195,12 +205,26 @@ class Supervisor:
                     proc.kill()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             counts.close()
+            for listener in self.listeners.values():
+                listener.close()
             sock.close()
             shutil.rmtree(shared, ignore_errors=True)
         log.info("gateway stopped", extra={"workers": self.count, "exit_code": self.exit_code})
         return self.exit_code
 
+    def _cannot_listen(self, exc: OSError) -> int:
+        host, port = self.settings.gateway_listen
+        log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
+        return 1
+
+    def _listener(self) -> socket.socket:
+        """A listening socket on the port, beside the others (SO_REUSEPORT)."""
+        host, port = self.worker_settings.gateway_listen
+        return bound_socket(host, port, reuse_port=True)
+
     def _start(self, slot: int) -> None:
+        if slot not in self.listeners:  # a replacement: its predecessor's socket went with it
+            self.listeners[slot] = self._listener()
         pid = os.fork()
         if pid == 0:  # the worker: it never returns from here
             code = 1
@@ -213,6 +237,9 @@ class Supervisor:
                     with contextlib.suppress(Exception):
                         stream.flush()
                 os._exit(code)
+        # The worker's socket is the worker's alone: a dead worker's socket closes with it,
+        # and the kernel then sends new connections to the others.
+        self.listeners.pop(slot).close()
         self.workers[slot] = _Worker(pid)
         self.started_at[slot] = time.monotonic()
         self.due.pop(slot, None)
@@ -227,8 +254,11 @@ class Supervisor:
         if os.getppid() != self.pid:  # the supervisor died before the line above: so do we
             return 1
         self.reserved.close()
+        mine = self.listeners.pop(slot)
+        for other in self.listeners.values():  # the sockets of workers not forked yet
+            other.close()
         self.counts.slot = slot  # the supervisor's mapping, shared with every worker since the fork
-        return int(self.serve(self.worker_settings, Group(slot, self.counts)))
+        return int(self.serve(self.worker_settings, mine, Group(slot, self.counts)))
 
     def _loop(self) -> None:
         deadline: float | None = None
