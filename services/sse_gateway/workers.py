@@ -62,6 +62,7 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess m
 
 COUNTS_FILE = "subscribers"
 STOP_MARGIN = 10.0  # seconds past the shutdown grace before a worker is killed
+LISTEN_RETRY = 1.0  # seconds before a replacement whose socket could not be opened is tried again
 _SLOT = 8  # bytes per slot: one signed 64-bit count
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
@@ -222,9 +223,19 @@ class Supervisor:
         host, port = self.worker_settings.gateway_listen
         return bound_socket(host, port, reuse_port=True)
 
-    def _start(self, slot: int) -> None:
+    def _start(self, slot: int) -> bool:
+        """Fork the worker of `slot`; False (and tried again later) when its replacement
+        socket cannot be opened."""
         if slot not in self.listeners:  # a replacement: its predecessor's socket went with it
-            self.listeners[slot] = self._listener()
+            try:
+                self.listeners[slot] = self._listener()
+            except OSError as exc:  # out of descriptors, say: the other workers serve meanwhile
+                log.error(
+                    "gateway worker cannot listen; trying again",
+                    extra={"slot": slot, "error": str(exc), "after_s": LISTEN_RETRY},
+                )
+                self.due[slot] = time.monotonic() + LISTEN_RETRY
+                return False
         pid = os.fork()
         if pid == 0:  # the worker: it never returns from here
             code = 1
@@ -243,6 +254,7 @@ class Supervisor:
         self.workers[slot] = _Worker(pid)
         self.started_at[slot] = time.monotonic()
         self.due.pop(slot, None)
+        return True
 
     def _work(self, slot: int) -> int:
         """In the forked worker: unblock the signals the supervisor waits for, die with the
@@ -295,8 +307,7 @@ class Supervisor:
                 self.exit_code = 1
             if not self.stopping:
                 for slot, when in list(self.due.items()):
-                    if when <= time.monotonic():
-                        self._start(slot)
+                    if when <= time.monotonic() and self._start(slot):
                         log.info(
                             "gateway worker started again",
                             extra={"slot": slot, "pid": self.workers[slot].pid},
