@@ -138,9 +138,11 @@ async def test_a_client_connecting_while_the_gateway_imports_is_served_not_refus
     (tmp_path / "sitecustomize.py").write_text(HOLD_THE_IMPORT.format(fifo=str(gate)))
     port = free_port()
     proc = await _start(base_settings, port, FANOUT_GATEWAY_WORKERS=str(workers), PYTHONPATH=str(tmp_path))
+    held = False
     try:
         async with asyncio.timeout(DEADLINE):
             writer_end = await asyncio.to_thread(open, gate, "w")  # the import is being held
+            held = True
             try:
                 # Refused here (ConnectionRefusedError) if the port listened only after it.
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -154,5 +156,7 @@ async def test_a_client_connecting_while_the_gateway_imports_is_served_not_refus
             assert b"retry: " in await reader.readuntil(b"\n\n")  # the stream began
             writer.close()
     finally:
+        if not held:  # the gateway never got there: let the thread's open() return
+            os.close(os.open(gate, os.O_RDONLY | os.O_NONBLOCK))
         code = await _exit_code(proc, terminate=True)
     assert code == 0
