@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from services.sse_gateway import workers
 from services.sse_gateway.settings import GatewaySettings
 from shared import logs
 from shared.listening import bound_socket
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve the feeds to subscribers over Server-Sent Events.
@@ -43,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
         # refusal costs an EventSource its whole `retry:` delay).
         sock = bound_socket(*settings.gateway_listen)
     except OSError as exc:
-        host, port = settings.gateway_listen
-        log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
-        return 1
+        return workers.cannot_listen(settings.gateway_listen, exc)
     # Imported here, not at the top: after the bind; and a supervisor imports it only once
     # it has set up the workers' metrics directory (prometheus-client reads it at import).
     from services.sse_gateway import server

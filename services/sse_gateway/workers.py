@@ -68,6 +68,13 @@ _PR_SET_PDEATHSIG = 1
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 
 
+def cannot_listen(address: tuple[str, int], exc: OSError) -> int:
+    """The one line (and exit code 1) for a gateway port that cannot be bound."""
+    host, port = address
+    log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
+    return 1
+
+
 def default_workers() -> int:
     """One worker per core this process may run on."""
     try:
@@ -160,7 +167,7 @@ class Supervisor:
         try:
             sock = bound_socket(*s.gateway_listen, listen=False, reuse_port=True)
         except OSError as exc:
-            return self._cannot_listen(exc)
+            return cannot_listen(s.gateway_listen, exc)
         port = sock.getsockname()[1]
         self.worker_settings = dataclasses.replace(s, workers=1, gateway_listen=(s.gateway_listen[0], port))
         try:
@@ -173,7 +180,7 @@ class Supervisor:
             for listener in self.listeners.values():
                 listener.close()
             sock.close()
-            return self._cannot_listen(exc)
+            return cannot_listen(s.gateway_listen, exc)
         shared = tempfile.mkdtemp(prefix="fanout-gateway-")
         self.metrics_dir = str(Path(shared, "metrics"))
         os.mkdir(self.metrics_dir)
@@ -212,11 +219,6 @@ class Supervisor:
             shutil.rmtree(shared, ignore_errors=True)
         log.info("gateway stopped", extra={"workers": self.count, "exit_code": self.exit_code})
         return self.exit_code
-
-    def _cannot_listen(self, exc: OSError) -> int:
-        host, port = self.settings.gateway_listen
-        log.error("gateway cannot listen", extra={"host": host, "port": port, "error": str(exc)})
-        return 1
 
     def _listener(self) -> socket.socket:
         """A listening socket on the port, beside the others (SO_REUSEPORT)."""
