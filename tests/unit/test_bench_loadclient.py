@@ -4,10 +4,13 @@ seqs, across HTTP chunk boundaries and socket reads split anywhere."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.loadclient import BUCKET_NS, LoadClients, SSEConnection, Stats
 
@@ -174,3 +177,34 @@ async def test_a_worker_saying_done_before_back_is_heard_by_both_waits() -> None
     pool.workers = [_Worker('{"event": "done", "id": 7}', '{"event": "back", "dropped": 1}')]  # type: ignore[list-item]
     assert await pool.all_back(5)
     assert await pool.wait_done(5)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_counts_every_event_once_when_each_read_is_one_whole_chunk(chunked: bool) -> None:
+    # What a server's one write per event looks like to the client: the fast path of _dechunk.
+    now = time.time_ns()
+    events = [_event(seq, now) for seq in range(1, 31)]
+    conn, stats, _ = _connection(1, 30)
+    conn.data_received(HEAD_CHUNKED if chunked else HEAD_PLAIN)
+    for event in events:
+        conn.data_received(_chunked([event]) if chunked else event)
+    assert (stats.delivered, stats.lost, stats.duplicated, stats.unparsed) == (30, 0, 0, 0)
+    assert conn.next == 31 and conn.is_done
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=6),
+    extension=st.booleans(),
+)
+def test_dechunk_gives_back_exactly_the_chunk_data_however_the_reads_fall(
+    parts: list[bytes], cuts: list[int], extension: bool
+) -> None:
+    body = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";x=1" if extension else b"", p) for p in parts)
+    bounds = sorted({0, len(body), *(c for c in cuts if c < len(body))})
+    conn = SSEConnection(Stats(), connected=None)  # type: ignore[arg-type]  # not read by _dechunk
+    conn.transport = _Transport()  # type: ignore[assignment]
+    out = b"".join(conn._dechunk(body[a:b]) for a, b in itertools.pairwise(bounds))
+    assert out == b"".join(parts)
+    assert conn.raw == b"" and conn.chunk_left == 0
