@@ -1,5 +1,6 @@
 """Logging, configured once per process: one JSON object per line, or readable text on
-a terminal. Every line carries `service`; context goes in fields, passed as `extra`:
+a terminal. Every line carries `service` and `pid` (a gateway's workers are one service in
+several processes); context goes in fields, passed as `extra`:
 
     log.info("appended batch", extra={"feed": "execution", "count": 500})
 """
@@ -40,6 +41,7 @@ class JsonFormatter(logging.Formatter):
             "time": _time(record),
             "level": record.levelname.lower(),
             "service": self.service,
+            "pid": record.process,
             "logger": record.name,
             "msg": record.getMessage(),
             **_fields(record),
@@ -56,7 +58,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        line = f"{_time(record)} {record.levelname:<7} {self.service:<11} {record.getMessage()}"
+        who = f"{self.service}[{record.process}]"
+        line = f"{_time(record)} {record.levelname:<7} {who:<19} {record.getMessage()}"
         if extra:
             line += f"  {extra}"
         if record.exc_info:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from shared.logs import JsonFormatter, TextFormatter
 
@@ -15,5 +16,7 @@ def test_log_lines_carry_extra_fields_but_not_uvicorns_colour_copy() -> None:
     line = json.loads(JsonFormatter("gateway").format(record))
     assert line["msg"] == "Started x" and line["feed"] == "execution" and line["service"] == "gateway"
     assert "color_message" not in line
+    assert line["pid"] == os.getpid()  # which of a gateway's workers said it
     text = TextFormatter("gateway").format(record)
     assert "feed=execution" in text and "\x1b" not in text
+    assert f"gateway[{os.getpid()}]" in text
