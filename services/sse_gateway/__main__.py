@@ -45,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     # it has set up the workers' metrics directory (prometheus-client reads it at import).
     from services.sse_gateway import server
 
-    with sock:
-        return server.serve(settings, sock)
+    return server.serve(settings, sock)  # which closes it, as it does a worker's
 
 
 if __name__ == "__main__":

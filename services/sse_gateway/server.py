@@ -71,8 +71,9 @@ def _after_shutdown(sig: int, frame: FrameType | None) -> None:
 def serve(settings: GatewaySettings, sock: socket.socket, group: Group | None = None) -> int:
     """Serve on `sock` (bound and listening on `settings.gateway_listen`'s host, before
     this module was imported: connections made during the import wait in its backlog
-    instead of being refused) until SIGTERM (or SIGINT); 0 after a clean shutdown. In a
-    `group` (a worker of a supervisor), `sock` is one of the port's SO_REUSEPORT sockets."""
+    instead of being refused) until SIGTERM (or SIGINT), then close it; 0 after a clean
+    shutdown. In a `group` (a worker of a supervisor), `sock` is one of the port's
+    SO_REUSEPORT sockets."""
     if group is not None and group.slot > 0:
         # The ops port is the first worker's; the others take a free one (logged).
         settings = dataclasses.replace(settings, gateway_ops=(settings.gateway_ops[0], 0))

@@ -158,12 +158,12 @@ class Supervisor:
         self.started_at: dict[int, float] = {}
         self.due: dict[int, float] = {}  # slot -> monotonic time a replacement is due
         self.failures: dict[int, int] = {}
+        self.listeners: dict[int, socket.socket] = {}  # slot -> its listening socket, until it is forked
         self.stopping = False
         self.exit_code = 0
 
     def run(self) -> int:
         s = self.settings
-        self.listeners: dict[int, socket.socket] = {}  # slot -> its socket, until it is forked
         try:
             sock = bound_socket(*s.gateway_listen, listen=False, reuse_port=True)
         except OSError as exc:
