@@ -6,7 +6,9 @@
   1,000 clients of the lab scenarios (1 and 5 msg/s from the viewers scenarios, 50 msg/s
   and up from the fixed windows and the ramp);
 - `<stem>_subscribers.{png,svg}`: the same against the number of subscribers (the viewers
-  scenarios), one line per server and rate.
+  scenarios), one line per server and rate;
+- `<stem>_storm.{png,svg}`: the reconnect storms, one panel per publish rate: the share of
+  the subscribers back against the seconds since the first drop, one line per server.
 
 A window that was not sustained (under 99% delivered, or p99 over 1 s) is drawn hollow;
 of two attempts the better one is drawn, of several rounds (`--repeat`) the one with the
@@ -132,7 +134,40 @@ def write(run: Mapping[str, Any], out_dir: Path, stem: str = "sse_fanout") -> li
         fig.tight_layout()
         written += _save(fig, out_dir / f"{stem}_subscribers")
         plt.close(fig)
+
+    storms = _storms(run["windows"])
+    if storms:
+        rates = sorted({rate for rate, _ in storms})
+        fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4.5), sharey=True, squeeze=False)
+        for ax, rate in zip(axes[0], rates, strict=True):
+            for (r, server), w in storms.items():
+                if r != rate:
+                    continue
+                curve = w["back_curve_s"]
+                st = STYLE.get(server, {"color": "black", "label": server})
+                pct = [100 * k / (len(curve) - 1) for k in range(len(curve))]
+                ax.plot([0.0, *curve], [0.0, *pct], color=st["color"], linewidth=1.6,
+                        label=f"{st['label']}, {int(w['clients']):,}")  # fmt: skip
+            ax.set_title(f"reconnect storm @ {rate:g} msg/s", fontsize=10)
+            ax.set_xlabel("seconds since the first subscriber was dropped")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="lower right", fontsize=7)
+        axes[0][0].set_ylabel("subscribers back, %")
+        fig.suptitle(f"{title}: the server restarted, every subscriber resuming", fontsize=9)
+        fig.tight_layout()
+        written += _save(fig, out_dir / f"{stem}_storm")
+        plt.close(fig)
     return written
+
+
+def _storms(windows: Sequence[Mapping[str, Any]]) -> dict[tuple[float, str], Mapping[str, Any]]:
+    """Per (rate, server), the storm window with its curve of subscribers back (runs
+    before the curve was recorded have none: left out)."""
+    return {
+        (float(w["rate"]), str(w["server"])): w
+        for w in windows
+        if w.get("restart_s") is not None and w.get("back_curve_s")
+    }
 
 
 def _spaced(ticks: Sequence[float], ratio: float = 1.4) -> list[float]:

@@ -69,6 +69,7 @@ _RETRY = re.compile(rb"(?:^|\n)retry:\s*(\d+)")
 DEFAULT_RETRY_MS = 3000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PER_SOURCE_ADDRESS = 10_000  # connections per loopback source address
+CONNECT_TIMEOUT_S = 30.0  # connect, request, and the response's headers
 
 
 class Stats:
@@ -304,6 +305,7 @@ class Worker:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
+        self.address = (self.host, self.port)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -324,6 +326,7 @@ class Worker:
         self.last_back_ns = 0
         self.back_ns: list[int] = []  # when each dropped connection came back
         self.first_try_ns = 0  # the first attempt to come back
+        self.failed: dict[str, int] = {}  # attempts to come back that failed, by exception
         self._reconnects: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -337,29 +340,32 @@ class Worker:
 
     async def _connect(self, conn: SSEConnection, source: str) -> None:
         """One TCP connection + GET for `conn`, from `source` (127.0.0.x, or any); returns
-        once the response's 200 headers are in, raises if they are not."""
+        once the response's 200 headers are in, raises if they are not (within
+        CONNECT_TIMEOUT_S: one deadline for the whole, no task per step, since a storm
+        makes tens of thousands of these on the cores the server uses too)."""
         loop = asyncio.get_running_loop()
         connected: asyncio.Future[None] = loop.create_future()
         conn.reset(connected)
+        transport: asyncio.Transport | None = None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setblocking(False)
-            if source:
-                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((source, 0))
-            await asyncio.wait_for(loop.sock_connect(sock, (self.host, self.port)), 30)
-            transport, _ = await loop.create_connection(lambda: conn, sock=sock)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                sock.setblocking(False)
+                if source:
+                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.bind((source, 0))
+                await loop.sock_connect(sock, self.address)
+                transport, _ = await loop.create_connection(lambda: conn, sock=sock)
+                head = self.request_head
+                if conn.last_id is not None:
+                    head += b"Last-Event-ID: " + conn.last_id + b"\r\n"
+                transport.write(head + b"\r\n")
+                await connected
         except BaseException:
-            sock.close()
-            raise
-        head = self.request_head
-        if conn.last_id is not None:
-            head += b"Last-Event-ID: " + conn.last_id + b"\r\n"
-        transport.write(head + b"\r\n")
-        try:
-            await asyncio.wait_for(connected, 30)
-        except TimeoutError:
-            transport.abort()
+            if transport is None:
+                sock.close()
+            else:
+                transport.abort()
             raise
 
     async def _open(self, i: int, gate: asyncio.Semaphore, errors: list[str]) -> None:
@@ -393,7 +399,9 @@ class Worker:
             self.first_try_ns = self.first_try_ns or time.time_ns()
             try:
                 await self._connect(conn, source)
-            except (OSError, TimeoutError, ConnectionError):
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                kind = type(exc).__name__
+                self.failed[kind] = self.failed.get(kind, 0) + 1
                 continue
             self.back += 1
             self.last_back_ns = time.time_ns()
@@ -420,6 +428,7 @@ class Worker:
                 self.reconnect = bool(cmd["on"])
                 self.dropped = self.back = self.first_drop_ns = self.last_back_ns = 0
                 self.back_ns = []
+                self.failed = {}
                 self.first_try_ns = 0
             elif cmd["cmd"] == "quit":
                 break
@@ -474,6 +483,7 @@ class Worker:
             first_drop_ns=self.first_drop_ns,
             last_back_ns=self.last_back_ns,
             back_ns=self.back_ns,
+            failed=self.failed,
             first_try_ns=self.first_try_ns,
         )
 
@@ -631,6 +641,7 @@ class LoadClients:
             "first_drop_ns": 0,
             "last_back_ns": 0,
             "back_ns": [],
+            "failed": {},
             "first_try_ns": 0,
             "hist": {},
         }
@@ -652,6 +663,8 @@ class LoadClients:
             total["last_ns"] = max(total["last_ns"], msg["last_ns"])
             total["last_back_ns"] = max(total["last_back_ns"], msg["last_back_ns"])
             total["back_ns"] += msg["back_ns"]
+            for kind, n in msg["failed"].items():
+                total["failed"][kind] = total["failed"].get(kind, 0) + n
             for k in ("first_try_ns", "first_drop_ns"):  # the earliest of the workers that saw one (0: none)
                 total[k] = min((t for t in (total[k], msg[k]) if t), default=0)
             for b, v in msg["hist"].items():

@@ -34,12 +34,14 @@ running), so treat figures as comparative, not absolute.
 Many viewers (issue 10), server by server after the scenarios above:
 - 1,000, 10,000 and 30,000 subscribers (--viewers) at 1 and 5 msg/s (--viewer-rates),
   with the memory per idle subscriber at each count;
-- a reconnect storm with the largest count: the server is restarted (SIGTERM, started
-  again on the same port) while publishing goes on, so every subscriber is dropped at
-  once and comes back like EventSource (after the server's `retry:`, with Last-Event-ID);
-  reported: time from the first drop until every subscriber is connected again, and
-  lost / duplicated / missing over the whole window (nchan's memory store forgets its
-  messages when it restarts; its publisher waits while nginx is down).
+- reconnect storms with the largest count, one per --storm-rates rate (1 and 5 msg/s):
+  the server is restarted (SIGTERM, started again on the same port) while publishing
+  goes on, so every subscriber is dropped at once and comes back like EventSource
+  (after the server's `retry:`, with Last-Event-ID); reported: time from the first drop
+  until half, 90% and every subscriber is connected again (and the whole curve, charted),
+  attempts to come back that failed, and lost / duplicated / missing over the whole
+  window (nchan's memory store forgets its messages when it restarts; its publisher
+  waits while nginx is down).
 
 Servers (--servers): `nchan` and `nchan2` (nginx with 1 and 2 worker processes),
 `gateway` and `gateway2` (`fanout gateway` with FANOUT_GATEWAY_WORKERS 1 and 2), `lean`.
@@ -63,7 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -80,6 +82,7 @@ SUSTAINED_SHARE = 0.99
 SUSTAINED_P99_MS = 1000.0
 SERVERS = ("nchan", "nchan2", "gateway", "gateway2", "lean")
 FILES_SPARE = 500  # open files a server needs besides its subscribers' sockets
+BACK_CURVE_POINTS = 101  # a storm's curve: when 0%, 1%, ... 100% of the subscribers were back
 PEERS = {"gateway": "nchan", "gateway2": "nchan2", "lean": "nchan"}  # compared at the same worker count
 
 
@@ -129,6 +132,8 @@ class Window:
     back_p90_s: float | None = None
     retry_to_all_back_s: float | None = None  # reconnect storm: the first attempt to come back -> all back
     syn_drops: int = 0  # reconnect storm: connections the kernel's listen queue overflowed (ListenOverflows)
+    failed_tries: int = 0  # reconnect storm: attempts to come back that failed (each costs a `retry:` more)
+    back_curve_s: list[float] = field(default_factory=list)  # reconnect storm: see back_curve()
     dropped: int = 0
     back: int = 0
 
@@ -461,7 +466,7 @@ async def storm(
     await pool.reconnecting(False)
     if published != total:
         raise BenchError(f"{target.name}: published {published} of {total}")
-    back = sorted((t - rep["first_drop_ns"]) / 1e9 for t in rep["back_ns"])
+    curve = back_curve(rep["back_ns"], rep["first_drop_ns"])
     return _window(
         scenario,
         target,
@@ -475,15 +480,31 @@ async def storm(
         drained,
         restart_s=restart_s,
         all_back_s=(rep["last_back_ns"] - rep["first_drop_ns"]) / 1e9 if rep["back"] else None,
-        back_p50_s=back[len(back) // 2] if back else None,
-        back_p90_s=back[int(len(back) * 0.9)] if back else None,
+        back_p50_s=curve[50] if curve else None,
+        back_p90_s=curve[90] if curve else None,
         retry_to_all_back_s=(rep["last_back_ns"] - rep["first_try_ns"]) / 1e9
         if rep["first_try_ns"]
         else None,
         syn_drops=listen_overflows() - overflows0,
+        failed_tries=sum(rep["failed"].values()),
+        back_curve_s=curve,
         dropped=rep["dropped"],
         back=rep["back"],
     )
+
+
+def storm_rates(args: argparse.Namespace) -> list[float]:
+    return [float(r) for r in args.storm_rates.split(",") if r.strip()]
+
+
+def back_curve(back_ns: Sequence[int], first_drop_ns: int, points: int = BACK_CURVE_POINTS) -> list[float]:
+    """Seconds from the first drop until k% of the dropped subscribers were back, for k
+    = 0, 100/(points-1), ... 100 (with 101 points, index k is k%; the storm chart's
+    curve; [] when none came back)."""
+    back = sorted((t - first_drop_ns) / 1e9 for t in back_ns)
+    if not back:
+        return []
+    return [back[min(len(back) - 1, round(k * (len(back) - 1) / (points - 1)))] for k in range(points)]
 
 
 def listen_overflows() -> int:
@@ -736,20 +757,21 @@ async def _viewers(
                 w.round = round_
                 show(w)
                 result.windows.append(w)
-        if with_storm and not isinstance(t, Lean):
+        for rate in storm_rates(args) if with_storm and not isinstance(t, Lean) else []:
             stormy = await _or_note(result, t.name, storm(
-                f"reconnect storm, {n:,} subscribers @ {args.storm_rate:g}/s",
+                f"reconnect storm, {n:,} subscribers @ {rate:g}/s",
                 t,
                 pool,
-                args.storm_rate,
+                rate,
                 args.storm_duration,
                 args.storm_drop_at,
                 args.drain,
                 args.profile,
             ))  # fmt: skip
-            if stormy is not None:
-                show(stormy)
-                result.windows.append(stormy)
+            if stormy is None:
+                break  # not every subscriber came back: the next storm would not start from all
+            show(stormy)
+            result.windows.append(stormy)
     finally:
         await pool.close()
     return True
@@ -794,18 +816,20 @@ def markdown(run: Run) -> str:
             "every subscriber listened; they come back like EventSource (after the server's `retry:`, "
             "else Chromium's default of 3 s, with Last-Event-ID). Half, 90% and all back are counted "
             "from the first drop (what a viewer sees); first retry -> all back from the first attempt "
-            "to come back (the server's share). SYNs dropped: the kernel's ListenOverflows meanwhile.",
+            "to come back (the server's share). SYNs dropped: the kernel's ListenOverflows meanwhile; "
+            "failed tries: attempts to come back that failed (refused, timed out), each costing "
+            "that subscriber another `retry:`.",
             "",
             "| scenario | server | restart s | dropped | back | first drop -> half back | 90% back "
-            "| all back | first retry -> all back | SYNs dropped | lost | dup | missing at end | p50 ms "
-            "| p99 ms |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| all back | first retry -> all back | SYNs dropped | failed tries | lost | dup "
+            "| missing at end | p50 ms | p99 ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for w in storms:
             lines.append(
                 f"| {w.scenario} | {w.server} | {w.restart_s:.1f} | {w.dropped:,} | {w.back:,} | "
                 f"{_s(w.back_p50_s)} | {_s(w.back_p90_s)} | {_s(w.all_back_s)} | "
-                f"{_s(w.retry_to_all_back_s)} | {w.syn_drops:,} | "
+                f"{_s(w.retry_to_all_back_s)} | {w.syn_drops:,} | {w.failed_tries:,} | "
                 f"{w.lost} | {w.duplicated} | {w.missing} | {_ms(w.p50_ms)} | {_ms(w.p99_ms)} |"
             )
     servers = list(dict.fromkeys(w.server for w in run.windows)) or list(run.idle_kb_per_client)
@@ -974,7 +998,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--storm-subscribers", type=int, default=30000, help="subscribers of the storm without --viewers"
     )
-    p.add_argument("--storm-rate", type=float, default=5, help="msg/s during the reconnect storm")
+    p.add_argument(
+        "--storm-rates",
+        default="1,5",
+        help="msg/s during the reconnect storms, one storm per rate (the same subscribers, back each time)",
+    )
     p.add_argument("--storm-duration", type=float, default=20, help="seconds of publishing in the storm")
     p.add_argument(
         "--storm-drop-at", type=float, default=4, help="seconds into the storm when the server restarts"

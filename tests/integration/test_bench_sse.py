@@ -51,13 +51,13 @@ def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:
     servers = ["gateway"] + (["nchan"] if HAS_NCHAN else [])
     args = sse_fanout.parse_args(
         ["--servers", ",".join(servers), "--scenarios", "viewers,storm", "--viewers", "10,40",
-         "--viewer-rates", "20", "--viewer-duration", "1", "--storm-rate", "20", "--storm-duration", "6",
+         "--viewer-rates", "20", "--viewer-duration", "1", "--storm-rates", "10,20", "--storm-duration", "6",
          "--storm-drop-at", "1", "--client-procs", "2", "--drain", "20", "--out", "-"]
     )  # fmt: skip
     run = asyncio.run(sse_fanout.run(args))
 
     storms = [w for w in run.windows if w.restart_s is not None]
-    assert {w.server for w in storms} == set(servers)
+    assert sorted((w.server, w.rate) for w in storms) == sorted((x, r) for x in servers for r in (10.0, 20.0))
     for w in run.windows:
         assert w.clients in (10, 40), w
         assert w.expected == w.published * w.clients, w
@@ -69,6 +69,10 @@ def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:
         assert w.all_back_s is not None and w.back_p50_s is not None and w.back_p90_s is not None
         assert 0 < w.back_p50_s <= w.back_p90_s <= w.all_back_s, w  # counted from the first drop
         assert w.retry_to_all_back_s is not None and 0 <= w.retry_to_all_back_s < w.all_back_s, w
+        curve = w.back_curve_s  # when 0%, 1%, ... 100% were back: from the first back to the last
+        assert len(curve) == 101 and curve == sorted(curve), w
+        assert (curve[50], curve[90], curve[100]) == (w.back_p50_s, w.back_p90_s, w.all_back_s), w
+        assert w.failed_tries == 0, w  # the restarted server listened before anyone came back
     assert {n for per in run.idle_kb_by_count.values() for n in per} == {10, 40}
     text = sse_fanout.markdown(run)
     assert "Reconnect storms" in text and "memory per idle subscriber at 40" in text

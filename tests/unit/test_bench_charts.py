@@ -107,3 +107,39 @@ def test_rate_ticks_are_thinned_so_labels_do_not_run_together() -> None:
     ticks = [1, 5, 50, 100, 150, 200, 300, 400, 600, 800]
     assert charts._spaced(ticks) == [1, 5, 50, 100, 200, 400, 800]  # the top rate always labelled
     assert charts._spaced([1_000, 10_000, 30_000]) == [1_000, 10_000, 30_000]
+
+
+def test_back_curve_gives_when_each_percent_of_the_subscribers_was_back() -> None:
+    from bench import sse_fanout
+
+    drop = 5_000_000_000
+    # 201 subscribers back at 1.00, 1.01, ... 3.00 s after the first drop, in any order.
+    back = [drop + 1_000_000_000 + 10_000_000 * i for i in range(201)][::-1]
+    curve = sse_fanout.back_curve(back, drop)
+    assert len(curve) == 101
+    assert curve[0] == 1.0 and curve[100] == 3.0
+    assert curve[50] == pytest.approx(2.0) and curve[90] == pytest.approx(2.8)  # 100 and 180 of 200 later
+    assert sse_fanout.back_curve([], drop) == []
+
+
+def test_storms_with_their_curves_get_a_chart_a_panel_per_rate(tmp_path: Path) -> None:
+    run = _run()
+    for server, rate, spread in (
+        ("gateway2", 1, 4.0),
+        ("nchan2", 1, 6.0),
+        ("gateway2", 5, 5.0),
+        ("nchan2", 5, 7.0),
+    ):
+        curve = [2.0 + spread * k / 100 for k in range(101)]
+        run["windows"].append(_window(server, 30000, rate, restart_s=1.0, back_curve_s=curve))
+    written = charts.write(run, tmp_path, "run")
+    assert {"run_storm.png", "run_storm.svg"} <= {p.name for p in written}
+    svg = (tmp_path / "run_storm.svg").read_text()
+    assert "reconnect storm @ 1 msg/s" in svg and "reconnect storm @ 5 msg/s" in svg
+    assert "gateway, 2 workers, 30,000" in svg and "nchan, 2 workers, 30,000" in svg
+    assert set(charts._storms(run["windows"])) == {
+        (1.0, "gateway2"),
+        (1.0, "nchan2"),
+        (5.0, "gateway2"),
+        (5.0, "nchan2"),
+    }

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.loadclient import BUCKET_NS, LoadClients, SSEConnection, Stats
+from bench.loadclient import BUCKET_NS, LoadClients, SSEConnection, Stats, Worker
 
 
 class _Transport:
@@ -208,3 +208,32 @@ def test_dechunk_gives_back_exactly_the_chunk_data_however_the_reads_fall(
     out = b"".join(conn._dechunk(body[a:b]) for a, b in itertools.pairwise(bounds))
     assert out == b"".join(parts)
     assert conn.raw == b"" and conn.chunk_left == 0
+
+
+async def test_a_storm_counts_the_attempts_to_come_back_that_failed() -> None:
+    """Each failed attempt costs its subscriber another `retry:`: the storm reports them."""
+    worker = Worker("http://127.0.0.1:9/v1/stream", 1)
+    worker.reconnect = True
+    conn = SSEConnection(worker.stats, asyncio.get_running_loop().create_future(), worker._lost)
+    conn.retry_ms = 0
+    worker.conns.append(conn)
+    outcomes: list[BaseException | None] = [
+        ConnectionRefusedError(),
+        TimeoutError(),
+        ConnectionRefusedError(),
+        None,
+    ]
+
+    async def connect(c: SSEConnection, source: str) -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    worker._connect = connect  # type: ignore[method-assign]
+    worker.emit = lambda **msg: None  # type: ignore[method-assign]
+    assert worker._lost(conn)
+    await asyncio.gather(*worker._reconnects)
+    assert outcomes == []
+    assert (worker.dropped, worker.back) == (1, 1)
+    assert worker.failed == {"ConnectionRefusedError": 2, "TimeoutError": 1}
+    assert len(worker.back_ns) == 1 and worker.back_ns[0] >= worker.first_drop_ns > 0
