@@ -449,7 +449,8 @@ async def start_positions(
     resume: dict[str, Position],
     start: str,
 ) -> dict[str, Position]:
-    """Per feed: the cursor's position, else `start`: `latest` (the feed's top),
+    """Per feed: the cursor's position, else `start`: `latest` (the feed's top: where the
+    hub's reader is, else read from Redis while the reader is not running),
     `earliest` (before the first seq PostgreSQL or Redis holds of the epoch), or an ISO
     time (before the first entry whose broker time is at or after it; the top if none).
 
@@ -468,9 +469,15 @@ async def start_positions(
 
 
 async def _start(history: History, hub: Hub, feed: str, start: str, when: datetime | None) -> Position:
+    live = hub.positions.get(feed)
+    if start == "latest" and live is not None and live.epoch != NO_EPOCH and hub.ready(feed):
+        # A new viewer joins where the hub's reader is, with no Redis read (a crowd of new
+        # viewers costs the shared history pool nothing): anything appended since comes to
+        # it live, as to every member. Should Redis already hold an epoch the reader has
+        # not met yet, the viewer goes through the epoch change with the hub's members.
+        return live
     found = await history.top(feed)
     top = Position(*found) if found is not None else None
-    live = hub.positions.get(feed)
     if live is not None and live.epoch != NO_EPOCH:
         if top is None or (top.epoch == live.epoch and top.seq < live.seq):
             top = live  # Redis holds less than the hub read: it lost data and is being refilled

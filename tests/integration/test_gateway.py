@@ -640,3 +640,30 @@ async def test_a_feed_the_cursor_does_not_name_starts_at_from(make_settings: Any
         ("sport_event", 1),
         ("sport_event", 2),
     ]
+
+
+async def test_new_viewers_joining_while_entries_arrive_get_every_entry_after_their_start(
+    make_settings: Any, writer: Writer
+) -> None:
+    """`from=latest` starts where the hub's reader is, which may be behind what Redis
+    already holds: what lies between comes live. Each viewer's start frame names its
+    start; from there it gets every entry the writer appended, once, in order."""
+    await writer.append("execution", 5)
+    async with inprocess_gateway(make_settings()) as app:
+        viewers = []
+        for _ in range(30):
+            await writer.append("execution", 3)
+            viewers += [await open_stream(app.state.port, "feeds=execution") for _ in range(2)]
+        await writer.append("execution", 1)  # the last: every viewer must reach it
+        top = writer.top["execution"]
+        starts = []
+        for v in viewers:
+            assert v.status == 200
+            start = await v.next()
+            assert start.event == "" and start.has_id
+            first = cursor.parse(start.id or "")["execution"].seq
+            starts.append(first)
+            got = await v.collect(top - first)
+            assert [e.json()["message_id"] for e in got] == writer.expected("execution")[first:]
+            v.close()
+    assert starts == sorted(starts) and 5 <= starts[0] and starts[-1] < top
