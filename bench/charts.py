@@ -7,7 +7,7 @@
   and up from the fixed windows and the ramp);
 - `<stem>_subscribers.{png,svg}`: the same against the number of subscribers (the viewers
   scenarios), one line per server and rate;
-- `<stem>_storm.{png,svg}`: the reconnect storms, one panel per publish rate: the share of
+- `<stem>_storms.{png,svg}`: the reconnect storms, one panel per publish rate: the share of
   the subscribers back against the seconds since the first drop, one line per server.
 
 A window that was not sustained (under 99% delivered, or p99 over 1 s) is drawn hollow;
@@ -155,7 +155,7 @@ def write(run: Mapping[str, Any], out_dir: Path, stem: str = "sse_fanout") -> li
         axes[0][0].set_ylabel("subscribers back, %")
         fig.suptitle(f"{title}: the server restarted, every subscriber resuming", fontsize=9)
         fig.tight_layout()
-        written += _save(fig, out_dir / f"{stem}_storm")
+        written += _save(fig, out_dir / f"{stem}_storms")
         plt.close(fig)
     return written
 

@@ -76,3 +76,29 @@ def test_viewers_and_the_reconnect_storm_count_every_event_once() -> None:
     assert {n for per in run.idle_kb_by_count.values() for n in per} == {10, 40}
     text = sse_fanout.markdown(run)
     assert "Reconnect storms" in text and "memory per idle subscriber at 40" in text
+
+
+def test_stream_setup_measures_every_server_and_each_way_in() -> None:
+    """bench/stream_setup.py in miniature: each server's streams open and close, and a
+    resumed gateway stream counts as open only once the entries it missed are in."""
+    from bench import stream_setup
+
+    servers = ["gateway", "lean"] + (["nchan"] if HAS_NCHAN else [])
+    args = stream_setup.parse_args(
+        ["--servers", ",".join(servers), "--streams", "60", "--rounds", "2", "--out", "-"]
+    )
+    rounds = asyncio.run(stream_setup.run(args))
+
+    expected = {
+        ("gateway", "from=latest"),
+        ("gateway", f"resumed, {stream_setup.BEHIND} behind"),
+        ("lean", "new subscriber"),
+    }
+    if HAS_NCHAN:
+        expected.add(("nchan", "new subscriber"))
+    assert {(r.server, r.mode) for r in rounds} == expected
+    assert len(rounds) == 2 * len(expected)
+    for r in rounds:
+        assert r.streams == 60 and r.setup_us >= 0 and r.end_us >= 0 and r.open_s > 0, r  # /proc ticks: 10 ms
+    text = stream_setup.markdown(rounds, args)
+    assert text.count("\n| ") == 2 + len(expected)  # header, rule, a row per server and way in

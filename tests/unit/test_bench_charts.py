@@ -133,8 +133,8 @@ def test_storms_with_their_curves_get_a_chart_a_panel_per_rate(tmp_path: Path) -
         curve = [2.0 + spread * k / 100 for k in range(101)]
         run["windows"].append(_window(server, 30000, rate, restart_s=1.0, back_curve_s=curve))
     written = charts.write(run, tmp_path, "run")
-    assert {"run_storm.png", "run_storm.svg"} <= {p.name for p in written}
-    svg = (tmp_path / "run_storm.svg").read_text()
+    assert {"run_storms.png", "run_storms.svg"} <= {p.name for p in written}
+    svg = (tmp_path / "run_storms.svg").read_text()
     assert "reconnect storm @ 1 msg/s" in svg and "reconnect storm @ 5 msg/s" in svg
     assert "gateway, 2 workers, 30,000" in svg and "nchan, 2 workers, 30,000" in svg
     assert set(charts._storms(run["windows"])) == {

@@ -229,7 +229,7 @@ async def test_a_storm_counts_the_attempts_to_come_back_that_failed() -> None:
         if outcome is not None:
             raise outcome
 
-    worker._connect = connect  # type: ignore[method-assign]
+    worker._connect = connect  # type: ignore[method-assign,assignment]
     worker.emit = lambda **msg: None  # type: ignore[method-assign]
     assert worker._lost(conn)
     await asyncio.gather(*worker._reconnects)
