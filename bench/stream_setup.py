@@ -12,7 +12,7 @@ its process tree) over that time, divided by the streams, is the set-up cost; th
 client closes every connection, and the CPU until the server is idle again, divided the
 same way, is the cost of a stream's end.
 
-- `gateway`, `from=latest`: a new viewer (the feed's top is read from Redis).
+- `gateway`, `from=latest`: a new viewer (it starts where the hub's reader is; no Redis read).
 - `gateway`, resumed: `Last-Event-ID` 3 entries behind, as after a restart (the missed
   entries come from the hub's memory, no Redis read).
 - `nchan`: nginx + nchan, 1 worker, a new subscriber.

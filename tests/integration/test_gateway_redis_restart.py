@@ -50,6 +50,17 @@ async def ready(port: int) -> int:
         return r.status
 
 
+async def reader_failing(port: int, feed: str, within: float = 30.0) -> None:
+    """Until /readyz says the feed's reader is failing: the gateway knows Redis is gone
+    (a ping fails at once; the reader finds out when its blocked XREAD fails)."""
+    async with asyncio.timeout(within), aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                if r.status == 503 and (await r.json())["checks"][f"reader:{feed}"] == "failing":
+                    return
+            await asyncio.sleep(0.05)
+
+
 async def test_redis_killed_and_restarted_with_its_data_live_streams_go_on_exactly(
     settings: GatewaySettings, private_redis: RedisServer
 ) -> None:
@@ -61,8 +72,10 @@ async def test_redis_killed_and_restarted_with_its_data_live_streams_go_on_exact
             await s.collect(5)
             await asyncio.to_thread(private_redis.kill)
             assert await ready(app.state.port) == 503
-            # Redis really down: curl gets a 503; an EventSource a 200 that says so and ends
-            # (after a 503 it would never reconnect).
+            await reader_failing(app.state.port, "execution")
+            # Redis really down, and the gateway knows (until its reader fails, a new viewer
+            # starts at the reader's position and waits for Redis): curl gets a 503; an
+            # EventSource a 200 that says so and ends (after a 503 it would never reconnect).
             down = await open_stream(app.state.port, "feeds=execution", accept="*/*")
             assert (down.status, json.loads(down.body)["error"]) == (503, "redis unavailable")
             assert down.headers["retry-after"] == "2"
