@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench import harness
+from bench import harness, profile
 from bench.harness import BenchError, usage
 from bench.sse_fanout import quiesce, start_gateway, start_lean, start_nchan
 from services.sse_gateway import cursor
@@ -73,13 +74,19 @@ async def _client(
 
 
 async def one_round(name: str, mode: str, pid: int, url: str, streams: int, concurrency: int,
-                    last_id: str | None) -> Round:  # fmt: skip
+                    last_id: str | None, profile_to: Path | None = None) -> Round:  # fmt: skip
     await quiesce(pid)
+    # py-spy, sampling while the streams open; it writes its profile when interrupted
+    sampler = profile.record(pid, 600, profile_to) if profile_to else None
     before = usage(pid)
     started = time.monotonic()
     proc = await _client(url, streams, concurrency, last_id)
     opened = usage(pid)
     open_s = time.monotonic() - started
+    if sampler is not None and profile_to is not None:
+        sampler.send_signal(signal.SIGINT)
+        await asyncio.to_thread(sampler.wait)
+        await asyncio.to_thread(_summarize, profile_to, f"{name}: stream set-up, {mode}")
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(b"close\n")
     await proc.stdin.drain()
@@ -131,7 +138,10 @@ async def run(args: argparse.Namespace) -> list[Round]:
                 raise BenchError(f"unknown server {name!r}: gateway, nchan or lean")
             for r in range(args.rounds):
                 for mode, last_id in modes:
-                    got = await one_round(name, mode, pid, url, args.streams, args.concurrency, last_id)
+                    raw = None
+                    if args.profile and name != "nchan":
+                        raw = Path(args.profile, f"{name}_{mode.split(',')[0].replace('=', '-')}_{r + 1}.txt")
+                    got = await one_round(name, mode, pid, url, args.streams, args.concurrency, last_id, raw)
                     print(
                         f"{name:8} {mode:22} round {r + 1}: set-up {got.setup_us:6.0f} µs, end "
                         f"{got.end_us:5.0f} µs per stream, {got.open_s:.2f} s to open",
@@ -139,6 +149,13 @@ async def run(args: argparse.Namespace) -> list[Round]:
                     )
                     rounds.append(got)
     return rounds
+
+
+def _summarize(raw: Path, title: str) -> None:
+    """The profile's summary beside it."""
+    if not raw.exists():
+        raise BenchError(f"py-spy wrote no profile to {raw}")
+    raw.with_suffix(".md").write_text(f"# {title}\n\n{profile.summary(raw)}")
 
 
 def _text(value: bytes | str) -> str:
@@ -257,6 +274,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=100, help="streams being opened at once")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(RESULTS / "stream_setup.md"), help="markdown output ('-': none)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample the Python servers with py-spy while streams open; profiles and summaries go to DIR",
+    )
     return p.parse_args(argv)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-from bench import sse_fanout
+from bench import profile, sse_fanout
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +104,20 @@ def test_stream_setup_measures_every_server_and_each_way_in() -> None:
     text = stream_setup.markdown(rounds, args)
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]  # after the header
     assert sorted((row[0].removeprefix("| "), row[1]) for row in rows) == sorted(expected)  # one row each
+
+
+@pytest.mark.skipif(profile.py_spy() is None, reason="py-spy is not installed (not a dependency)")
+def test_stream_setup_profiles_the_gateway_while_its_streams_open(tmp_path: Path) -> None:
+    """--profile: py-spy's samples of the gateway opening streams, summarized beside them."""
+    from bench import stream_setup
+
+    argv = ["--servers", "gateway", "--streams", "2000", "--rounds", "1", "--out", "-"]
+    args = stream_setup.parse_args([*argv, "--profile", str(tmp_path)])
+    asyncio.run(stream_setup.run(args))
+
+    summaries = sorted(p.name for p in tmp_path.glob("*.md"))
+    assert summaries == ["gateway_from-latest_1.md", "gateway_resumed_1.md"]
+    for name in summaries:
+        text = (tmp_path / name).read_text()
+        assert "samples" in text.splitlines()[2]
+        assert "(services/sse_gateway/app.py)" in text  # the route that opens a stream was sampled
