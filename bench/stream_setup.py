@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.stream_setup                    # 5,000 streams, 3 rounds
     .venv/bin/python -m bench.stream_setup --streams 2000 --rounds 1 --out -
+    .venv/bin/python -m bench.stream_setup --servers gateway --rounds 1 --out - --profile /tmp/prof
 
 A reconnect storm is, on the server's side, thousands of these at once. Per server, a
 lean client (one process, uvloop, no parsing beyond counting) opens `--streams`
@@ -277,7 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         metavar="DIR",
-        help="sample the Python servers with py-spy while streams open; profiles and summaries go to DIR",
+        help="sample the Python servers with py-spy while streams open; profiles and summaries go to DIR "
+        "(the rounds' CPU figures then include what sampling costs the server: profile and measure apart)",
     )
     return p.parse_args(argv)
 
