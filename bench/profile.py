@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -28,18 +29,35 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def record(pid: int, seconds: float, out: Path, rate: int = 200) -> subprocess.Popen[bytes] | None:
-    """Start sampling `pid` and its child processes (a gateway's workers) for `seconds` into
-    `out` (raw format); None without py-spy."""
+def record(pid: int, seconds: float | None, out: Path, rate: int = 200) -> subprocess.Popen[bytes] | None:
+    """Start sampling `pid` and its child processes (a gateway's workers) for `seconds`
+    (None: until stop()) into `out` (raw format); None without py-spy."""
     binary = py_spy()
     if binary is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
+    duration = [] if seconds is None else ["-d", str(max(1, int(seconds)))]
     return subprocess.Popen(
-        [binary, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate), "--nonblocking",
+        [binary, "record", "-p", str(pid), *duration, "-r", str(rate), "--nonblocking",
          "--subprocesses", "-f", "raw", "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def stop(sampler: subprocess.Popen[bytes]) -> None:
+    """End a sampling early: py-spy writes its profile when interrupted."""
+    sampler.send_signal(signal.SIGINT)
+    sampler.wait()
+
+
+def write_summary(raw: Path, title: str) -> Path | None:
+    """The summary of the profile `raw`, under `title`, beside it (RAW.md); None if py-spy
+    wrote no profile."""
+    if not raw.exists():
+        return None
+    out = raw.with_suffix(".md")
+    out.write_text(f"# {title}\n\n{summary(raw)}")
+    return out
 
 
 def _name(frame: str) -> str:

@@ -371,11 +371,7 @@ async def _summarize(sampling: Sampling, target: Target, scenario: str) -> None:
         return
     sampler, raw = sampling
     await asyncio.to_thread(sampler.wait)
-    if raw.exists():
-        summary = await asyncio.to_thread(profile.summary, raw)
-        await asyncio.to_thread(
-            raw.with_suffix(".md").write_text, f"# {target.name}: {scenario}\n\n{summary}"
-        )
+    await asyncio.to_thread(profile.write_summary, raw, f"{target.name}: {scenario}")
 
 
 def _window(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,17 +76,17 @@ async def _client(
 async def one_round(name: str, mode: str, pid: int, url: str, streams: int, concurrency: int,
                     last_id: str | None, profile_to: Path | None = None) -> Round:  # fmt: skip
     await quiesce(pid)
-    # py-spy, sampling while the streams open; it writes its profile when interrupted
-    sampler = profile.record(pid, 600, profile_to) if profile_to else None
+    sampler = profile.record(pid, None, profile_to) if profile_to else None  # while the streams open
     before = usage(pid)
     started = time.monotonic()
     proc = await _client(url, streams, concurrency, last_id)
     opened = usage(pid)
     open_s = time.monotonic() - started
     if sampler is not None and profile_to is not None:
-        sampler.send_signal(signal.SIGINT)
-        await asyncio.to_thread(sampler.wait)
-        await asyncio.to_thread(_summarize, profile_to, f"{name}: stream set-up, {mode}")
+        await asyncio.to_thread(profile.stop, sampler)
+        title = f"{name}: stream set-up, {mode}"
+        if await asyncio.to_thread(profile.write_summary, profile_to, title) is None:
+            raise BenchError(f"py-spy wrote no profile to {profile_to}")
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(b"close\n")
     await proc.stdin.drain()
@@ -150,13 +149,6 @@ async def run(args: argparse.Namespace) -> list[Round]:
                     )
                     rounds.append(got)
     return rounds
-
-
-def _summarize(raw: Path, title: str) -> None:
-    """The profile's summary beside it."""
-    if not raw.exists():
-        raise BenchError(f"py-spy wrote no profile to {raw}")
-    raw.with_suffix(".md").write_text(f"# {title}\n\n{profile.summary(raw)}")
 
 
 def _text(value: bytes | str) -> str:
